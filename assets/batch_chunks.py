@@ -1,0 +1,84 @@
+"""Stage 2: run the batch's requests through the vLLM engine, writing each finished chunk as parquet."""
+
+
+import json
+import time
+
+from dagster import AssetExecutionContext, AssetObservation, Failure, MaterializeResult, MetadataValue, asset
+
+from assets.batch_input import batch_input
+from batch_pipeline.batches import batches_partitions, load_spec
+from batch_pipeline.chunks import ChunkReport, run_chunks
+from resources.storage import BatchStorage
+from resources.vllm_engine import EngineLoadError, VLLMEngine
+
+
+@asset(
+    partitions_def=batches_partitions,
+    deps=[batch_input],
+    pool="gpu",
+    group_name="batch",
+    kinds={"vllm", "parquet"},
+)
+def batch_chunks(context: AssetExecutionContext, storage: BatchStorage, engine: VLLMEngine) -> MaterializeResult:
+    """The engine's outputs, one parquet file per chunk; finished chunks are kept and never redone."""
+    paths = storage.batch(context.partition_key)
+    spec = load_spec(paths)
+    if not paths.manifest.exists():
+        raise Failure("batch_input has not been materialised for this batch", allow_retries=False)
+    manifest = json.loads(paths.manifest.read_text())
+    chunk_size, num_chunks = manifest["chunk_size"], manifest["num_chunks"]
+    finished_before = paths.finished_chunks() & set(range(num_chunks))
+    todo = num_chunks - len(finished_before)
+    if finished_before:
+        context.log.info(f"resuming: {len(finished_before)} of {num_chunks} chunks are already finished")
+
+    totals = {"requests": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0, "chunks": 0}
+    load_seconds = 0.0
+    started = time.perf_counter()
+
+    def on_written(report: ChunkReport) -> None:
+        totals["chunks"] += 1
+        totals["requests"] += report.rows
+        totals["failed"] += report.failed
+        totals["prompt_tokens"] += report.prompt_tokens
+        totals["completion_tokens"] += report.completion_tokens
+        done = len(finished_before) + totals["chunks"]
+        context.log_event(AssetObservation(
+            asset_key=context.asset_key,
+            partition=context.partition_key,
+            metadata={"chunk": report.index, "rows": report.rows, "failed": report.failed,
+                      "completion_tokens": report.completion_tokens, "chunks_done": done, "chunks_total": num_chunks},
+        ))
+        context.log.info(f"chunk {report.index} written ({done}/{num_chunks} chunks, {report.rows} requests)")
+
+    if todo:
+        try:
+            loaded = engine.load(spec.model)
+        except EngineLoadError as exc:
+            raise Failure(str(exc), allow_retries=False) from None
+        load_seconds = loaded.load_seconds
+        generation_started = time.perf_counter()
+        run_chunks(loaded, paths, batch_id=spec.batch_id, model_name=spec.model_name, chunk_size=chunk_size,
+                   total=manifest["valid_requests"], skip=finished_before, on_written=on_written)
+        generation_seconds = time.perf_counter() - generation_started
+    else:
+        generation_seconds = 0.0
+    missing = set(range(num_chunks)) - paths.finished_chunks()
+    if missing:
+        raise Failure(f"{len(missing)} chunks are missing after generation: {sorted(missing)[:10]}")
+    tokens_per_second = totals["completion_tokens"] / generation_seconds if generation_seconds > 0 else 0.0
+    return MaterializeResult(metadata={
+        "chunks_total": num_chunks,
+        "chunks_run": totals["chunks"],
+        "chunks_resumed": len(finished_before),
+        "requests_run": totals["requests"],
+        "requests_failed": totals["failed"],
+        "prompt_tokens": totals["prompt_tokens"],
+        "completion_tokens": totals["completion_tokens"],
+        "generation_seconds": round(generation_seconds, 3),
+        "engine_load_seconds": round(load_seconds, 3),
+        "step_seconds": round(time.perf_counter() - started, 3),
+        "completion_tokens_per_second": round(tokens_per_second, 1),
+        "chunks_path": MetadataValue.path(str(paths.chunks_dir)),
+    })

@@ -1,0 +1,91 @@
+"""Stage 1: read the batch's JSONL file as a stream, keep the valid requests, record every bad line."""
+
+
+import json
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataValue, asset
+
+from batch_pipeline.batches import batches_partitions, file_digest, load_spec
+from batch_pipeline.chunks import output_line_id
+from batch_pipeline.input_file import BatchFileError, InvalidLine, scan_batch_file
+from batch_pipeline.settings import get_settings
+from resources.storage import BatchPaths, BatchStorage, atomic_path
+
+REQUEST_SCHEMA = pa.schema([("line", pa.int64()), ("custom_id", pa.string()), ("url", pa.string()), ("body", pa.string())])
+_ROW_GROUP = 8192
+
+
+def _fingerprint(digest: str, model: str, chunk_size: int) -> str:
+    return f"{digest}:{model}:{chunk_size}"
+
+
+def _drop_stale_outputs(paths: BatchPaths, fingerprint: str) -> bool:
+    """Remove chunks and results made from a different input; True if something was removed."""
+    if not paths.manifest.exists():
+        return False
+    if json.loads(paths.manifest.read_text()).get("fingerprint") == fingerprint:
+        return False
+    shutil.rmtree(paths.chunks_dir, ignore_errors=True)
+    shutil.rmtree(paths.results_dir, ignore_errors=True)
+    return True
+
+
+@asset(partitions_def=batches_partitions, group_name="batch", kinds={"parquet"})
+def batch_input(context: AssetExecutionContext, storage: BatchStorage) -> MaterializeResult:
+    """The batch's valid requests as parquet, plus one error record per bad line."""
+    paths = storage.batch(context.partition_key)
+    spec = load_spec(paths)
+    input_path = paths.root.joinpath(spec.input_path)  # absolute paths stay absolute
+    try:
+        digest = file_digest(input_path)
+    except OSError as exc:
+        raise Failure(f"cannot read input file {input_path}: {exc.strerror or exc}", allow_retries=False) from None
+    fingerprint = _fingerprint(digest, spec.model, spec.chunk_size)
+    if _drop_stale_outputs(paths, fingerprint):
+        context.log.warning("the input changed since the last run: old chunks and results were removed")
+
+    valid = invalid = 0
+    try:
+        lines = scan_batch_file(input_path, frozenset({spec.model, spec.model_name}), get_settings().max_line_bytes)
+        with atomic_path(paths.requests) as requests_tmp, atomic_path(paths.invalid) as invalid_tmp:
+            with pq.ParquetWriter(requests_tmp, REQUEST_SCHEMA) as writer, invalid_tmp.open("w") as errors:
+                buffer: list[dict] = []
+                for item in lines:
+                    if isinstance(item, InvalidLine):
+                        invalid += 1
+                        record = {"id": output_line_id(spec.batch_id, item.line), "custom_id": item.custom_id,
+                                  "response": None, "error": item.error.model_dump(exclude_none=True)}
+                        errors.write(json.dumps(record, separators=(",", ":")) + "\n")
+                        continue
+                    valid += 1
+                    buffer.append({"line": item.line, "custom_id": item.custom_id, "url": item.url, "body": item.body})
+                    if len(buffer) >= _ROW_GROUP:
+                        writer.write_table(pa.Table.from_pylist(buffer, schema=REQUEST_SCHEMA))
+                        buffer.clear()
+                if buffer:
+                    writer.write_table(pa.Table.from_pylist(buffer, schema=REQUEST_SCHEMA))
+    except BatchFileError as exc:
+        raise Failure(str(exc), allow_retries=False) from None
+    if valid + invalid == 0:
+        raise Failure(f"input file {input_path} is empty: it has no request lines", allow_retries=False)
+
+    num_chunks = -(-valid // spec.chunk_size)
+    manifest = {"batch_id": spec.batch_id, "fingerprint": fingerprint, "input_sha256": digest,
+                "model": spec.model, "model_name": spec.model_name, "chunk_size": spec.chunk_size,
+                "valid_requests": valid, "invalid_lines": invalid, "num_chunks": num_chunks}
+    with atomic_path(paths.manifest) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2))
+    if invalid:
+        context.log.warning(f"{invalid} of {valid + invalid} lines were rejected; see {paths.invalid}")
+    return MaterializeResult(metadata={
+        "valid_requests": valid,
+        "invalid_lines": invalid,
+        "chunks": num_chunks,
+        "chunk_size": spec.chunk_size,
+        "model": spec.model_name,
+        "requests_path": MetadataValue.path(str(paths.requests)),
+        "input_sha256": digest,
+    })

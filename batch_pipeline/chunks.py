@@ -1,0 +1,149 @@
+"""Chunks: fixed slices of a batch's valid requests, each written atomically as one parquet file.
+
+Chunk `i` holds the requests at positions `[i*chunk_size, (i+1)*chunk_size)` of `requests.parquet`,
+so a chunk's content is fixed by the manifest and a finished chunk file is a checkpoint: a re-run
+skips it and only the missing chunks are computed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batch_pipeline.openai_bodies import EngineRequest, RequestRejected, error_json, prepare_request, response_body
+from batch_pipeline.records import BatchError, ErrorCode
+from resources.storage import BatchPaths, atomic_path
+
+CHUNK_SCHEMA = pa.schema([
+    ("line", pa.int64()),
+    ("custom_id", pa.string()),
+    ("id", pa.string()),
+    ("status_code", pa.int32()),
+    ("response", pa.string()),  # the response body, JSON
+    ("error", pa.string()),  # the error member, JSON
+    ("prompt_tokens", pa.int64()),
+    ("completion_tokens", pa.int64()),
+])
+
+
+def output_line_id(batch_id: str, line: int) -> str:
+    """The `id` of an output line: stable for a (batch, line), so a redone chunk writes the same ids."""
+    return "batch_req_" + hashlib.sha256(f"{batch_id}:{line}".encode()).hexdigest()[:32]
+
+
+@dataclass(slots=True)
+class ChunkReport:
+    index: int
+    rows: int
+    failed: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class _OpenChunk:
+    expected: int
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+class ChunkAssembler:
+    """Collects finished rows per chunk and writes each chunk the moment its last row arrives."""
+
+    def __init__(self, paths: BatchPaths, chunk_size: int, total: int, on_written: Callable[[ChunkReport], None]):
+        self.paths = paths
+        self.chunk_size = chunk_size
+        self.total = total
+        self.on_written = on_written
+        self.open: dict[int, _OpenChunk] = {}
+
+    def _expected(self, index: int) -> int:
+        return min(self.chunk_size, self.total - index * self.chunk_size)
+
+    def add(self, position: int, row: dict[str, Any]) -> None:
+        index = position // self.chunk_size
+        chunk = self.open.setdefault(index, _OpenChunk(self._expected(index)))
+        chunk.rows.append(row)
+        if len(chunk.rows) == chunk.expected:
+            del self.open[index]
+            self._write(index, chunk.rows)
+
+    def _write(self, index: int, rows: list[dict[str, Any]]) -> None:
+        rows.sort(key=lambda r: r["line"])
+        table = pa.Table.from_pylist(rows, schema=CHUNK_SCHEMA)
+        with atomic_path(self.paths.chunk(index)) as tmp:
+            pq.write_table(table, tmp)
+        failed = sum(1 for r in rows if r["error"] is not None)
+        self.on_written(ChunkReport(
+            index, len(rows), failed,
+            sum(r["prompt_tokens"] for r in rows), sum(r["completion_tokens"] for r in rows)))
+
+
+def iter_requests(paths: BatchPaths, chunk_size: int, skip: set[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(position, row) for every request whose chunk is not in `skip`, reading row groups lazily."""
+    source = pq.ParquetFile(paths.requests)
+    position = 0
+    for record_batch in source.iter_batches(batch_size=max(chunk_size, 1024)):
+        for row in record_batch.to_pylist():
+            if position // chunk_size not in skip:
+                yield position, row
+            position += 1
+
+
+def run_chunks(
+    engine: Any,
+    paths: BatchPaths,
+    *,
+    batch_id: str,
+    model_name: str,
+    chunk_size: int,
+    total: int,
+    skip: set[int],
+    on_written: Callable[[ChunkReport], None],
+    in_flight: int | None = None,
+) -> None:
+    """Generate every request not in a finished chunk and write the missing chunks."""
+    assembler = ChunkAssembler(paths, chunk_size, total, on_written)
+    positions: dict[int, dict[str, Any]] = {}
+
+    def failed_row(row: dict[str, Any], code: str, message: str) -> dict[str, Any]:
+        error = BatchError(code=code, message=message, line=row["line"])
+        return {"line": row["line"], "custom_id": row["custom_id"], "id": output_line_id(batch_id, row["line"]),
+                "status_code": 400, "response": None, "error": error_json(error),
+                "prompt_tokens": 0, "completion_tokens": 0}
+
+    def engine_requests() -> Iterator[EngineRequest]:
+        for position, row in iter_requests(paths, chunk_size, skip):
+            try:
+                request = prepare_request(position, row["url"], row["body"], engine.tokenizer,
+                                          engine.max_model_len, engine.runner)
+            except RequestRejected as exc:
+                assembler.add(position, failed_row(row, exc.code, str(exc)))
+                continue
+            positions[position] = row
+            yield request
+
+    for request, output in engine.stream(engine_requests(), in_flight=in_flight):
+        row = positions.pop(request.key)
+        if not hasattr(output, "outputs"):
+            assembler.add(request.key, failed_row(row, ErrorCode.ENGINE_ERROR, output.message))
+            continue
+        body = response_body(request, output, model_name)
+        assembler.add(request.key, {
+            "line": row["line"], "custom_id": row["custom_id"], "id": output_line_id(batch_id, row["line"]),
+            "status_code": 200,
+            "response": json.dumps({"status_code": 200, "request_id": f"vllm-batch-{uuid.uuid4().hex}",
+                                    "body": body}, separators=(",", ":")),
+            "error": None,
+            "prompt_tokens": body["usage"]["prompt_tokens"],
+            "completion_tokens": body["usage"]["completion_tokens"],
+        })
+    if assembler.open:
+        missing = sorted(assembler.open)
+        raise RuntimeError(f"chunks {missing} did not receive all their rows; this is a bug")

@@ -1,0 +1,153 @@
+"""Read an OpenAI batch input file as a stream and sort each line into a request or an error.
+
+The file is never held in memory: lines are read one at a time with a length cap, so a 1,000,000-line
+file costs the same memory as a 100-line one (plus one set of custom_ids for duplicate detection).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from batch_pipeline.records import BODY_MODELS, SUPPORTED_URLS, BatchError, ErrorCode
+
+
+class BatchFileError(Exception):
+    """The file as a whole cannot be used (missing, unreadable, empty); one readable message."""
+
+
+@dataclass(frozen=True, slots=True)
+class ValidRequest:
+    line: int
+    custom_id: str
+    url: str
+    body: str  # the validated body, as compact JSON
+    model: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidLine:
+    line: int
+    custom_id: str | None
+    error: BatchError
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in err["loc"])
+    return f"{where}: {err['msg']}" if where else err["msg"]
+
+
+def _raw_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """Yield (line number, bytes) with the newline stripped; bytes is None for an over-long line."""
+    with path.open("rb") as handle:
+        number = 0
+        while True:
+            raw = handle.readline(max_line_bytes + 1)
+            if not raw:
+                return
+            number += 1
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                # Skip the rest of the over-long line without loading it.
+                while raw and not raw.endswith(b"\n"):
+                    raw = handle.readline(1 << 20)
+                yield number, None
+                continue
+            yield number, raw.rstrip(b"\r\n")
+
+
+def scan_batch_file(
+    path: Path,
+    accepted_models: frozenset[str] | None,
+    max_line_bytes: int = 8 * 1024 * 1024,
+) -> Iterator[ValidRequest | InvalidLine]:
+    """Validate every line of `path`; blank lines are skipped.
+
+    `accepted_models` are the names a line's `body.model` may carry (None: any, the first one seen
+    then binds the rest of the file).
+    """
+    if not path.exists():
+        raise BatchFileError(f"input file not found: {path}")
+    if not path.is_file():
+        raise BatchFileError(f"input path is not a file: {path}")
+    try:
+        path.open("rb").close()
+    except OSError as exc:
+        raise BatchFileError(f"cannot read input file {path}: {exc.strerror}") from None
+
+    seen_ids: set[str] = set()
+    models = accepted_models
+    for number, raw in _raw_lines(path, max_line_bytes):
+        if raw is None:
+            yield InvalidLine(number, None, BatchError(
+                code=ErrorCode.LINE_TOO_LONG, message=f"line is longer than {max_line_bytes} bytes", line=number))
+            continue
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield InvalidLine(number, None, BatchError(
+                code=ErrorCode.INVALID_UTF8, message=f"line is not valid UTF-8 (byte {exc.start})", line=number))
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield InvalidLine(number, None, BatchError(
+                code=ErrorCode.INVALID_JSON, message=f"line is not valid JSON: {exc.msg} at column {exc.colno}",
+                line=number))
+            continue
+        result = _check_line(number, obj, seen_ids, models)
+        if isinstance(result, ValidRequest):
+            seen_ids.add(result.custom_id)
+            if models is None and result.model is not None:
+                models = frozenset({result.model})
+        yield result
+
+
+def _check_line(number: int, obj: object, seen_ids: set[str], models: frozenset[str] | None) -> ValidRequest | InvalidLine:
+    def bad(code: str, message: str, custom_id: str | None = None) -> InvalidLine:
+        return InvalidLine(number, custom_id, BatchError(code=code, message=message, line=number))
+
+    if not isinstance(obj, dict):
+        return bad(ErrorCode.NOT_AN_OBJECT, f"line must be a JSON object, got {type(obj).__name__}")
+    custom_id = obj.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        return bad(ErrorCode.MISSING_CUSTOM_ID, "custom_id is missing or empty; every line needs a unique custom_id")
+    if len(custom_id) > 512:
+        return bad(ErrorCode.MISSING_CUSTOM_ID, "custom_id is longer than 512 characters")
+    if custom_id in seen_ids:
+        return bad(ErrorCode.DUPLICATE_CUSTOM_ID, f"custom_id {custom_id!r} was already used by an earlier line",
+                   custom_id)
+    if obj.get("method") != "POST":
+        return bad(ErrorCode.INVALID_METHOD, f"method must be 'POST', got {obj.get('method')!r}", custom_id)
+    url = obj.get("url")
+    if url not in SUPPORTED_URLS:
+        return bad(ErrorCode.INVALID_URL, f"url must be one of {', '.join(SUPPORTED_URLS)}; got {url!r}", custom_id)
+    extra = set(obj) - {"custom_id", "method", "url", "body"}
+    if extra:
+        return bad(ErrorCode.INVALID_BODY, f"unknown top-level field(s): {', '.join(sorted(extra))}", custom_id)
+    body = obj.get("body")
+    if not isinstance(body, dict):
+        return bad(ErrorCode.INVALID_BODY, "body must be a JSON object", custom_id)
+    try:
+        parsed = BODY_MODELS[url].model_validate(body)
+    except ValidationError as exc:
+        return bad(ErrorCode.INVALID_BODY, f"invalid body: {_first_error(exc)}", custom_id)
+    except ValueError as exc:
+        return bad(ErrorCode.INVALID_BODY, f"invalid body: {exc}", custom_id)
+    model = getattr(parsed, "model", None)
+    if model is not None and models is not None and model not in models:
+        return bad(ErrorCode.MODEL_MISMATCH,
+                   f"body.model {model!r} differs from the batch's model ({', '.join(sorted(models))})", custom_id)
+    return ValidRequest(
+        line=number,
+        custom_id=custom_id,
+        url=url,
+        body=parsed.model_dump_json(exclude_none=True, by_alias=True),
+        model=model,
+    )

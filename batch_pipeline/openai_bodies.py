@@ -1,0 +1,221 @@
+"""Translate OpenAI request bodies into vLLM engine inputs, and vLLM outputs into OpenAI response bodies.
+
+vLLM is imported lazily so that the CLI, the sensors and the webserver can import this package
+without paying for the engine import.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from batch_pipeline.records import (
+    CHAT_URL,
+    COMPLETIONS_URL,
+    EMBEDDINGS_URL,
+    BatchError,
+    ChatCompletionBody,
+    CompletionBody,
+    ErrorCode,
+    ResponseFormat,
+)
+
+if TYPE_CHECKING:
+    from vllm import RequestOutput, SamplingParams
+
+
+@dataclass(slots=True)
+class EngineRequest:
+    """One request ready for the engine: token ids and sampling parameters."""
+
+    key: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    url: str
+    wants_logprobs: bool
+    top_logprobs: int
+
+
+class RequestRejected(Exception):
+    """A request that cannot run; carries the error record's code and message."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _structured_outputs(response_format: ResponseFormat | None) -> Any:
+    if response_format is None or response_format.type == "text":
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if response_format.type == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    assert response_format.json_schema is not None
+    return StructuredOutputsParams(json=response_format.json_schema.json_schema)
+
+
+def _tokenize_chat(tokenizer: Any, body: ChatCompletionBody) -> list[int]:
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    try:
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # jinja errors from the model's own template
+        raise RequestRejected(ErrorCode.INVALID_BODY, f"the model's chat template rejected the messages: {exc}") from None
+    return list(tokenizer.encode(rendered, add_special_tokens=False))
+
+
+def prepare_request(
+    key: int, url: str, body_json: str, tokenizer: Any, max_model_len: int, runner: str = "generate"
+) -> EngineRequest:
+    """Turn a validated body into an EngineRequest, or raise RequestRejected."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    if url == EMBEDDINGS_URL:
+        raise RequestRejected(
+            ErrorCode.UNSUPPORTED_ENDPOINT,
+            "this batch's model is a generative model; /v1/embeddings needs an embedding (pooling) model",
+        )
+    if runner != "generate":
+        raise RequestRejected(ErrorCode.UNSUPPORTED_ENDPOINT, f"{url} needs a generative model")
+    body: ChatCompletionBody | CompletionBody
+    wants_logprobs = False
+    top_logprobs = 0
+    if url == CHAT_URL:
+        body = ChatCompletionBody.model_validate_json(body_json)
+        prompt_ids = _tokenize_chat(tokenizer, body)
+        wants_logprobs = body.logprobs
+        top_logprobs = body.top_logprobs or 0
+        if body.top_logprobs and not body.logprobs:
+            raise RequestRejected(ErrorCode.INVALID_BODY, "top_logprobs needs logprobs=true")
+    else:
+        body = CompletionBody.model_validate_json(body_json)
+        prompt = body.prompt_value()
+        prompt_ids = list(tokenizer.encode(prompt)) if isinstance(prompt, str) else list(prompt)
+        wants_logprobs = body.logprobs is not None
+        top_logprobs = body.logprobs or 0
+    prompt_len = len(prompt_ids)
+    if prompt_len == 0:
+        raise RequestRejected(ErrorCode.INVALID_BODY, "the prompt is empty")
+    limit = body.output_limit
+    if prompt_len >= max_model_len or (limit is not None and prompt_len + limit > max_model_len):
+        requested = prompt_len + (limit or 0)
+        raise RequestRejected(
+            ErrorCode.CONTEXT_LENGTH,
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{requested} tokens ({prompt_len} in the prompt, {limit or 0} for the completion).",
+        )
+    try:
+        params = SamplingParams(
+            n=body.n,
+            temperature=1.0 if body.temperature is None else float(body.temperature),
+            top_p=1.0 if body.top_p is None else float(body.top_p),
+            seed=body.seed,
+            stop=body.stop,
+            presence_penalty=float(body.presence_penalty or 0.0),
+            frequency_penalty=float(body.frequency_penalty or 0.0),
+            max_tokens=limit if limit is not None else max_model_len - prompt_len,
+            logprobs=top_logprobs if wants_logprobs else None,
+            structured_outputs=_structured_outputs(body.response_format),
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+    except ValueError as exc:  # vLLM's own checks, e.g. n > 1 with temperature 0
+        raise RequestRejected(ErrorCode.INVALID_BODY, f"invalid sampling parameters: {exc}") from None
+    return EngineRequest(key, prompt_ids, params, url, wants_logprobs, top_logprobs)
+
+
+def _token_bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8"))
+
+
+def _chat_logprobs(choice: Any, top: int) -> dict[str, Any] | None:
+    if choice.logprobs is None:
+        return None
+    content = []
+    for token_id, position in zip(choice.token_ids, choice.logprobs, strict=False):
+        sampled = position.get(token_id)
+        ranked = sorted(position.values(), key=lambda lp: lp.rank if lp.rank is not None else 1 << 30)[:top]
+        token = (sampled.decoded_token if sampled else None) or ""
+        content.append({
+            "token": token,
+            "logprob": max(sampled.logprob, -9999.0) if sampled else -9999.0,
+            "bytes": _token_bytes(token),
+            "top_logprobs": [
+                {"token": lp.decoded_token or "", "logprob": max(lp.logprob, -9999.0),
+                 "bytes": _token_bytes(lp.decoded_token or "")}
+                for lp in ranked
+            ],
+        })
+    return {"content": content, "refusal": None}
+
+
+def _completion_logprobs(choice: Any, top: int) -> dict[str, Any] | None:
+    if choice.logprobs is None:
+        return None
+    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+    offset = 0
+    for token_id, position in zip(choice.token_ids, choice.logprobs, strict=False):
+        sampled = position.get(token_id)
+        token = (sampled.decoded_token if sampled else None) or ""
+        tokens.append(token)
+        token_logprobs.append(max(sampled.logprob, -9999.0) if sampled else None)
+        ranked = sorted(position.values(), key=lambda lp: lp.rank if lp.rank is not None else 1 << 30)[:top]
+        top_logprobs.append({lp.decoded_token or "": max(lp.logprob, -9999.0) for lp in ranked} if top else None)
+        offsets.append(offset)
+        offset += len(token)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+
+
+def _finish_reason(reason: str | None) -> str:
+    return reason if reason in ("stop", "length") else "stop"
+
+
+def response_body(request: EngineRequest, output: RequestOutput, model_name: str) -> dict[str, Any]:
+    """The OpenAI `chat.completion` or `text_completion` object for a finished request."""
+    created = int(time.time())
+    choices = sorted(output.outputs, key=lambda c: c.index)
+    completion_tokens = sum(len(c.token_ids) for c in choices)
+    prompt_tokens = len(request.prompt_token_ids)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+    if request.url == CHAT_URL:
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": created,
+            "model": model_name,
+            "choices": [
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text, "refusal": None},
+                    "logprobs": _chat_logprobs(c, request.top_logprobs) if request.wants_logprobs else None,
+                    "finish_reason": _finish_reason(c.finish_reason),
+                }
+                for c in choices
+            ],
+            "usage": usage,
+        }
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": created,
+        "model": model_name,
+        "choices": [
+            {
+                "index": c.index,
+                "text": c.text,
+                "logprobs": _completion_logprobs(c, request.top_logprobs) if request.wants_logprobs else None,
+                "finish_reason": _finish_reason(c.finish_reason),
+            }
+            for c in choices
+        ],
+        "usage": usage,
+    }
+
+
+def error_json(error: BatchError) -> str:
+    """An error member as compact JSON."""
+    return json.dumps(error.model_dump(exclude_none=True), separators=(",", ":"))

@@ -1,0 +1,69 @@
+"""The one place where configuration is read from the environment.
+
+Every setting has a default that works on a fresh clone (the embedded default: SQLite and files under
+the project folder). Each can be set as an environment variable named `VLLM_BATCH_<NAME>`, e.g.
+`VLLM_BATCH_CHUNK_SIZE=500`. Secrets (the Postgres URL, API keys) are only ever read here and never
+written to logs or asset metadata.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Deployment settings; see docs/ARCHITECTURE.md for what each one controls."""
+
+    model_config = SettingsConfigDict(env_prefix="VLLM_BATCH_", extra="ignore")
+
+    home: Path = Field(default_factory=Path.cwd, description="Project folder; data/ and .dagster/ live here.")
+    data_dir: Path | None = Field(default=None, description="Where batch files live (default: HOME/data).")
+    dagster_home: Path | None = Field(default=None, description="DAGSTER_HOME (default: HOME/.dagster).")
+    postgres_url: SecretStr | None = Field(default=None, description="Use dagster-postgres when set.")
+
+    chunk_size: int = Field(default=256, ge=1, le=1_000_000)
+    max_line_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+
+    # Engine settings: the defaults suit a GPU; the CPU test setup overrides dtype and memory.
+    model: str | None = Field(default=None, description="Default model when a batch names none.")
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = Field(default=0.90, gt=0, le=1)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    max_num_seqs: int | None = None
+    enforce_eager: bool = False
+    seed: int = 0
+    engine_args: str = Field(default="{}", description="Extra vLLM engine arguments as a JSON object.")
+
+    @field_validator("engine_args")
+    @classmethod
+    def _engine_args_is_json_object(cls, value: str) -> str:
+        import json
+
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"VLLM_BATCH_ENGINE_ARGS is not valid JSON: {exc.msg}") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("VLLM_BATCH_ENGINE_ARGS must be a JSON object")
+        return value
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        """The data folder, absolute."""
+        return (self.data_dir or self.home / "data").resolve()
+
+    @property
+    def resolved_dagster_home(self) -> Path:
+        """The Dagster instance folder, absolute."""
+        return (self.dagster_home or self.home / ".dagster").resolve()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,165 @@
+"""The GPU resource: it owns one vLLM engine, keeps it fed, and releases it (and its memory) at teardown."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from dagster import ConfigurableResource, InitResourceContext
+from pydantic import PrivateAttr
+
+from batch_pipeline.openai_bodies import EngineRequest
+
+log = logging.getLogger(__name__)
+
+
+class EngineLoadError(Exception):
+    """The model could not be loaded; the message says which model and why, in one line."""
+
+
+@dataclass(slots=True)
+class EngineFailure:
+    """A request the engine refused at admission (e.g. vLLM's own parameter checks)."""
+
+    message: str
+
+
+class LoadedEngine:
+    """A loaded `vllm.LLM` plus what the pipeline needs to know about it."""
+
+    def __init__(self, model: str, llm: Any, load_seconds: float):
+        self.model = model
+        self.llm = llm
+        self.load_seconds = load_seconds
+        self.tokenizer = llm.get_tokenizer()
+        config = llm.llm_engine.vllm_config
+        self.max_model_len: int = config.model_config.max_model_len
+        self.max_num_seqs: int = config.scheduler_config.max_num_seqs
+        self.runner: str = getattr(config.model_config, "runner_type", "generate")
+        self.requests_run = 0
+
+    def stream(self, requests: Iterable[EngineRequest], in_flight: int | None = None) -> Iterator[tuple[EngineRequest, Any]]:
+        """Run `requests` and yield (request, RequestOutput | EngineFailure) as each one finishes.
+
+        Requests are admitted lazily, keeping `in_flight` of them unfinished so that the scheduler
+        always has a full queue: the engine never drains at a chunk boundary, and memory stays
+        bounded however long the input is. If the consumer stops early (cancel, crash), the
+        requests still in the engine are aborted.
+        """
+        from vllm.inputs import TokensPrompt
+
+        engine = self.llm.llm_engine
+        window = in_flight or max(2 * self.max_num_seqs, 512)
+        pending: dict[str, EngineRequest] = {}
+        source = iter(requests)
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(pending) < window:
+                    request = next(source, None)
+                    if request is None:
+                        exhausted = True
+                        break
+                    request_id = f"r{request.key}-{self.requests_run}"
+                    self.requests_run += 1
+                    try:
+                        # Outputs carry the id given here (add_request returns an internal variant).
+                        engine.add_request(
+                            request_id, TokensPrompt(prompt_token_ids=request.prompt_token_ids), request.params
+                        )
+                    except ValueError as exc:  # vLLM's admission checks (VLLMValidationError is one)
+                        yield request, EngineFailure(str(exc))
+                        continue
+                    pending[request_id] = request
+                if not pending:
+                    if exhausted:
+                        return
+                    continue
+                for output in engine.step():
+                    if output.finished:
+                        yield pending.pop(output.request_id), output
+        finally:
+            if pending:
+                engine.abort_request(list(pending))
+
+    def shutdown(self) -> None:
+        """Stop the engine core processes and free the model's memory."""
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        except Exception as exc:  # shutting down must not mask the error that led here
+            log.warning("engine shutdown raised %s", exc)
+        del self.llm
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+
+
+class VLLMEngine(ConfigurableResource):
+    """Owns the vLLM engine for a run: loaded on first use, reused for every chunk, released at teardown.
+
+    Assets that use it run in the `gpu` concurrency pool, so one engine holds a GPU at a time. A
+    request for a different model swaps the engine: the old one is shut down before the new loads.
+    """
+
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    max_num_seqs: int | None = None
+    enforce_eager: bool = False
+    seed: int = 0
+    engine_args: str = "{}"
+
+    _loaded: LoadedEngine | None = PrivateAttr(default=None)
+
+    def engine_kwargs(self, model: str) -> dict[str, Any]:
+        """The keyword arguments for `vllm.LLM`."""
+        kwargs: dict[str, Any] = {
+            "model": model,
+            "dtype": self.dtype,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "enforce_eager": self.enforce_eager,
+            "seed": self.seed,
+        }
+        if self.max_model_len:
+            kwargs["max_model_len"] = self.max_model_len
+        if self.max_num_seqs:
+            kwargs["max_num_seqs"] = self.max_num_seqs
+        kwargs.update(json.loads(self.engine_args or "{}"))
+        return kwargs
+
+    def load(self, model: str) -> LoadedEngine:
+        """The engine for `model`, loading it (and unloading another model) if needed."""
+        if self._loaded is not None and self._loaded.model == model:
+            return self._loaded
+        self.release()
+        started = time.perf_counter()
+        try:
+            from vllm import LLM
+
+            llm = LLM(**self.engine_kwargs(model))
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EngineLoadError(f"could not load model {model!r}: {reason}") from exc
+        self._loaded = LoadedEngine(model, llm, time.perf_counter() - started)
+        return self._loaded
+
+    def release(self) -> None:
+        """Shut the engine down if one is loaded."""
+        if self._loaded is not None:
+            loaded, self._loaded = self._loaded, None
+            loaded.shutdown()
+
+    def teardown_after_execution(self, context: InitResourceContext) -> None:
+        self.release()
