@@ -33,6 +33,8 @@ def build_resources(settings: Settings) -> dict:
             enforce_eager=settings.enforce_eager,
             seed=settings.seed,
             engine_args=settings.engine_args,
+            keep_loaded=settings.keep_engine_loaded,
+            compact_json=settings.compact_json,
         ),
     }
 

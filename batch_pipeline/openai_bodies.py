@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 from batch_pipeline.records import (
     CHAT_URL,
-    COMPLETIONS_URL,
     EMBEDDINGS_URL,
     BatchError,
     ChatCompletionBody,

@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     enforce_eager: bool = False
     seed: int = 0
     engine_args: str = Field(default="{}", description="Extra vLLM engine arguments as a JSON object.")
+    compact_json: bool = Field(default=True, description="JSON response formats without free whitespace.")
+    keep_engine_loaded: bool = Field(default=False, description="Keep the engine between runs in one process.")
 
     @field_validator("engine_args")
     @classmethod

@@ -5,13 +5,13 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from dagster import ConfigurableResource, InitResourceContext
-from pydantic import PrivateAttr
 
 from batch_pipeline.openai_bodies import EngineRequest
 
@@ -32,8 +32,9 @@ class EngineFailure:
 class LoadedEngine:
     """A loaded `vllm.LLM` plus what the pipeline needs to know about it."""
 
-    def __init__(self, model: str, llm: Any, load_seconds: float):
+    def __init__(self, model: str, kwargs: dict[str, Any], llm: Any, load_seconds: float):
         self.model = model
+        self.kwargs = kwargs
         self.llm = llm
         self.load_seconds = load_seconds
         self.tokenizer = llm.get_tokenizer()
@@ -104,11 +105,21 @@ class LoadedEngine:
             pass
 
 
+def _on_cpu() -> bool:
+    # vLLM's bfloat16 CPU kernels die with SIGILL on some batch shapes (seen on Sapphire Rapids);
+    # float32 ran every shape tried, so "auto" means float32 on the CPU build.
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
 class VLLMEngine(ConfigurableResource):
     """Owns the vLLM engine for a run: loaded on first use, reused for every chunk, released at teardown.
 
     Assets that use it run in the `gpu` concurrency pool, so one engine holds a GPU at a time. A
     request for a different model swaps the engine: the old one is shut down before the new loads.
+    With `keep_loaded`, the engine outlives the run so the next batch of the same model in the same
+    process skips the load.
     """
 
     dtype: str = "auto"
@@ -120,13 +131,16 @@ class VLLMEngine(ConfigurableResource):
     seed: int = 0
     engine_args: str = "{}"
 
-    _loaded: LoadedEngine | None = PrivateAttr(default=None)
+    keep_loaded: bool = False
+    # JSON output (response_format) without free whitespace between tokens: fewer tokens, and weak
+    # models cannot loop on whitespace until max_tokens and leave the JSON unfinished.
+    compact_json: bool = True
 
     def engine_kwargs(self, model: str) -> dict[str, Any]:
         """The keyword arguments for `vllm.LLM`."""
         kwargs: dict[str, Any] = {
             "model": model,
-            "dtype": self.dtype,
+            "dtype": self.dtype if self.dtype != "auto" or not _on_cpu() else "float32",
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "tensor_parallel_size": self.tensor_parallel_size,
             "enforce_eager": self.enforce_eager,
@@ -136,30 +150,45 @@ class VLLMEngine(ConfigurableResource):
             kwargs["max_model_len"] = self.max_model_len
         if self.max_num_seqs:
             kwargs["max_num_seqs"] = self.max_num_seqs
+        if self.compact_json:
+            kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
         kwargs.update(json.loads(self.engine_args or "{}"))
         return kwargs
 
     def load(self, model: str) -> LoadedEngine:
-        """The engine for `model`, loading it (and unloading another model) if needed."""
-        if self._loaded is not None and self._loaded.model == model:
-            return self._loaded
-        self.release()
+        """The engine for `model`, loading it (and first unloading another model or setting) if needed."""
+        global _loaded
+        kwargs = self.engine_kwargs(model)
+        if _loaded is not None and _loaded.kwargs == kwargs:
+            return _loaded
+        if model.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(model)):
+            raise EngineLoadError(f"could not load model {model!r}: no such directory")
+        release_engine()
         started = time.perf_counter()
         try:
             from vllm import LLM
 
-            llm = LLM(**self.engine_kwargs(model))
+            llm = LLM(**kwargs)
         except Exception as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EngineLoadError(f"could not load model {model!r}: {reason}") from exc
-        self._loaded = LoadedEngine(model, llm, time.perf_counter() - started)
-        return self._loaded
-
-    def release(self) -> None:
-        """Shut the engine down if one is loaded."""
-        if self._loaded is not None:
-            loaded, self._loaded = self._loaded, None
-            loaded.shutdown()
+        _loaded = LoadedEngine(model, kwargs, llm, time.perf_counter() - started)
+        return _loaded
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:
-        self.release()
+        if not self.keep_loaded:
+            release_engine()
+
+
+# One engine per process: a process drives one GPU (or one tensor-parallel group), and two engines
+# would fight over its memory. Kept at module level so that a long-lived process (the test session,
+# a worker with keep_loaded) reuses it across runs, and swaps it when the model changes.
+_loaded: LoadedEngine | None = None
+
+
+def release_engine() -> None:
+    """Shut the process's engine down, if one is loaded."""
+    global _loaded
+    if _loaded is not None:
+        engine, _loaded = _loaded, None
+        engine.shutdown()

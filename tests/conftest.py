@@ -1,0 +1,94 @@
+"""Shared fixtures: the tiny model, one real vLLM engine per test session, Dagster instances."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Settings for the CPU build of vLLM on small CI machines (see docs/ARCHITECTURE.md).
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """The tiny random Llama (built by `make model`, or here if missing)."""
+    from batch_pipeline.tiny_model import build_tiny_model
+
+    return build_tiny_model(REPO / "models" / "tiny-llama").resolve()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, tiny_model: Path):
+    """Settings for one test: its own data folder, the tiny model, CPU engine options."""
+    from batch_pipeline.settings import Settings
+
+    return Settings(home=REPO, data_dir=tmp_path / "data", dagster_home=tmp_path / "dagster", dtype="float32",
+                    max_model_len=1024, enforce_eager=True, chunk_size=16, keep_engine_loaded=True)
+
+
+@pytest.fixture(scope="session")
+def loaded_engine(tiny_model: Path) -> Iterator[object]:
+    """One real engine for the whole session; tests that run the job reuse it (same engine kwargs)."""
+    from resources.vllm_engine import VLLMEngine, release_engine
+
+    engine = VLLMEngine(dtype="float32", max_model_len=1024, enforce_eager=True, keep_loaded=True)
+    yield engine.load(str(tiny_model))
+    release_engine()
+
+
+@pytest.fixture
+def sqlite_instance(tmp_path: Path):
+    """A real Dagster instance on SQLite storage in a temporary DAGSTER_HOME."""
+    from dagster import DagsterInstance
+
+    (tmp_path / "dagster").mkdir(exist_ok=True)
+    with DagsterInstance.local_temp(str(tmp_path / "dagster")) as instance:
+        yield instance
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the local PostgreSQL server, dropped at the end of the session."""
+    import psycopg2
+
+    name = f"vllm_batch_test_{uuid.uuid4().hex[:8]}"
+    admin = psycopg2.connect(POSTGRES_ADMIN_URL)
+    admin.autocommit = True
+    admin.cursor().execute(f"CREATE DATABASE {name}")
+    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    admin.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.close()
+
+
+@pytest.fixture
+def postgres_instance(tmp_path: Path, postgres_url: str):
+    """A real Dagster instance on PostgreSQL storage (dagster-postgres)."""
+    from dagster import instance_for_test
+
+    overrides = {"storage": {"postgres": {"postgres_url": postgres_url}}}
+    (tmp_path / "dagster-pg").mkdir(exist_ok=True)
+    with instance_for_test(overrides=overrides, temp_dir=str(tmp_path / "dagster-pg")) as instance:
+        yield instance
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    """Write records (dicts as JSON, strings as they are) one per line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every line of a JSONL file, parsed."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

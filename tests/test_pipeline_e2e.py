@@ -1,0 +1,173 @@
+"""The whole pipeline on a real vLLM engine (CPU build, tiny model), on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from openai.types import Completion
+from openai.types.chat import ChatCompletion
+
+from batch_pipeline.local_run import register_local_batch, run_batch_in_process
+from tests.conftest import read_jsonl, write_jsonl
+
+MODEL_NAME = "tiny-llama"
+
+
+def chat(custom_id: str, content: str, **params) -> dict:
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": content}], "max_tokens": 8,
+            "temperature": 0, **params}
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+
+def completion(custom_id: str, prompt, **params) -> dict:
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 8, "temperature": 0, **params}
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/completions", "body": body}
+
+
+def run(settings, instance, tiny_model: Path, lines: list, batch_id: str = "b1"):
+    path = write_jsonl(settings.resolved_data_dir.parent / f"{batch_id}.jsonl", lines)
+    spec = register_local_batch(settings, instance, path, str(tiny_model), MODEL_NAME, batch_id=batch_id)
+    result = run_batch_in_process(settings, instance, spec.batch_id)
+    assert result.success, result.error
+    return result, read_jsonl(result.paths.output), read_jsonl(result.paths.errors)
+
+
+def by_id(records: list[dict]) -> dict[str, dict]:
+    return {r["custom_id"]: r for r in records}
+
+
+@pytest.mark.parametrize("storage", ["sqlite", "postgres"])
+def test_batch_runs_end_to_end_with_openai_shaped_output(storage, request, settings, tiny_model, loaded_engine):
+    instance = request.getfixturevalue(f"{storage}_instance")
+    lines = [chat(f"chat-{i}", f"Tell me about item {i}") for i in range(40)]
+    lines += [completion(f"cmpl-{i}", f"Item {i} is") for i in range(10)]
+    result, outputs, errors = run(settings, instance, tiny_model, lines)
+
+    assert errors == []
+    assert [o["custom_id"] for o in outputs] == [line["custom_id"] for line in lines]  # input order, no duplicates
+    for record in outputs:
+        assert record["error"] is None and record["id"].startswith("batch_req_")
+        assert record["response"]["status_code"] == 200
+        body = record["response"]["body"]
+        parsed = (ChatCompletion if record["custom_id"].startswith("chat") else Completion).model_validate(body)
+        assert parsed.model == MODEL_NAME
+        assert 0 < parsed.usage.completion_tokens <= 8
+        assert parsed.usage.total_tokens == parsed.usage.prompt_tokens + parsed.usage.completion_tokens
+    assert result.summary["completed"] == 50 and result.summary["failed"] == 0
+    assert result.summary["chunks_run"] == 4  # 50 requests in chunks of 16
+
+    # The run, its partition and its materialisations are in the instance (what the UI reads).
+    assert instance.get_run_by_id(result.run_id).is_success
+    for asset in ("batch_input", "batch_chunks", "batch_results"):
+        from dagster import AssetKey
+
+        event = instance.get_latest_materialization_event(AssetKey(asset))
+        assert event is not None and event.dagster_event.partition == "b1"
+
+
+def test_sampling_parameters_are_honoured(settings, sqlite_instance, tiny_model, loaded_engine):
+    schema = {"type": "object", "properties": {"label": {"enum": ["yes", "no"]}}, "required": ["label"],
+              "additionalProperties": False}
+    lines = [
+        chat("n3", "Pick", n=3, temperature=0.9, seed=7),
+        chat("n3-again", "Pick", n=3, temperature=0.9, seed=7),
+        chat("logprobs", "Hello", logprobs=True, top_logprobs=3),
+        chat("limit", "Hello", max_completion_tokens=3, max_tokens=None),
+        chat("schema", "Answer yes or no", max_tokens=40,
+             response_format={"type": "json_schema", "json_schema": {"name": "label", "schema": schema, "strict": True}}),
+        chat("json-object", "Answer in JSON", max_tokens=60, response_format={"type": "json_object"}),
+        chat("penalties", "Hello", presence_penalty=1.5, frequency_penalty=1.0, top_p=0.5, temperature=0.7, seed=1),
+        completion("cmpl-logprobs", "The quick brown", logprobs=2),
+        completion("stop", "The quick brown", max_tokens=30),
+    ]
+    _, outputs, errors = run(settings, sqlite_instance, tiny_model, lines)
+    assert errors == []
+    out = {k: v["response"]["body"] for k, v in by_id(outputs).items()}
+
+    assert len(out["n3"]["choices"]) == 3 and [c["index"] for c in out["n3"]["choices"]] == [0, 1, 2]
+    assert [c["message"]["content"] for c in out["n3"]["choices"]] == \
+        [c["message"]["content"] for c in out["n3-again"]["choices"]]  # same seed, same text
+
+    content = ChatCompletion.model_validate(out["logprobs"]).choices[0].logprobs.content
+    assert len(content) == out["logprobs"]["usage"]["completion_tokens"]
+    assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+
+    assert out["limit"]["usage"]["completion_tokens"] <= 3
+    assert json.loads(out["schema"]["choices"][0]["message"]["content"])["label"] in ("yes", "no")
+    json_object = out["json-object"]["choices"][0]
+    assert json_object["message"]["content"].startswith("{")  # constrained from the first token
+    if json_object["finish_reason"] == "stop":
+        assert isinstance(json.loads(json_object["message"]["content"]), dict)
+
+    logprobs = Completion.model_validate(out["cmpl-logprobs"]).choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == out["cmpl-logprobs"]["usage"]["completion_tokens"]
+    assert all(len(top) == 2 for top in logprobs.top_logprobs)
+
+    # A stop string taken from the unconstrained text cuts the output right before it.
+    full = out["stop"]["choices"][0]["text"]
+    stop = full[len(full) // 2:][:3]
+    if stop.strip():
+        _, outputs2, _ = run(settings, sqlite_instance, tiny_model,
+                             [completion("stop", "The quick brown", max_tokens=30, stop=[stop])], batch_id="b2")
+        cut = outputs2[0]["response"]["body"]["choices"][0]
+        assert cut["text"] == full[: full.index(stop)] and cut["finish_reason"] == "stop"
+
+
+def test_bad_lines_become_error_records_and_valid_lines_still_run(settings, sqlite_instance, tiny_model, loaded_engine):
+    good = [chat(f"ok-{i}", "Hello") for i in range(5)]
+    lines = [
+        good[0],
+        "{not json",
+        "[1, 2, 3]",
+        {"method": "POST", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "x"}]}},
+        {**good[1], "custom_id": ""},
+        good[1],
+        {**good[2], "custom_id": "ok-1"},  # duplicate of the line before
+        {**good[2], "method": "GET"},
+        {**good[2], "url": "/v1/images"},
+        {**good[2], "body": {"model": MODEL_NAME}},  # no messages
+        {**good[2], "body": {"model": MODEL_NAME, "prompt": "x"}},  # prompt on chat
+        {**good[2], "body": {**good[2]["body"], "max_tokens": "ten"}},  # wrong type
+        {**good[2], "body": {**good[2]["body"], "model": "another-model"}},
+        chat("too-long", "word " * 2000),
+        {"custom_id": "embed", "method": "POST", "url": "/v1/embeddings", "body": {"input": "hello"}},
+        good[2],
+        good[3],
+        good[4],
+    ]
+    path = write_jsonl(settings.resolved_data_dir.parent / "bad.jsonl", lines)
+    with path.open("ab") as handle:
+        handle.write(b'{"custom_id": "latin1", "body": "caf\xe9"}\n')
+        handle.write(b'{"custom_id": "huge", "pad": "' + b"x" * (settings.max_line_bytes + 10) + b'"}\n')
+        handle.write(json.dumps(chat("last", "Hello")).encode() + b"\n")
+    spec = register_local_batch(settings, sqlite_instance, path, str(tiny_model), MODEL_NAME, batch_id="bad")
+    result = run_batch_in_process(settings, sqlite_instance, spec.batch_id)
+    assert result.success, result.error
+    outputs, errors = read_jsonl(result.paths.output), read_jsonl(result.paths.errors)
+
+    assert [o["custom_id"] for o in outputs] == ["ok-0", "ok-1", "ok-2", "ok-3", "ok-4", "last"]
+    codes = [(e["error"]["line"], e["error"]["code"]) for e in errors]
+    assert codes == [
+        (2, "invalid_json"), (3, "invalid_request"), (4, "missing_custom_id"), (5, "missing_custom_id"),
+        (7, "duplicate_custom_id"), (8, "invalid_method"), (9, "invalid_url"), (10, "invalid_body"),
+        (11, "invalid_body"), (12, "invalid_body"), (13, "model_mismatch"), (14, "context_length_exceeded"),
+        (15, "unsupported_endpoint"), (19, "invalid_utf8"), (20, "line_too_long"),
+    ]
+    assert all(e["response"] is None and e["error"]["message"] for e in errors)
+    assert result.summary["failed"] == len(errors)
+
+
+def test_rerun_after_partial_chunks_only_computes_missing_chunks(settings, sqlite_instance, tiny_model, loaded_engine):
+    lines = [chat(f"r-{i}", f"Item {i}") for i in range(48)]  # 3 chunks of 16
+    first, outputs, _ = run(settings, sqlite_instance, tiny_model, lines, batch_id="resume")
+    chunk1 = first.paths.chunk(1)
+    kept = {i: first.paths.chunk(i).stat().st_mtime_ns for i in (0, 2)}
+    chunk1.unlink()  # as if the run had died before chunk 1 was written
+
+    second, outputs_again, _ = run(settings, sqlite_instance, tiny_model, lines, batch_id="resume")
+    assert second.summary["chunks_resumed"] == 2 and second.summary["chunks_run"] == 1
+    assert {i: first.paths.chunk(i).stat().st_mtime_ns for i in (0, 2)} == kept
+    assert [o["custom_id"] for o in outputs_again] == [line["custom_id"] for line in lines]
+    assert [o["id"] for o in outputs_again] == [o["id"] for o in outputs]
