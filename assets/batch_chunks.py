@@ -54,7 +54,7 @@ def batch_chunks(context: AssetExecutionContext, storage: BatchStorage, engine: 
 
     if todo:
         try:
-            loaded = engine.load(spec.model)
+            loaded = engine.load(spec.model, spec.engine_args)
         except EngineLoadError as exc:
             raise Failure(str(exc), allow_retries=False) from None
         load_seconds = loaded.load_seconds

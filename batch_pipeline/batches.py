@@ -7,6 +7,7 @@ import json
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 from dagster import DagsterInstance, DynamicPartitionsDefinition
 from pydantic import BaseModel, Field
@@ -25,6 +26,7 @@ class BatchSpec(BaseModel):
     input_path: str
     model: str = Field(description="What the engine loads: a local directory or a hub id.")
     model_name: str = Field(description="The name responses report; lines may name this or `model`.")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="Per-model vLLM engine arguments.")
     chunk_size: int
     created_at: float = Field(default_factory=time.time)
     source: str = "cli"

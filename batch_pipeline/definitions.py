@@ -6,6 +6,7 @@ from dagster import AssetSelection, Definitions, define_asset_job, in_process_ex
 
 from assets import batch_chunks, batch_input, batch_results
 from batch_pipeline.batches import batches_partitions
+from batch_pipeline.sensors import queued_batches
 from batch_pipeline.settings import Settings, get_settings
 from resources.storage import BatchStorage
 from resources.vllm_engine import VLLMEngine
@@ -44,6 +45,7 @@ def build_definitions(settings: Settings) -> Definitions:
     return Definitions(
         assets=[batch_input, batch_chunks, batch_results],
         jobs=[batch_job],
+        sensors=[queued_batches],
         resources=build_resources(settings),
     )
 

@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     dagster_home: Path | None = Field(default=None, description="DAGSTER_HOME (default: HOME/.dagster).")
     postgres_url: SecretStr | None = Field(default=None, description="Use dagster-postgres when set.")
 
+    models_file: Path | None = Field(default=None, description="YAML of served models (default HOME/models.yaml).")
+    allow_local_model_paths: bool = Field(default=True, description="Requests may name a local model folder.")
+
     chunk_size: int = Field(default=256, ge=1, le=1_000_000)
     max_line_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
 

@@ -136,7 +136,7 @@ class VLLMEngine(ConfigurableResource):
     # models cannot loop on whitespace until max_tokens and leave the JSON unfinished.
     compact_json: bool = True
 
-    def engine_kwargs(self, model: str) -> dict[str, Any]:
+    def engine_kwargs(self, model: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """The keyword arguments for `vllm.LLM`."""
         kwargs: dict[str, Any] = {
             "model": model,
@@ -153,12 +153,13 @@ class VLLMEngine(ConfigurableResource):
         if self.compact_json:
             kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
         kwargs.update(json.loads(self.engine_args or "{}"))
+        kwargs.update(extra or {})
         return kwargs
 
-    def load(self, model: str) -> LoadedEngine:
+    def load(self, model: str, extra_args: dict[str, Any] | None = None) -> LoadedEngine:
         """The engine for `model`, loading it (and first unloading another model or setting) if needed."""
         global _loaded
-        kwargs = self.engine_kwargs(model)
+        kwargs = self.engine_kwargs(model, extra_args)
         if _loaded is not None and _loaded.kwargs == kwargs:
             return _loaded
         if model.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(model)):

@@ -1,0 +1,49 @@
+"""Queue a batch for the daemon: register it, then leave a ticket that the `queued_batches` sensor turns into a run.
+
+Every way in that does not run the batch in its own process (the API, `vllm-batch submit`, the inbox
+sensor) goes through here, so a batch is launched exactly once whichever way it came: the sensor
+uses the ticket id as the run key, and Dagster never launches two runs for one run key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+from batch_pipeline.batches import BatchSpec
+from resources.storage import atomic_path
+
+
+def queue_dir(data_dir: Path) -> Path:
+    """Where tickets wait for the sensor."""
+    return data_dir / "queue"
+
+
+def enqueue(data_dir: Path, spec: BatchSpec, tags: dict[str, str] | None = None) -> str:
+    """Leave a ticket for `spec` (already registered); returns the ticket id, which is the run key."""
+    ticket = f"{spec.batch_id}.{uuid.uuid4().hex[:12]}"
+    with atomic_path(queue_dir(data_dir) / f"{ticket}.json") as tmp:
+        tmp.write_text(json.dumps({"ticket": ticket, "batch_id": spec.batch_id, "tags": tags or {}}))
+    return ticket
+
+
+def pending_tickets(data_dir: Path) -> list[dict]:
+    """Tickets not yet cleared, oldest first."""
+    folder = queue_dir(data_dir)
+    if not folder.is_dir():
+        return []
+    entries = sorted((e for e in os.scandir(folder) if e.name.endswith(".json")), key=lambda e: e.stat().st_mtime)
+    tickets = []
+    for entry in entries:
+        try:
+            tickets.append(json.loads(Path(entry.path).read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue  # a ticket being written right now; the next tick sees it
+    return tickets
+
+
+def clear_ticket(data_dir: Path, ticket: str) -> None:
+    """Remove a ticket once its run exists."""
+    (queue_dir(data_dir) / f"{ticket}.json").unlink(missing_ok=True)
