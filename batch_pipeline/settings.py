@@ -28,6 +28,13 @@ class Settings(BaseSettings):
     models_file: Path | None = Field(default=None, description="YAML of served models (default HOME/models.yaml).")
     allow_local_model_paths: bool = Field(default=True, description="Requests may name a local model folder.")
 
+    # The Batch API server (`vllm-batch serve`).
+    api_keys: SecretStr | None = Field(default=None, description="Bearer keys the API accepts, comma-separated.")
+    api_keys_file: Path | None = Field(default=None, description="A file of API keys, one per line.")
+    api_host: str = Field(default="127.0.0.1", description="Address `vllm-batch serve` binds.")
+    api_port: int = Field(default=8000, ge=1, le=65535)
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1, description="Largest file POST /v1/files takes.")
+
     chunk_size: int = Field(default=256, ge=1, le=1_000_000)
     max_line_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
 
@@ -66,6 +73,13 @@ class Settings(BaseSettings):
     def resolved_dagster_home(self) -> Path:
         """The Dagster instance folder, absolute."""
         return (self.dagster_home or self.home / ".dagster").resolve()
+
+    def api_key_set(self) -> frozenset[str]:
+        """Every accepted API key, from VLLM_BATCH_API_KEYS and the keys file (blank entries dropped)."""
+        keys = self.api_keys.get_secret_value().split(",") if self.api_keys else []
+        if self.api_keys_file is not None:
+            keys += self.api_keys_file.read_text().splitlines()
+        return frozenset(key.strip() for key in keys if key.strip())
 
 
 @lru_cache(maxsize=1)

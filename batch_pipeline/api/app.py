@@ -1,0 +1,251 @@
+"""The OpenAI-compatible Batch API over HTTP (FastAPI): files, batches and models.
+
+Point the official `openai` client at it by changing `base_url` and `api_key` only. Every route
+under /v1 needs a bearer key from the settings; every error has OpenAI's shape,
+`{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from batch_pipeline.api.files import FileNotFound
+from batch_pipeline.api.schemas import (
+    Batch,
+    CreateBatchRequest,
+    ErrorBody,
+    FileDeleted,
+    FileObject,
+    ListPage,
+    Model,
+)
+from batch_pipeline.api.service import BatchNotFound, BatchRequestError, BatchService
+from batch_pipeline.api.uploads import UploadError, UploadTooLarge, read_form
+from batch_pipeline.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+PUBLIC_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+WINDOW_CHECK_INTERVAL_S = 10.0
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in ((400, "Bad request"), (401, "Missing or invalid API key"), (404, "Unknown id"),
+                         (422, "Invalid parameters"))
+}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   kind: str = "invalid_request_error") -> JSONResponse:
+    """A JSON response in OpenAI's error shape."""
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+class BearerAuth:
+    """Answers 401 to any request outside PUBLIC_PATHS without one of the configured keys.
+
+    A pure ASGI middleware, so it runs before routing (unknown paths answer 401 too) and before an
+    upload's body is read.
+    """
+
+    def __init__(self, app: ASGIApp, keys: frozenset[str]):
+        self.app = app
+        self.keys = [key.encode() for key in keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        token = token.strip()
+        # Compare against every key so that the time taken does not tell which one nearly matched.
+        matched = False
+        for key in self.keys:
+            matched |= hmac.compare_digest(token, key)
+        if scheme.lower() != b"bearer" or not token or not matched:
+            message = ("No API keys are configured on this server (set VLLM_BATCH_API_KEYS)." if not self.keys
+                       else "Incorrect or missing API key; send it as 'Authorization: Bearer <key>'.")
+            await error_response(401, message, code="invalid_api_key")(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The FastAPI app for `settings` (default: the process settings)."""
+    settings = settings or get_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from batch_pipeline.instance import open_instance
+
+        instance = open_instance(settings)
+        app.state.service = BatchService(settings, instance)
+        task = asyncio.create_task(_enforce_windows(app.state.service))
+        try:
+            yield
+        finally:
+            task.cancel()
+            instance.dispose()
+
+    app = FastAPI(title="vllm-batch", version="1", lifespan=lifespan, responses=_ERROR_RESPONSES,
+                  description="OpenAI-compatible Batch API: files, batches and models, run by vLLM through Dagster.")
+    app.add_middleware(BearerAuth, keys=settings.api_key_set())
+    _add_error_handlers(app)
+
+    def service(request: Request) -> BatchService:
+        return request.app.state.service
+
+    @app.get("/health", include_in_schema=False)
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    # ---- files ---------------------------------------------------------------------------------
+
+    @app.post("/v1/files", response_model=FileObject, responses={413: {"model": ErrorBody,
+                                                                       "description": "File too large"}},
+              openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                  "type": "object", "required": ["file", "purpose"],
+                  "properties": {"file": {"type": "string", "format": "binary"},
+                                 "purpose": {"type": "string", "enum": ["batch"]}}}}}}})
+    async def upload_file(request: Request) -> FileObject | JSONResponse:
+        """Upload a batch input file (multipart: `file`, `purpose=batch`), streamed to disk with a size limit."""
+        limit = settings.max_upload_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
+            return error_response(413, f"the file is larger than the limit of {limit} bytes", "file",
+                                  "file_too_large")
+        store = service(request).files
+        target = store.upload_path()
+        try:
+            form = await read_form(request.headers.get("content-type", ""), request.stream(), target, limit)
+            if form.file_field != "file" or form.filename is None:
+                raise BatchRequestError("the form needs a 'file' part with a filename", "file")
+            purpose = form.fields.get("purpose")
+            if purpose != "batch":
+                raise BatchRequestError(f"purpose must be 'batch', got {purpose!r}", "purpose")
+            return await run_in_threadpool(store.adopt, target, form.filename, purpose)
+        except UploadTooLarge as exc:
+            return error_response(413, str(exc), "file", "file_too_large")
+        finally:
+            target.unlink(missing_ok=True)
+
+    @app.get("/v1/files", response_model=ListPage[FileObject])
+    def list_files(request: Request, purpose: Annotated[str | None, Query(max_length=64)] = None,
+                   limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
+                   after: Annotated[str | None, Query(max_length=128)] = None) -> ListPage[FileObject]:
+        """Files, newest first."""
+        files = list(service(request).files.list(purpose))
+        ids = [f.id for f in files]
+        start = ids.index(after) + 1 if after in ids else 0
+        page = files[start:start + limit]
+        return ListPage[FileObject](data=page, first_id=page[0].id if page else None,
+                                    last_id=page[-1].id if page else None, has_more=start + limit < len(files))
+
+    @app.get("/v1/files/{file_id}", response_model=FileObject)
+    def get_file(request: Request, file_id: str) -> FileObject:
+        """One file's record."""
+        return service(request).files.get(file_id).file
+
+    @app.get("/v1/files/{file_id}/content", response_class=FileResponse,
+             responses={200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes"}})
+    def file_content(request: Request, file_id: str) -> FileResponse:
+        """The bytes of a file (an uploaded input, or a batch's output or error file)."""
+        store = service(request).files
+        return FileResponse(store.content_path(file_id), media_type="application/octet-stream",
+                            filename=store.get(file_id).file.filename)
+
+    @app.delete("/v1/files/{file_id}", response_model=FileDeleted)
+    def delete_file(request: Request, file_id: str) -> FileDeleted:
+        """Delete an uploaded file (a batch's output file: only its record)."""
+        service(request).files.delete(file_id)
+        return FileDeleted(id=file_id, deleted=True)
+
+    # ---- batches -------------------------------------------------------------------------------
+
+    @app.post("/v1/batches", response_model=Batch)
+    def create_batch(request: Request, body: CreateBatchRequest) -> Batch:
+        """Create a batch from an uploaded file; the daemon launches it through the run queue."""
+        return service(request).create(body.input_file_id, body.endpoint, body.completion_window, body.metadata)
+
+    @app.get("/v1/batches", response_model=ListPage[Batch])
+    def list_batches(request: Request, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                     after: Annotated[str | None, Query(max_length=128)] = None) -> ListPage[Batch]:
+        """Batches, newest first; `after` is the last id of the previous page."""
+        return service(request).list(limit, after)
+
+    @app.get("/v1/batches/{batch_id}", response_model=Batch)
+    def get_batch(request: Request, batch_id: str) -> Batch:
+        """One batch, with its status and counts as of now."""
+        return service(request).describe(batch_id)
+
+    @app.post("/v1/batches/{batch_id}/cancel", response_model=Batch)
+    def cancel_batch(request: Request, batch_id: str) -> Batch:
+        """Cancel a batch; requests finished before the cancel stay in its output file."""
+        return service(request).cancel(batch_id)
+
+    # ---- models --------------------------------------------------------------------------------
+
+    @app.get("/v1/models", response_model=ListPage[Model])
+    def list_models(request: Request) -> ListPage[Model]:
+        """The served models from the models file."""
+        registry = service(request).registry()
+        data = [Model(id=name, created=int(time.time())) for name in sorted(registry.models)]
+        return ListPage[Model](data=data, first_id=data[0].id if data else None,
+                               last_id=data[-1].id if data else None)
+
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(exc.status_code, str(exc.detail), code=code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+        message = first.get("msg", "invalid request")
+        return error_response(422, f"{'.'.join(loc)}: {message}" if loc else message, ".".join(loc) or None,
+                              "invalid_value")
+
+    @app.exception_handler(BatchNotFound)
+    async def batch_not_found(_: Request, exc: BatchNotFound) -> JSONResponse:
+        return error_response(404, f"No batch found with id '{exc}'.", "batch_id", "not_found")
+
+    @app.exception_handler(FileNotFound)
+    async def file_not_found(_: Request, exc: FileNotFound) -> JSONResponse:
+        return error_response(404, f"No such File object: {exc}", "file_id", "not_found")
+
+    @app.exception_handler(BatchRequestError)
+    async def bad_request(_: Request, exc: BatchRequestError) -> JSONResponse:
+        return error_response(400, str(exc), exc.param, exc.code)
+
+    @app.exception_handler(UploadError)
+    async def bad_upload(_: Request, exc: UploadError) -> JSONResponse:
+        return error_response(400, str(exc), "file")
+
+
+async def _enforce_windows(service: BatchService) -> None:
+    """Close completion windows even when nobody is reading the batches."""
+    while True:
+        await asyncio.sleep(WINDOW_CHECK_INTERVAL_S)
+        try:
+            await run_in_threadpool(service.enforce_windows)
+        except Exception:  # a failed sweep must not stop the next one
+            log.exception("checking completion windows failed")
