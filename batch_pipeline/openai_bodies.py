@@ -119,6 +119,10 @@ def prepare_request(
             max_tokens=limit if limit is not None else max_model_len - prompt_len,
             logprobs=top_logprobs if wants_logprobs else None,
             structured_outputs=_structured_outputs(body.response_format),
+            top_k=body.top_k or 0,
+            min_tokens=body.min_tokens or 0,
+            repetition_penalty=float(body.repetition_penalty or 1.0),
+            ignore_eos=bool(body.ignore_eos),
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
     except ValueError as exc:  # vLLM's own checks, e.g. n > 1 with temperature 0

@@ -33,6 +33,11 @@ class _Body(BaseModel):
     presence_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    # vLLM's extensions to the OpenAI parameters, as its own server accepts them.
+    top_k: StrictInt | None = None
+    min_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
+    repetition_penalty: Annotated[Number, Field(gt=0)] | None = None
+    ignore_eos: StrictBool | None = None
 
     @model_validator(mode="before")
     @classmethod

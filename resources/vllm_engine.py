@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -156,8 +157,28 @@ class VLLMEngine(ConfigurableResource):
         kwargs.update(extra or {})
         return kwargs
 
+    def prefetch(self, model: str, extra_args: dict[str, Any] | None = None) -> None:
+        """Start loading `model` in a background thread; the next load() waits for it.
+
+        `vllm-batch run` uses this to overlap the engine load with Dagster's start-up and the input
+        validation. Runs launched by the daemon don't: there the `gpu` pool decides when a run may
+        touch the GPU, and only batch_chunks holds the pool slot.
+        """
+        global _prefetch
+        if _prefetch is None:
+            pool = ThreadPoolExecutor(1, thread_name_prefix="engine-prefetch")
+            _prefetch = pool.submit(self._load_now, model, extra_args)
+            pool.shutdown(wait=False)
+
     def load(self, model: str, extra_args: dict[str, Any] | None = None) -> LoadedEngine:
         """The engine for `model`, loading it (and first unloading another model or setting) if needed."""
+        global _prefetch
+        if _prefetch is not None:
+            pending, _prefetch = _prefetch, None
+            pending.result()  # re-raises the prefetch's EngineLoadError, if any
+        return self._load_now(model, extra_args)
+
+    def _load_now(self, model: str, extra_args: dict[str, Any] | None) -> LoadedEngine:
         global _loaded
         kwargs = self.engine_kwargs(model, extra_args)
         if _loaded is not None and _loaded.kwargs == kwargs:
@@ -185,6 +206,7 @@ class VLLMEngine(ConfigurableResource):
 # would fight over its memory. Kept at module level so that a long-lived process (the test session,
 # a worker with keep_loaded) reuses it across runs, and swaps it when the model changes.
 _loaded: LoadedEngine | None = None
+_prefetch: Future | None = None
 
 
 def release_engine() -> None:
