@@ -57,6 +57,9 @@ def run(input_file: Path, model: str, model_name: str | None, output: Path | Non
         spec = register_local_batch(settings, instance, input_file, model, model_name, batch_id, chunk_size)
     except (InstanceConfigError, BatchRunError) as exc:
         _fail(str(exc))
+    from batch_pipeline.definitions import build_resources
+
+    build_resources(settings)["engine"].prefetch(spec.model, spec.engine_args)  # overlaps validation
     result = run_batch_in_process(settings, instance, spec.batch_id)
     if not result.success:
         _fail(f"batch {spec.batch_id} failed: {result.error}")
@@ -79,6 +82,20 @@ def run(input_file: Path, model: str, model_name: str | None, output: Path | Non
     click.echo(f"errors: {summary['error_file']}")
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the Dagster UI listens on.")
+@click.option("--port", default=3000, show_default=True, type=click.IntRange(1, 65535), help="Port of the Dagster UI.")
+def start(host: str, port: int) -> None:
+    """Start the Dagster webserver and daemon on the configured instance and keep them running."""
+    from batch_pipeline.instance import InstanceConfigError
+    from batch_pipeline.service import run_service
+
+    try:
+        sys.exit(run_service(_settings(), host, port, echo=click.echo))
+    except InstanceConfigError as exc:
+        _fail(str(exc))
+
+
 @main.command("tiny-model")
 @click.argument("target", type=click.Path(path_type=Path), default=Path("models/tiny-llama"))
 def tiny_model(target: Path) -> None:
@@ -87,6 +104,211 @@ def tiny_model(target: Path) -> None:
 
     click.echo(str(build_tiny_model(target).resolve()))
 
+
+
+# ---- the queue: submit, status, list, results, cancel, serve ------------------------------------
+# These go through batch_pipeline.api.service, the same code the API server uses, so a status shown
+# here is the status the API reports.
+
+
+def _service():
+    settings = _settings()
+    from batch_pipeline.api.service import BatchService
+    from batch_pipeline.instance import InstanceConfigError, open_instance
+
+    try:
+        return BatchService(settings, open_instance(settings))
+    except InstanceConfigError as exc:
+        _fail(str(exc))
+
+
+def _call(function, *args, **kwargs):
+    """Run a service call; its known errors become one line and exit code 1."""
+    from batch_pipeline.api.service import BatchNotFound, BatchRequestError
+
+    try:
+        return function(*args, **kwargs)
+    except BatchNotFound as exc:
+        _fail(f"no batch with id {str(exc)!r}")
+    except BatchRequestError as exc:
+        _fail(str(exc))
+
+
+def _print_batch(batch, as_json: bool) -> None:
+    if as_json:
+        click.echo(batch.model_dump_json(indent=2))
+        return
+    counts = batch.request_counts
+    click.echo(f"{batch.id}  {batch.status}  {counts.completed} completed, {counts.failed} failed of {counts.total}"
+               f"  ({batch.usage.output_tokens} output tokens)")
+    for error in (batch.errors.data if batch.errors else []):
+        click.echo(f"  error: {error.message}")
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _wait(service, batch_id: str, interval: float):
+    """Poll until the batch is finished, drawing done/total, tokens/s and ETA on stderr."""
+    import time
+
+    from batch_pipeline.api.schemas import TERMINAL_STATUSES
+
+    tty = sys.stderr.isatty()
+    last_line = ""
+    while True:
+        progress = _call(service.progress, batch_id)
+        batch = progress.batch
+        elapsed = time.time() - progress.started_at if progress.started_at else 0.0
+        rate = progress.output_tokens / elapsed if elapsed > 0 else 0.0
+        eta = "--:--:--"
+        if progress.done and progress.total and elapsed > 0:
+            eta = _format_seconds(elapsed * (progress.total - progress.done) / progress.done)
+        width = 30
+        filled = int(width * progress.done / progress.total) if progress.total else 0
+        line = (f"[{'#' * filled}{'.' * (width - filled)}] {progress.done}/{progress.total} requests  "
+                f"{rate:.0f} tok/s  ETA {eta}  {batch.status}")
+        if line != last_line:
+            click.echo(("\r" + line) if tty else line, err=True, nl=not tty)
+            last_line = line
+        if batch.status in TERMINAL_STATUSES:
+            if tty:
+                click.echo("", err=True)
+            return batch
+        time.sleep(interval)
+
+
+def _finish(batch, as_json: bool) -> None:
+    _print_batch(batch, as_json)
+    if batch.status != "completed":
+        reason = batch.errors.data[0].message if batch.errors and batch.errors.data else batch.status
+        _fail(f"batch {batch.id} {batch.status}: {reason}")
+
+
+@main.command()
+@click.argument("input_file", type=click.Path(path_type=Path))
+@click.option("--model", "-m", required=True, help="A served model name (models file) or a local model directory.")
+@click.option("--batch-id", help="Partition key for the batch (default: derived from the file and model).")
+@click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="Metadata to keep with the batch; repeatable.")
+@click.option("--wait", is_flag=True, help="Wait for the batch, with a progress bar; exit 1 unless it completes.")
+@click.option("--interval", type=click.FloatRange(0.1), default=2.0, show_default=True, help="Seconds between polls.")
+@click.option("--json", "as_json", is_flag=True, help="Print the Batch object as JSON.")
+def submit(input_file: Path, model: str, batch_id: str | None, metadata: tuple[str, ...], wait: bool,
+           interval: float, as_json: bool) -> None:
+    """Queue a batch file for the daemon (`dagster-daemon` or `vllm-batch start` must be running)."""
+    pairs = {}
+    for item in metadata:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(f"--metadata takes KEY=VALUE, got {item!r}")
+        pairs[key] = value
+    service = _service()
+    batch = _call(service.submit_file, input_file, model, batch_id, pairs)
+    if not wait:
+        _print_batch(batch, as_json)
+        return
+    if not as_json:
+        click.echo(f"queued {batch.id}", err=True)
+    _finish(_wait(service, batch.id, interval), as_json)
+
+
+@main.command()
+@click.argument("batch_id")
+@click.option("--wait", is_flag=True, help="Wait for the batch, with a progress bar; exit 1 unless it completes.")
+@click.option("--interval", type=click.FloatRange(0.1), default=2.0, show_default=True, help="Seconds between polls.")
+@click.option("--json", "as_json", is_flag=True, help="Print the Batch object as JSON.")
+def status(batch_id: str, wait: bool, interval: float, as_json: bool) -> None:
+    """Show a batch's status, request counts and token usage."""
+    service = _service()
+    if wait:
+        _finish(_wait(service, batch_id, interval), as_json)
+        return
+    _print_batch(_call(service.describe, batch_id), as_json)
+
+
+@main.command("list")
+@click.option("--limit", type=click.IntRange(1, 100), default=20, show_default=True)
+@click.option("--after", help="List the batches after this id (the last id of the previous page).")
+@click.option("--json", "as_json", is_flag=True, help="Print the page as JSON (OpenAI's list shape).")
+def list_batches(limit: int, after: str | None, as_json: bool) -> None:
+    """List batches, newest first, however they were started (API, CLI, UI, sensor)."""
+    page = _call(_service().list, limit, after)
+    if as_json:
+        click.echo(page.model_dump_json(indent=2))
+        return
+    for batch in page.data:
+        counts = batch.request_counts
+        click.echo(f"{batch.id}  {batch.status:<11} {counts.completed + counts.failed}/{counts.total}  "
+                   f"{batch.model or ''}")
+    if page.has_more:
+        click.echo(f"(more: vllm-batch list --after {page.last_id})")
+
+
+@main.command()
+@click.argument("batch_id")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Write the file here instead of stdout.")
+@click.option("--errors", "which", flag_value="errors", help="The error file instead of the output file.")
+@click.option("--json", "as_json", is_flag=True, help="With -o: print where the file went, as JSON.")
+def results(batch_id: str, output: Path | None, which: str | None, as_json: bool) -> None:
+    """Print (or save) a finished batch's output file, or its error file with --errors."""
+    import shutil
+
+    kind = which or "output"
+    service = _service()
+    path = _call(service.result_path, batch_id, kind)
+    if path is None:
+        batch = _call(service.describe, batch_id)
+        _fail(f"batch {batch_id} has no {kind} file (status {batch.status})")
+    if output is None:
+        with path.open("rb") as handle:
+            shutil.copyfileobj(handle, click.get_binary_stream("stdout"))
+        return
+    try:
+        shutil.copyfile(path, output)
+    except OSError as exc:
+        _fail(f"cannot write {output}: {exc.strerror or exc}")
+    if as_json:
+        click.echo(json.dumps({"batch_id": batch_id, "kind": kind, "path": str(output.resolve()),
+                               "bytes": output.stat().st_size}))
+    else:
+        click.echo(str(output))
+
+
+@main.command()
+@click.argument("batch_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the Batch object as JSON.")
+def cancel(batch_id: str, as_json: bool) -> None:
+    """Cancel a queued or running batch; what it finished stays in its output file."""
+    _print_batch(_call(_service().cancel, batch_id), as_json)
+
+
+@main.command()
+@click.option("--host", help="Address to bind (default: VLLM_BATCH_API_HOST, 127.0.0.1).")
+@click.option("--port", type=click.IntRange(1, 65535), help="Port (default: VLLM_BATCH_API_PORT, 8000).")
+@click.option("--json", "as_json", is_flag=True, help="Print the address as JSON before serving.")
+def serve(host: str | None, port: int | None, as_json: bool) -> None:
+    """Serve the OpenAI-compatible Batch API (files, batches, models) on HTTP."""
+    settings = _settings()
+    try:
+        import uvicorn
+
+        from batch_pipeline.api.app import create_app
+    except ImportError as exc:
+        _fail(f"the API server needs the 'api' extra (pip install 'vllm-batch-pipeline[api]'): {exc}")
+    try:
+        keys = settings.api_key_set()
+    except OSError as exc:
+        _fail(f"cannot read VLLM_BATCH_API_KEYS_FILE: {exc.strerror or exc}")
+    if not keys:
+        _fail("no API keys configured: set VLLM_BATCH_API_KEYS (comma-separated) or VLLM_BATCH_API_KEYS_FILE")
+    host, port = host or settings.api_host, port or settings.api_port
+    if as_json:
+        click.echo(json.dumps({"url": f"http://{host}:{port}/v1"}))
+    else:
+        click.echo(f"serving the Batch API on http://{host}:{port}/v1", err=True)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
 
 if __name__ == "__main__":
     main()

@@ -297,8 +297,9 @@ class BatchService:
                 self._save_submission(paths, sub)
 
         steps = self._step_starts(latest) if latest is not None else {}
+        endpoint = sub.endpoint if submission_path(paths).exists() else self._endpoint_of(spec)
         batch = Batch(
-            id=batch_id, endpoint=sub.endpoint, model=spec.model_name,
+            id=batch_id, endpoint=endpoint, model=spec.model_name,
             input_file_id=sub.input_file_id or self._input_file_id(spec) or "",
             completion_window=sub.completion_window or "24h",
             status="validating", created_at=int(spec.created_at),
@@ -353,6 +354,13 @@ class BatchService:
             return None
         return self.files.register_path(result_file_id(spec.batch_id, "input"), path, path.name, "batch",
                                         spec.batch_id)
+
+    def _endpoint_of(self, spec: BatchSpec) -> str:
+        # A batch started outside the API (UI, sensor, `vllm-batch run`): its lines say which endpoint.
+        try:
+            return self._first_url(Path(spec.input_path)) or CHAT_URL
+        except BatchRequestError:
+            return CHAT_URL
 
     def _stop_run(self, run: DagsterRun) -> None:
         if run.status != DagsterRunStatus.CANCELING:
