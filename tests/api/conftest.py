@@ -118,12 +118,16 @@ def stop(stack: Stack) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
+    # Anything that left the process groups (vLLM's engine core, a run worker) still carries the marker.
     marker = f"VLLM_BATCH_TEST_STACK={stack.env['VLLM_BATCH_TEST_STACK']}".encode()
     for pid in stray_pids(marker):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.time() + 15
+    while stray_pids(marker) and time.time() < deadline:
+        time.sleep(0.2)
 
 
 def stray_pids(marker: bytes) -> list[int]:
