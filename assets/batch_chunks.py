@@ -10,7 +10,7 @@ from assets.batch_input import batch_input
 from batch_pipeline.batches import batches_partitions, load_spec
 from batch_pipeline.chunks import ChunkReport, run_chunks
 from resources.storage import BatchStorage
-from resources.vllm_engine import EngineLoadError, VLLMEngine
+from resources.vllm_engine import EngineLoadError, VLLMEngine, release_engine
 
 
 @asset(
@@ -34,7 +34,7 @@ def batch_chunks(context: AssetExecutionContext, storage: BatchStorage, engine: 
         context.log.info(f"resuming: {len(finished_before)} of {num_chunks} chunks are already finished")
 
     totals = {"requests": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0, "chunks": 0}
-    load_seconds = 0.0
+    load_seconds = release_seconds = 0.0
     started = time.perf_counter()
 
     def on_written(report: ChunkReport) -> None:
@@ -58,10 +58,20 @@ def batch_chunks(context: AssetExecutionContext, storage: BatchStorage, engine: 
         except EngineLoadError as exc:
             raise Failure(str(exc), allow_retries=False) from None
         load_seconds = loaded.load_seconds
+        context.log.info(f"engine for {spec.model_name} ready after {load_seconds:.1f}s")
         generation_started = time.perf_counter()
-        run_chunks(loaded, paths, batch_id=spec.batch_id, model_name=spec.model_name, chunk_size=chunk_size,
-                   total=manifest["valid_requests"], skip=finished_before, on_written=on_written)
-        generation_seconds = time.perf_counter() - generation_started
+        try:
+            run_chunks(loaded, paths, batch_id=spec.batch_id, model_name=spec.model_name, chunk_size=chunk_size,
+                       total=manifest["valid_requests"], skip=finished_before, on_written=on_written)
+            generation_seconds = time.perf_counter() - generation_started
+        finally:
+            if not engine.keep_loaded:
+                # Free the GPU before this step ends: the `gpu` pool slot goes with the step, and the
+                # next batch (perhaps another model) starts loading the moment it is free.
+                release_started = time.perf_counter()
+                release_engine()
+                release_seconds = time.perf_counter() - release_started
+                context.log.info(f"engine released after {release_seconds:.1f}s")
     else:
         generation_seconds = 0.0
     missing = set(range(num_chunks)) - paths.finished_chunks()
@@ -78,6 +88,7 @@ def batch_chunks(context: AssetExecutionContext, storage: BatchStorage, engine: 
         "completion_tokens": totals["completion_tokens"],
         "generation_seconds": round(generation_seconds, 3),
         "engine_load_seconds": round(load_seconds, 3),
+        "engine_release_seconds": round(release_seconds, 3),
         "step_seconds": round(time.perf_counter() - started, 3),
         "completion_tokens_per_second": round(tokens_per_second, 1),
         "chunks_path": MetadataValue.path(str(paths.chunks_dir)),

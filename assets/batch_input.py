@@ -38,6 +38,10 @@ def batch_input(context: AssetExecutionContext, storage: BatchStorage) -> Materi
     """The batch's valid requests as parquet, plus one error record per bad line."""
     paths = storage.batch(context.partition_key)
     spec = load_spec(paths)
+    if spec.rejected:
+        # A file the inbox refused (not JSONL, empty, unknown or mixed models): the run fails with the
+        # reason, so it shows in the UI, the run's logs and `vllm-batch status`.
+        raise Failure(f"batch rejected: {spec.rejected}", allow_retries=False)
     input_path = paths.root.joinpath(spec.input_path)  # absolute paths stay absolute
     try:
         digest = file_digest(input_path)

@@ -31,6 +31,7 @@ class BatchSpec(BaseModel):
     created_at: float = Field(default_factory=time.time)
     source: str = "cli"
     metadata: dict[str, str] = Field(default_factory=dict)
+    rejected: str | None = Field(default=None, description="Why intake refused the file; its run fails with this.")
 
 
 def valid_batch_id(batch_id: str) -> bool:

@@ -6,7 +6,8 @@ from dagster import AssetSelection, Definitions, define_asset_job, in_process_ex
 
 from assets import batch_chunks, batch_input, batch_results
 from batch_pipeline.batches import batches_partitions
-from batch_pipeline.sensors import queued_batches
+from batch_pipeline.schedules import build_catch_up_schedule
+from batch_pipeline.sensors import build_inbox_sensor, queued_batches
 from batch_pipeline.settings import Settings, get_settings
 from resources.storage import BatchStorage
 from resources.vllm_engine import VLLMEngine
@@ -36,6 +37,7 @@ def build_resources(settings: Settings) -> dict:
             engine_args=settings.engine_args,
             keep_loaded=settings.keep_engine_loaded,
             compact_json=settings.compact_json,
+            state_dir=str(settings.resolved_data_dir / "engines"),
         ),
     }
 
@@ -45,7 +47,8 @@ def build_definitions(settings: Settings) -> Definitions:
     return Definitions(
         assets=[batch_input, batch_chunks, batch_results],
         jobs=[batch_job],
-        sensors=[queued_batches],
+        sensors=[queued_batches, build_inbox_sensor(settings)],
+        schedules=[build_catch_up_schedule(settings)],
         resources=build_resources(settings),
     )
 

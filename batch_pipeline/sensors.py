@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-from dagster import DefaultSensorStatus, RunRequest, RunsFilter, SensorEvaluationContext, SensorResult, sensor
+import json
 
-from batch_pipeline.settings import get_settings
+from dagster import (
+    DefaultSensorStatus,
+    RunRequest,
+    RunsFilter,
+    SensorDefinition,
+    SensorEvaluationContext,
+    SensorResult,
+    sensor,
+)
+
+from batch_pipeline.inbox import list_inbox, settle, take
+from batch_pipeline.settings import Settings, get_settings
 from batch_pipeline.submission import clear_ticket, pending_tickets
 
 QUEUE_SENSOR_INTERVAL_S = 5
@@ -32,3 +43,48 @@ def queued_batches(context: SensorEvaluationContext) -> SensorResult:
             tags={"vllm_batch/batch_id": ticket["batch_id"], **ticket.get("tags", {})},
         ))
     return SensorResult(run_requests=requests)
+
+
+def build_inbox_sensor(settings: Settings) -> SensorDefinition:
+    """The sensor on the inbox folder (batch_pipeline/inbox.py describes the convention)."""
+
+    @sensor(
+        name="inbox",
+        job_name="batch_job",
+        minimum_interval_seconds=settings.inbox_interval_seconds,
+        default_status=DefaultSensorStatus.RUNNING if settings.inbox_enabled else DefaultSensorStatus.STOPPED,
+        description=f"Turns each complete *.jsonl file in {settings.resolved_inbox_dir} into a batch and a run.",
+    )
+    def inbox(context: SensorEvaluationContext) -> SensorResult:
+        """A file whose size and mtime did not change since the last tick is taken; run key `inbox:<batch id>`."""
+        current = get_settings()
+        seen = json.loads(context.cursor).get("seen", {}) if context.cursor else {}
+        now_seen: dict[str, list[int]] = {}
+        requests = []
+        for file in list_inbox(current.resolved_inbox_dir):
+            now_seen[file.path.name] = file.signature
+            if seen.get(file.path.name) != file.signature:
+                continue  # new or still growing: look again next tick
+            try:
+                intake = take(file, current, context.instance)
+            except (OSError, ValueError) as exc:
+                context.log.error(f"{file.path.name}: could not be taken: {exc}")
+                continue
+            if context.instance.get_run_records(RunsFilter(tags={"dagster/run_key": intake.run_key}), limit=1):
+                settle(intake.source)  # its run exists (launched on an earlier tick): done with the file
+                now_seen.pop(file.path.name)
+                continue
+            if intake.spec.rejected:
+                context.log.warning(f"{file.path.name}: rejected as batch {intake.spec.batch_id}: {intake.spec.rejected}")
+            else:
+                context.log.info(f"{file.path.name}: batch {intake.spec.batch_id} for model {intake.spec.model_name}")
+            requests.append(RunRequest(
+                run_key=intake.run_key,
+                partition_key=intake.spec.batch_id,
+                tags={"vllm_batch/batch_id": intake.spec.batch_id, "vllm_batch/source": "inbox",
+                      "vllm_batch/inbox_file": file.path.name,
+                      **({"vllm_batch/rejected": "true"} if intake.spec.rejected else {})},
+            ))
+        return SensorResult(run_requests=requests, cursor=json.dumps({"seen": now_seen}))
+
+    return inbox

@@ -51,6 +51,13 @@ class Settings(BaseSettings):
     compact_json: bool = Field(default=True, description="JSON response formats without free whitespace.")
     keep_engine_loaded: bool = Field(default=False, description="Keep the engine between runs in one process.")
 
+    # Operating with the daemon (docs/OPERATIONS.md): the inbox sensor and the catch-up schedule.
+    inbox_dir: Path | None = Field(default=None, description="Folder the inbox sensor watches (default DATA_DIR/inbox).")
+    inbox_interval_seconds: int = Field(default=10, ge=1, description="How often the inbox sensor looks.")
+    inbox_enabled: bool = Field(default=True, description="Whether the inbox sensor starts switched on.")
+    schedule_cron: str = Field(default="0 * * * *", description="Cron of the schedule that runs unmaterialised batches.")
+    schedule_enabled: bool = Field(default=False, description="Whether that schedule starts switched on.")
+
     @field_validator("engine_args")
     @classmethod
     def _engine_args_is_json_object(cls, value: str) -> str:
@@ -68,6 +75,11 @@ class Settings(BaseSettings):
     def resolved_data_dir(self) -> Path:
         """The data folder, absolute."""
         return (self.data_dir or self.home / "data").resolve()
+
+    @property
+    def resolved_inbox_dir(self) -> Path:
+        """The folder the inbox sensor watches, absolute."""
+        return (self.inbox_dir or self.resolved_data_dir / "inbox").resolve()
 
     @property
     def resolved_dagster_home(self) -> Path:

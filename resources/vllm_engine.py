@@ -10,11 +10,13 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dagster import ConfigurableResource, InitResourceContext
 
 from batch_pipeline.openai_bodies import EngineRequest
+from resources import engine_processes
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class LoadedEngine:
         self.max_num_seqs: int = config.scheduler_config.max_num_seqs
         self.runner: str = getattr(config.model_config, "runner_type", "generate")
         self.requests_run = 0
+        self.record_dir: Path | None = None
 
     def stream(self, requests: Iterable[EngineRequest], in_flight: int | None = None) -> Iterator[tuple[EngineRequest, Any]]:
         """Run `requests` and yield (request, RequestOutput | EngineFailure) as each one finishes.
@@ -133,6 +136,9 @@ class VLLMEngine(ConfigurableResource):
     engine_args: str = "{}"
 
     keep_loaded: bool = False
+    # Where each loaded engine records its processes, so the next load can kill those of a worker
+    # that was SIGKILLed (see resources/engine_processes.py). None: no record is kept.
+    state_dir: str | None = None
     # JSON output (response_format) without free whitespace between tokens: fewer tokens, and weak
     # models cannot loop on whitespace until max_tokens and leave the JSON unfinished.
     compact_json: bool = True
@@ -186,6 +192,9 @@ class VLLMEngine(ConfigurableResource):
         if model.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(model)):
             raise EngineLoadError(f"could not load model {model!r}: no such directory")
         release_engine()
+        if self.state_dir:
+            engine_processes.reap_orphaned_engines(Path(self.state_dir))
+        children_before = engine_processes.child_processes()
         started = time.perf_counter()
         try:
             from vllm import LLM
@@ -195,6 +204,9 @@ class VLLMEngine(ConfigurableResource):
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EngineLoadError(f"could not load model {model!r}: {reason}") from exc
         _loaded = LoadedEngine(model, kwargs, llm, time.perf_counter() - started)
+        if self.state_dir:
+            _loaded.record_dir = Path(self.state_dir)
+            engine_processes.record_engine(_loaded.record_dir, engine_processes.child_processes() - children_before, model)
         return _loaded
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:
@@ -215,3 +227,5 @@ def release_engine() -> None:
     if _loaded is not None:
         engine, _loaded = _loaded, None
         engine.shutdown()
+        if engine.record_dir is not None:
+            engine_processes.forget_engine(engine.record_dir)

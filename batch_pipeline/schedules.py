@@ -1,0 +1,72 @@
+"""The catch-up schedule: on a cron, launch a run for every batch whose results are not materialised yet.
+
+It picks up batches registered without a run (e.g. `vllm-batch submit` while the daemon was down and
+its ticket was lost), batches whose run was cancelled, and batches whose run failed for good. It
+skips batches with a run in flight or a retry pending, and batches the inbox rejected (they would
+only fail again). Off by default (VLLM_BATCH_SCHEDULE_ENABLED); the cron is VLLM_BATCH_SCHEDULE_CRON.
+"""
+
+from __future__ import annotations
+
+from dagster import (
+    AssetKey,
+    DagsterRunStatus,
+    DefaultScheduleStatus,
+    RunRequest,
+    RunsFilter,
+    ScheduleDefinition,
+    ScheduleEvaluationContext,
+    SkipReason,
+    schedule,
+)
+
+from batch_pipeline.batches import batches_partitions, load_spec
+from batch_pipeline.settings import Settings, get_settings
+from resources.storage import BatchStorage
+
+_NOT_FINISHED = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
+                 DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
+
+
+def batches_to_catch_up(instance, data_dir: str) -> list[str]:
+    """Registered batches without materialised results, no run in flight, no retry pending, not rejected."""
+    done = instance.get_materialized_partitions(AssetKey("batch_results"))
+    storage = BatchStorage(data_dir=data_dir)
+    todo = []
+    for batch_id in instance.get_dynamic_partitions(batches_partitions.name):
+        if batch_id in done:
+            continue
+        paths = storage.batch(batch_id)
+        if not paths.spec.exists() or load_spec(paths).rejected:
+            continue
+        partition = {"dagster/partition": batch_id}
+        if instance.get_run_records(RunsFilter(tags=partition, statuses=_NOT_FINISHED), limit=1):
+            continue
+        latest = instance.get_run_records(RunsFilter(tags=partition), limit=1)
+        if latest and latest[0].dagster_run.tags.get("dagster/will_retry") == "true":
+            continue  # the run-retry daemon is about to launch it
+        todo.append(batch_id)
+    return todo
+
+
+def build_catch_up_schedule(settings: Settings) -> ScheduleDefinition:
+    """The schedule, with the cron and default status from the settings."""
+
+    @schedule(
+        name="unmaterialised_batches",
+        job_name="batch_job",
+        cron_schedule=settings.schedule_cron,
+        default_status=DefaultScheduleStatus.RUNNING if settings.schedule_enabled else DefaultScheduleStatus.STOPPED,
+        description="Launches a run for every batch whose results are not materialised and that has no run in flight.",
+    )
+    def unmaterialised_batches(context: ScheduleEvaluationContext):
+        """One RunRequest per batch to catch up; the run key carries the tick time, so a tick runs once."""
+        todo = batches_to_catch_up(context.instance, str(get_settings().resolved_data_dir))
+        if not todo:
+            return SkipReason("every batch is materialised or has a run in flight")
+        tick = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "now"
+        return [RunRequest(run_key=f"{batch_id}@{tick}", partition_key=batch_id,
+                           tags={"vllm_batch/batch_id": batch_id, "vllm_batch/source": "schedule"})
+                for batch_id in todo]
+
+    return unmaterialised_batches

@@ -1,0 +1,531 @@
+"""Operating the pipeline the way Dagster users do, against a live `vllm-batch start` on PostgreSQL.
+
+One service (webserver + daemon, started by `vllm-batch start`) serves the whole module; every test
+drives it from outside: the inbox folder, queue tickets, `dagster job launch`, `dagster schedule
+start`, the webserver's GraphQL API (what the UI's Terminate button calls), a real headless Chromium,
+SIGKILL and a PostgreSQL restart. Runs execute the real CPU vLLM engine on the tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import REPO, read_jsonl, write_jsonl
+
+pytestmark = pytest.mark.timeout(600)
+VENV_BIN = Path(sys.executable).parent
+MODEL_A, MODEL_B = "tiny-llama", "tiny-llama-b"
+TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
+
+
+@dataclass
+class Service:
+    """The running service and the handles the tests need."""
+
+    process: subprocess.Popen
+    env: dict[str, str]
+    root: Path
+    data_dir: Path
+    inbox: Path
+    port: int
+    instance: object
+    settings: object
+    marker: str
+    log: Path
+
+    def batch_dir(self, batch_id: str) -> Path:
+        return self.data_dir / "batches" / batch_id
+
+    def runs(self, batch_id: str) -> list:
+        """Every run of a batch partition, oldest first."""
+        from dagster import RunsFilter
+
+        records = self.instance.get_run_records(RunsFilter(tags={"dagster/partition": batch_id}))
+        return [r.dagster_run for r in sorted(records, key=lambda r: r.create_timestamp)]
+
+    def dagster(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """Run the `dagster` CLI against the service's instance and workspace."""
+        return subprocess.run([str(VENV_BIN / "dagster"), *args], env=self.env, cwd=REPO, capture_output=True,
+                              text=True, timeout=timeout)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 1.0):
+    """Poll until `predicate` returns something truthy; survives a PostgreSQL restart in between."""
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # the database may be restarting
+            last_error = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_error})")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def request_line(custom_id: str, model: str, max_tokens: int = 8, **body) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/completions",
+            "body": {"model": model, "prompt": f"Item {custom_id} is", "max_tokens": max_tokens,
+                     "temperature": 0, "ignore_eos": True, **body}}
+
+
+def marked_processes(marker: str) -> list[psutil.Process]:
+    """Every live process started for this module (they all carry the marker in their environment)."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("VLLM_BATCH_TEST_MARKER") == marker:
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
+def engine_processes(service: Service) -> list[psutil.Process]:
+    return [p for p in marked_processes(service.marker) if _name(p).startswith("VLLM::")]
+
+
+def _name(process: psutil.Process) -> str:
+    try:
+        return process.name()
+    except psutil.Error:
+        return ""
+
+
+def run_status(service: Service, run_id: str) -> str:
+    return service.instance.get_run_by_id(run_id).status.value
+
+
+def wait_terminal(service: Service, run_id: str, timeout: float) -> str:
+    return wait_for(lambda: (s := run_status(service, run_id)) in TERMINAL and s, timeout, f"run {run_id} to finish")
+
+
+def step_events(service: Service, run_id: str, step_key: str) -> dict[str, float]:
+    """Timestamps of a step's start and end events in the instance's event log."""
+    from dagster import DagsterEventType, EventRecordsFilter
+
+    found = {}
+    for kind in (DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE):
+        for record in service.instance.get_event_records(EventRecordsFilter(event_type=kind), limit=1000):
+            entry = record.event_log_entry
+            if entry.run_id == run_id and entry.step_key == step_key:
+                found[kind.value] = entry.timestamp
+    return found
+
+
+def log_time(service: Service, run_id: str, text: str) -> float | None:
+    """When a run first logged a message containing `text`."""
+    for entry in service.instance.all_logs(run_id):
+        if text in (entry.user_message or ""):
+            return entry.timestamp
+    return None
+
+
+def chunk_mtimes(batch_dir: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted((batch_dir / "chunks").glob("chunk-*.parquet"))}
+
+
+def register(service: Service, batch_id: str, lines: list[dict], model: str) -> None:
+    """Register a batch partition without launching anything (as a user would before `dagster job launch`)."""
+    from batch_pipeline.local_run import register_local_batch
+
+    path = write_jsonl(service.root / "files" / f"{batch_id}.jsonl", lines)
+    model_dir = service.settings.home / "models" / "tiny-llama" if model == MODEL_A else service.root / MODEL_B
+    register_local_batch(service.settings, service.instance, path, str(model_dir), model, batch_id=batch_id)
+
+
+def submit(service: Service, batch_id: str, lines: list[dict], model: str) -> None:
+    """Register a batch and leave a queue ticket for the `queued_batches` sensor."""
+    from batch_pipeline.batches import load_spec
+    from batch_pipeline.submission import enqueue
+    from resources.storage import BatchPaths
+
+    register(service, batch_id, lines, model)
+    enqueue(service.data_dir, load_spec(BatchPaths(service.batch_dir(batch_id))))
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, postgres_url: str, tiny_model: Path) -> Iterator[Service]:
+    """`vllm-batch start` on a fresh PostgreSQL database, with its own data folder and a second model."""
+    from dagster import DagsterInstance
+
+    from batch_pipeline.settings import Settings
+
+    root = tmp_path_factory.mktemp("operations")
+    shutil.copytree(tiny_model, root / MODEL_B)  # another model directory: loading it is a model swap
+    (root / "models.yaml").write_text(
+        f"models:\n  {MODEL_A}:\n    path: {tiny_model}\n  {MODEL_B}:\n    path: {root / MODEL_B}\n")
+    port, marker = free_port(), uuid.uuid4().hex
+    env = {
+        **os.environ,
+        "VLLM_BATCH_TEST_MARKER": marker,
+        "VLLM_BATCH_HOME": str(REPO),
+        "DAGSTER_HOME": str(root / "dagster"),
+        "VLLM_BATCH_DATA_DIR": str(root / "data"),
+        "VLLM_BATCH_POSTGRES_URL": postgres_url,
+        "VLLM_BATCH_MODELS_FILE": str(root / "models.yaml"),
+        "VLLM_BATCH_CHUNK_SIZE": "4",
+        "VLLM_BATCH_DTYPE": "float32",
+        "VLLM_BATCH_ENFORCE_EAGER": "true",
+        "VLLM_BATCH_MAX_MODEL_LEN": "1024",
+        # Four sequences at a time: a chunk of 4 requests finishes before the next starts, so a
+        # batch's chunks appear one by one and a test can act half-way through.
+        "VLLM_BATCH_MAX_NUM_SEQS": "4",
+        "VLLM_BATCH_INBOX_INTERVAL_SECONDS": "2",
+        "VLLM_BATCH_SCHEDULE_CRON": "* * * * *",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_LOGGING_LEVEL": "WARNING",
+    }
+    log = root / "service.log"
+    process = subprocess.Popen([str(VENV_BIN / "vllm-batch"), "start", "--host", "127.0.0.1", "--port", str(port)],
+                               env=env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    settings = Settings(home=REPO, data_dir=root / "data", chunk_size=4,
+                        models_file=root / "models.yaml")
+    old_postgres = os.environ.get("VLLM_BATCH_POSTGRES_URL")
+    os.environ["VLLM_BATCH_POSTGRES_URL"] = postgres_url  # the instance's dagster.yaml reads it from the env
+    try:
+        def up() -> bool:
+            assert process.poll() is None, f"vllm-batch start exited:\n{log.read_text()[-3000:]}"
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5) as response:
+                return response.status == 200
+        wait_for(up, 180, "the Dagster webserver")
+        instance = DagsterInstance.from_config(str(root / "dagster"))
+        wait_for(lambda: instance.get_daemon_heartbeats(), 120, "the daemon's first heartbeat")
+        yield Service(process, env, root, root / "data", root / "data" / "inbox", port, instance, settings,
+                      marker, log)
+        instance.dispose()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        for leftover in marked_processes(marker):  # e.g. an engine orphaned by a test's SIGKILL
+            leftover.kill()
+        if old_postgres is None:
+            os.environ.pop("VLLM_BATCH_POSTGRES_URL", None)
+        else:
+            os.environ["VLLM_BATCH_POSTGRES_URL"] = old_postgres
+
+
+# ---- the UI -------------------------------------------------------------------------------------
+
+@pytest.fixture
+def browser(service: Service) -> Iterator[object]:
+    """Debian's headless Chromium, driven by Selenium through chromedriver."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as DriverService
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver, "install Chromium: make browser (apt-get install chromium chromium-driver)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--window-size=1400,1000"):
+        options.add_argument(flag)
+    # chromedriver and Chromium start in their own session so teardown can kill them as a group.
+    driver_service = DriverService(driver, popen_kw={"start_new_session": True})
+    browser = webdriver.Chrome(service=driver_service, options=options)
+    browser.implicitly_wait(5)
+    try:
+        yield browser
+    finally:
+        pid = driver_service.process.pid if driver_service.process else None
+        browser.quit()
+        if pid:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_ui_materialises_a_batch_partition_from_the_asset_graph(service: Service, browser):
+    from selenium.webdriver.common.by import By
+
+    batch_id = "ui-batch"
+    lines = [request_line(f"ui-{i}", MODEL_A) for i in range(10)]
+    register(service, batch_id, lines, MODEL_A)
+
+    def button(text: str):
+        return wait_for(lambda: [b for b in browser.find_elements(By.XPATH, f"//button[normalize-space()='{text}']")
+                                 if b.is_displayed()], 60, f"the {text!r} button")[0]
+
+    browser.get(f"http://127.0.0.1:{service.port}/asset-groups/batch")
+    wait_for(lambda: browser.find_elements(By.XPATH, "//*[normalize-space(text())='batch_results']"), 60,
+             "the asset graph")
+    for skip in browser.find_elements(By.XPATH, "//button[normalize-space()='Skip']"):  # first-visit pop-up
+        if skip.is_displayed():
+            skip.click()
+    button("Materialize all…").click()
+    wait_for(lambda: browser.find_elements(By.XPATH, "//*[contains(text(),'Select a partition or create one')]"),
+             30, "the partition picker")[0].click()
+    wait_for(lambda: [o for o in browser.find_elements(By.XPATH, f"//*[normalize-space(text())='{batch_id}']")
+                      if o.is_displayed()], 30, "the batch's partition in the picker")[0].click()
+    button("Launch 1 run").click()
+    run_link = wait_for(lambda: [a for a in browser.find_elements(By.CSS_SELECTOR, "a[href*='/runs/']")], 30,
+                        "the launched run's link")[0]
+    run_id = run_link.get_attribute("href").rstrip("/").rsplit("/", 1)[-1]
+
+    # The run page shows the run succeeding, and the instance agrees.
+    browser.get(f"http://127.0.0.1:{service.port}/runs/{run_id}")
+    wait_for(lambda: browser.find_elements(By.XPATH, "//*[normalize-space(text())='Success']"), 300,
+             "the run page to show Success", interval=3)
+    assert run_status(service, run_id) == "SUCCESS"
+    assert service.instance.get_run_by_id(run_id).tags["dagster/partition"] == batch_id
+    outputs = read_jsonl(service.batch_dir(batch_id) / "results" / "output.jsonl")
+    assert [o["custom_id"] for o in outputs] == [line["custom_id"] for line in lines]
+
+
+# ---- the inbox sensor ---------------------------------------------------------------------------
+
+def inbox_runs(service: Service) -> dict[str, list]:
+    from dagster import RunsFilter
+
+    runs: dict[str, list] = {}
+    for record in service.instance.get_run_records(RunsFilter(tags={"vllm_batch/source": "inbox"})):
+        runs.setdefault(record.dagster_run.tags["vllm_batch/inbox_file"], []).append(record.dagster_run)
+    return runs
+
+
+def test_inbox_takes_each_complete_file_once_and_rejects_bad_files_clearly(service: Service):
+    inbox = service.inbox
+    inbox.mkdir(parents=True, exist_ok=True)
+    good = [request_line(f"in-{i}", MODEL_A) for i in range(10)]
+
+    # Bad files arrive the recommended way: written under another name, then renamed.
+    def drop(name: str, text: str) -> None:
+        (inbox / f".{name}.part").write_text(text)
+        (inbox / f".{name}.part").rename(inbox / name)
+
+    drop("not-json.jsonl", "hello world\nthis is not JSON\n")
+    drop("empty.jsonl", "\n\n")
+    drop("unknown.jsonl", json.dumps(request_line("u-1", "no-such-model")) + "\n")
+    drop("mixed.jsonl", json.dumps(request_line("m-1", MODEL_A)) + "\n" + json.dumps(request_line("m-2", MODEL_B)) + "\n")
+
+    # The good file is written in place, in two halves 7 s apart (over three sensor ticks): it must
+    # not be taken half-written.
+    with (inbox / "good.jsonl").open("w") as handle:
+        handle.writelines(json.dumps(line) + "\n" for line in good[:5])
+    time.sleep(7)
+    assert "good.jsonl" not in inbox_runs(service), "a file that was still growing was taken"
+    with (inbox / "good.jsonl").open("a") as handle:
+        handle.writelines(json.dumps(line) + "\n" for line in good[5:])
+
+    expected_reasons = {
+        "not-json.jsonl": "not JSONL",
+        "empty.jsonl": "empty",
+        "unknown.jsonl": "unknown model 'no-such-model'",
+        "mixed.jsonl": "mixes models (tiny-llama, tiny-llama-b)",
+    }
+    wait_for(lambda: set(inbox_runs(service)) >= {*expected_reasons, "good.jsonl"}, 90, "a run for every inbox file")
+    runs = inbox_runs(service)
+    for name, reason in expected_reasons.items():
+        run = runs[name][0]
+        assert wait_terminal(service, run.run_id, 120) == "FAILURE", name
+        failures = [e for e in service.instance.all_logs(run.run_id)
+                    if e.dagster_event and e.dagster_event.event_type_value == "STEP_FAILURE"]
+        assert failures and reason in failures[0].dagster_event.step_failure_data.error.message, name
+        batch_id = run.tags["vllm_batch/batch_id"]
+        assert reason in (inbox / "rejected" / f"{batch_id}.reason.txt").read_text()
+        assert (inbox / "rejected" / f"{batch_id}.jsonl").exists()
+
+    good_run = runs["good.jsonl"][0]
+    assert wait_terminal(service, good_run.run_id, 300) == "SUCCESS"
+    batch_id = good_run.tags["vllm_batch/batch_id"]
+    outputs = read_jsonl(service.batch_dir(batch_id) / "results" / "output.jsonl")
+    assert [o["custom_id"] for o in outputs] == [line["custom_id"] for line in good]  # the whole file
+    assert (inbox / "processed" / f"{batch_id}.jsonl").exists()
+
+    # Every file left the inbox and ran exactly once, even though the sensor saw some on later ticks.
+    wait_for(lambda: not list(inbox.glob("*.jsonl")), 30, "the inbox to be emptied")
+    time.sleep(5)
+    assert {name: len(r) for name, r in inbox_runs(service).items()} == dict.fromkeys([*expected_reasons, "good.jsonl"], 1)
+
+
+# ---- the queue, the gpu pool and the model swap -----------------------------------------------
+
+def test_three_batches_queue_with_one_gpu_step_at_a_time_and_models_swap(service: Service):
+    batches = {"queue-a1": MODEL_A, "queue-b": MODEL_B, "queue-a2": MODEL_A}
+    for batch_id, model in batches.items():  # all three at once
+        submit(service, batch_id, [request_line(f"{batch_id}-{i}", model) for i in range(12)], model)
+
+    runs = wait_for(lambda: all(service.runs(b) for b in batches) and {b: service.runs(b)[0] for b in batches},
+                    60, "a run per batch")
+    for run in runs.values():
+        assert wait_terminal(service, run.run_id, 420) == "SUCCESS"
+
+    spans = [(events["STEP_START"], events["STEP_SUCCESS"], batch_id) for events, batch_id in
+             ((step_events(service, run.run_id, "batch_chunks"), b) for b, run in runs.items())]
+    spans.sort()
+    for (_, previous_end, _), (next_start, _, _) in zip(spans, spans[1:]):
+        assert next_start >= previous_end, f"two gpu steps overlapped: {spans}"
+
+    # Each model swap: the previous engine was released before the next batch started loading.
+    swaps = []
+    for (_, _, previous), (_, _, following) in zip(spans, spans[1:]):
+        released = log_time(service, runs[previous].run_id, "engine released")
+        start = step_events(service, runs[following].run_id, "batch_chunks")["STEP_START"]
+        ready = log_time(service, runs[following].run_id, "engine for")
+        last_chunk = max(e.timestamp for e in service.instance.all_logs(runs[previous].run_id)
+                         if "written (" in (e.user_message or ""))
+        assert released is not None and ready is not None and released <= start
+        swaps.append({"from": batches[previous], "to": batches[following], "release_done_after_s":
+                      round(released - last_chunk, 1), "slot_handover_s": round(start - released, 1),
+                      "swap_s": round(ready - last_chunk, 1)})
+    report = service.root / "swap_times.json"
+    report.write_text(json.dumps(swaps, indent=2))
+    print("model swaps:", json.dumps(swaps))
+
+    for batch_id, model in batches.items():
+        outputs = read_jsonl(service.batch_dir(batch_id) / "results" / "output.jsonl")
+        assert [o["custom_id"] for o in outputs] == [f"{batch_id}-{i}" for i in range(12)]
+        assert {o["response"]["body"]["model"] for o in outputs} == {model}
+
+
+# ---- dagster job launch, cancel, and the schedule ------------------------------------------------
+
+SLOW_CHUNKS = 12
+
+
+def slow_lines(prefix: str) -> list[dict]:
+    # 256 tokens each, four at a time: about a second or two per chunk of 4 on two CPU cores.
+    return [request_line(f"{prefix}-{i}", MODEL_A, max_tokens=256) for i in range(4 * SLOW_CHUNKS)]
+
+
+def test_job_launch_then_terminate_then_the_schedule_finishes_the_rest(service: Service):
+    from dagster_graphql import DagsterGraphQLClient
+
+    batch_id = "launched"
+    lines = slow_lines(batch_id)
+    register(service, batch_id, lines, MODEL_A)
+    batch_dir = service.batch_dir(batch_id)
+
+    # The command the README gives.
+    launched = service.dagster("job", "launch", "-w", str(REPO / "workspace.yaml"), "-j", "batch_job",
+                               "--tags", json.dumps({"dagster/partition": batch_id}))
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    run = wait_for(lambda: service.runs(batch_id), 30, "the launched run")[0]
+    assert run.job_name == "batch_job"
+
+    wait_for(lambda: len(chunk_mtimes(batch_dir)) >= 3, 300, "three finished chunks", interval=0.2)
+    DagsterGraphQLClient("127.0.0.1", port_number=service.port).terminate_run(run.run_id)  # the UI's Terminate
+    asked = time.monotonic()
+    assert wait_terminal(service, run.run_id, 60) == "CANCELED"
+    stopped_after = time.monotonic() - asked
+    kept = chunk_mtimes(batch_dir)
+    assert 3 <= len(kept) < SLOW_CHUNKS, kept
+    time.sleep(3)
+    assert chunk_mtimes(batch_dir) == kept, "chunks were still being written after the run was cancelled"
+    wait_for(lambda: not engine_processes(service), 30, "the cancelled run's engine processes to exit")
+    print(f"terminate -> CANCELED in {stopped_after:.1f}s with {len(kept)}/{SLOW_CHUNKS} chunks kept")
+
+    # The schedule notices the unfinished partition and runs it; only the missing chunks are computed.
+    started = service.dagster("schedule", "start", "unmaterialised_batches", "-w", str(REPO / "workspace.yaml"))
+    assert started.returncode == 0, started.stderr[-2000:]
+    try:
+        def scheduled():
+            return [r for r in service.runs(batch_id) if r.tags.get("vllm_batch/source") == "schedule"]
+        rerun = wait_for(scheduled, 150, "the schedule's run", interval=3)[0]
+        assert wait_terminal(service, rerun.run_id, 300) == "SUCCESS"
+    finally:
+        service.dagster("schedule", "stop", "unmaterialised_batches", "-w", str(REPO / "workspace.yaml"))
+    assert {name: chunk_mtimes(batch_dir)[name] for name in kept} == kept  # finished chunks were not redone
+    outputs = read_jsonl(batch_dir / "results" / "output.jsonl")
+    assert [o["custom_id"] for o in outputs] == [line["custom_id"] for line in lines]
+    materialization = [e for e in service.instance.all_logs(rerun.run_id)
+                       if e.dagster_event and e.dagster_event.is_step_materialization
+                       and e.step_key == "batch_chunks"][0]
+    metadata = materialization.dagster_event.event_specific_data.materialization.metadata
+    assert metadata["chunks_resumed"].value == len(kept)
+    assert metadata["chunks_run"].value == SLOW_CHUNKS - len(kept)
+
+
+# ---- crash recovery -----------------------------------------------------------------------------
+
+def live_engine_record(service: Service) -> dict | None:
+    from resources.engine_processes import read_records
+
+    for record in read_records(service.data_dir / "engines"):
+        if psutil.pid_exists(record["worker"][0]):
+            return record
+    return None
+
+
+def test_killed_worker_and_daemon_and_postgres_restart_recover_without_a_human(service: Service):
+    batch_id = "crash"
+    lines = slow_lines(batch_id)
+    inbox_before = {name: len(r) for name, r in inbox_runs(service).items()}
+    submit(service, batch_id, lines, MODEL_A)
+    batch_dir = service.batch_dir(batch_id)
+
+    wait_for(lambda: len(chunk_mtimes(batch_dir)) >= 3, 300, "three finished chunks", interval=0.2)
+    record = wait_for(lambda: live_engine_record(service), 10, "the engine record of the run worker")
+    worker = psutil.Process(record["worker"][0])
+    daemon = next(p for p in psutil.Process(service.process.pid).children()
+                  if "dagster-daemon" in " ".join(p.cmdline()))
+    worker.kill()  # SIGKILL half-way through the batch
+    daemon.kill()  # and the daemon with it
+    before_kill = chunk_mtimes(batch_dir)
+    assert 3 <= len(before_kill) < SLOW_CHUNKS
+    first_run = service.runs(batch_id)[0]
+    orphans = [identity[0] for identity in record["engine"]]
+
+    # The worker's code server reports the run failed; the restarted daemon retries it.
+    assert wait_terminal(service, first_run.run_id, 60) == "FAILURE"
+    wait_for(lambda: any(p.pid != daemon.pid and "dagster-daemon" in " ".join(p.cmdline())
+                         for p in psutil.Process(service.process.pid).children()), 30, "the daemon to be restarted")
+    retry = wait_for(lambda: [r for r in service.runs(batch_id) if r.run_id != first_run.run_id], 120,
+                     "the automatic retry", interval=2)[0]
+    assert retry.tags.get("dagster/parent_run_id") == first_run.run_id
+
+    # Once the retry has loaded its engine, the killed worker's engine processes are gone.
+    wait_for(lambda: (r := live_engine_record(service)) and r["worker"][0] != worker.pid, 300,
+             "the retry's engine", interval=0.5)
+    assert not any(psutil.pid_exists(pid) and _name(psutil.Process(pid)).startswith("VLLM") for pid in orphans)
+
+    # Restart PostgreSQL while the retry generates.
+    count = len(chunk_mtimes(batch_dir))
+    wait_for(lambda: len(chunk_mtimes(batch_dir)) > count, 120, "the retry's first new chunk", interval=0.2)
+    cluster = sorted(os.listdir("/etc/postgresql"))[0]
+    restarted = subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main", "restart"],
+                               capture_output=True, text=True, timeout=120)
+    assert restarted.returncode == 0, restarted.stderr
+    at_restart = chunk_mtimes(batch_dir)
+
+    wait_for(lambda: any(r.status.value == "SUCCESS" for r in service.runs(batch_id)), 420,
+             "the batch to succeed", interval=3)
+    after = chunk_mtimes(batch_dir)
+    assert len(after) == SLOW_CHUNKS
+    assert {name: after[name] for name in before_kill} == before_kill  # not recomputed after the SIGKILL
+    assert {name: after[name] for name in at_restart} == at_restart  # nor after the PostgreSQL restart
+    outputs = read_jsonl(batch_dir / "results" / "output.jsonl")
+    assert sorted(o["custom_id"] for o in outputs) == sorted(line["custom_id"] for line in lines)
+    assert len({o["custom_id"] for o in outputs}) == len(lines)  # each exactly once
+
+    # The restarted daemon did not take any inbox file a second time.
+    assert {name: len(r) for name, r in inbox_runs(service).items()} == inbox_before
