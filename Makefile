@@ -16,7 +16,7 @@ export VLLM_BATCH_ENFORCE_EAGER ?= true
 export VLLM_BATCH_MAX_MODEL_LEN ?= 1024
 endif
 
-.PHONY: install model demo test lint bench clean
+.PHONY: install model browser demo test lint bench clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ $(STAMP): pyproject.toml
 
 model: $(MODEL_DIR)/config.json
 
+# The UI test drives Debian's headless Chromium through chromedriver (tests/test_operations.py).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver; }
+
 $(MODEL_DIR)/config.json: | $(STAMP)
 	$(VENV)/bin/vllm-batch tiny-model $(MODEL_DIR)
 
@@ -38,7 +43,7 @@ demo: install model
 	$(PY) examples/make_sample_batch.py data/samples/demo.jsonl --requests $(DEMO_REQUESTS) --model tiny-llama
 	$(VENV)/bin/vllm-batch run data/samples/demo.jsonl --model $(MODEL_DIR) --model-name tiny-llama
 
-test: install model
+test: install model browser
 	$(PY) -m pytest tests
 
 lint: install
