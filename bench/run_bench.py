@@ -94,13 +94,28 @@ def main() -> None:
     results: dict = {"machine": platform_info(), "model": args.shape or "tiny-llama", "requests": args.requests,
                      "prompt_len": args.prompt_len, "output_len": args.output_len, "mixed": args.mixed}
 
-    if "A" in args.stages:
+    for stage in args.stages:
+        try:
+            run_stage(stage, args, model, batch, work, env, engine_args, dtype, on_cpu, common_flags, results)
+        except (SystemExit, Exception) as exc:  # one failed stage must not lose the others' numbers
+            results[f"{stage}_error"] = str(exc)
+            print(f"stage {stage} failed: {exc}", flush=True)
+
+    report = render(results)
+    print(report)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    (args.out / "results.md").write_text(report)
+
+
+def run_stage(stage, args, model, batch, work, env, engine_args, dtype, on_cpu, common_flags, results) -> None:
+    """Run one stage (A, B or C) and store its numbers in `results`."""
+    if stage == "A":
         seconds, rss, out = run_measured(
             [sys.executable, "bench/inprocess.py", "--model", model, "--input", str(batch), "--chunk-sizes",
              args.chunk_sizes, "--engine-args", json.dumps(engine_args)] + common_flags, env, args.out / "stage_a.log")
         results["A"] = json.loads(out.strip().splitlines()[-1])
         print(f"stage A done in {seconds:.0f}s", flush=True)
-    if "B" in args.stages:
+    if stage == "B":
         flags = common_flags + (["--load-format", args.load_format] if args.load_format else [])
         seconds, rss, _ = run_measured(
             [sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(batch), "-o",
@@ -109,22 +124,17 @@ def main() -> None:
         lines = sum(1 for _ in (work / "runbatch-output.jsonl").open())
         results["B"] = {"seconds": seconds, "peak_rss_mb": rss, "output_lines": lines}
         print(f"stage B done in {seconds:.0f}s", flush=True)
-    if "C" in args.stages:
+    if stage == "C":
         env_c = dict(env, VLLM_BATCH_HOME=str(REPO), VLLM_BATCH_DATA_DIR=str(work / "data"),
                      DAGSTER_HOME=str(work / "dagster"), VLLM_BATCH_DTYPE=dtype,
                      VLLM_BATCH_MAX_MODEL_LEN=str(args.max_model_len), VLLM_BATCH_ENGINE_ARGS=json.dumps(engine_args),
                      VLLM_BATCH_ENFORCE_EAGER="true" if on_cpu else "false",
                      VLLM_BATCH_CHUNK_SIZE=args.chunk_sizes.split(",")[0])
         seconds, rss, out = run_measured(
-            [str(Path(sys.executable).parent / "vllm-batch"), "run", str(batch), "--model", model, "--model-name",
+            [sys.executable, "-m", "batch_pipeline.cli", "run", str(batch), "--model", model, "--model-name",
              "bench", "--json"], env_c, args.out / "stage_c.log")
         results["C"] = {"seconds": seconds, "peak_rss_mb": rss, "summary": json.loads(out[out.index("{"):])}
         print(f"stage C done in {seconds:.0f}s", flush=True)
-
-    report = render(results)
-    print(report)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    (args.out / "results.md").write_text(report)
 
 
 def platform_info() -> str:
