@@ -2,11 +2,13 @@
 
 It picks up batches registered without a run (e.g. `vllm-batch submit` while the daemon was down and
 its ticket was lost), batches whose run was cancelled, and batches whose run failed for good. It
-skips batches with a run in flight or a retry pending, and batches the inbox rejected (they would
-only fail again). Off by default (VLLM_BATCH_SCHEDULE_ENABLED); the cron is VLLM_BATCH_SCHEDULE_CRON.
+skips batches with a queue ticket not yet launched, a run in flight or a retry pending, and batches
+the inbox rejected (they would only fail again). Off by default (VLLM_BATCH_SCHEDULE_ENABLED); the cron is VLLM_BATCH_SCHEDULE_CRON.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from dagster import (
     AssetKey,
@@ -22,6 +24,7 @@ from dagster import (
 
 from batch_pipeline.batches import batches_partitions, load_spec
 from batch_pipeline.settings import Settings, get_settings
+from batch_pipeline.submission import pending_tickets
 from resources.storage import BatchStorage
 
 _NOT_FINISHED = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
@@ -31,10 +34,11 @@ _NOT_FINISHED = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterR
 def batches_to_catch_up(instance, data_dir: str) -> list[str]:
     """Registered batches without materialised results, no run in flight, no retry pending, not rejected."""
     done = instance.get_materialized_partitions(AssetKey("batch_results"))
+    ticketed = {ticket["batch_id"] for ticket in pending_tickets(Path(data_dir))}  # queued_batches launches them
     storage = BatchStorage(data_dir=data_dir)
     todo = []
     for batch_id in instance.get_dynamic_partitions(batches_partitions.name):
-        if batch_id in done:
+        if batch_id in done or batch_id in ticketed:
             continue
         paths = storage.batch(batch_id)
         if not paths.spec.exists() or load_spec(paths).rejected:

@@ -75,7 +75,8 @@ def build_inbox_sensor(settings: Settings) -> SensorDefinition:
                 now_seen.pop(file.path.name)
                 continue
             if intake.spec.rejected:
-                context.log.warning(f"{file.path.name}: rejected as batch {intake.spec.batch_id}: {intake.spec.rejected}")
+                context.log.warning(
+                    f"{file.path.name}: rejected as batch {intake.spec.batch_id}: {intake.spec.rejected}")
             else:
                 context.log.info(f"{file.path.name}: batch {intake.spec.batch_id} for model {intake.spec.model_name}")
             requests.append(RunRequest(

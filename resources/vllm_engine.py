@@ -206,7 +206,8 @@ class VLLMEngine(ConfigurableResource):
         _loaded = LoadedEngine(model, kwargs, llm, time.perf_counter() - started)
         if self.state_dir:
             _loaded.record_dir = Path(self.state_dir)
-            engine_processes.record_engine(_loaded.record_dir, engine_processes.child_processes() - children_before, model)
+            started_processes = engine_processes.child_processes() - children_before
+            engine_processes.record_engine(_loaded.record_dir, started_processes, model)
         return _loaded
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:

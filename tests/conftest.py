@@ -62,13 +62,19 @@ def postgres_url() -> Iterator[str]:
     import psycopg2
 
     name = f"vllm_batch_test_{uuid.uuid4().hex[:8]}"
-    admin = psycopg2.connect(POSTGRES_ADMIN_URL)
-    admin.autocommit = True
-    admin.cursor().execute(f"CREATE DATABASE {name}")
+    def admin_execute(sql: str) -> None:
+        # A new connection each time: tests/test_operations.py restarts the server in between.
+        admin = psycopg2.connect(POSTGRES_ADMIN_URL)
+        admin.autocommit = True
+        try:
+            admin.cursor().execute(sql)
+        finally:
+            admin.close()
+
+    admin_execute(f"CREATE DATABASE {name}")
     base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
     yield f"{base}/{name}"
-    admin.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    admin.close()
+    admin_execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture

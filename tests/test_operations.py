@@ -325,7 +325,7 @@ def test_inbox_takes_each_complete_file_once_and_rejects_bad_files_clearly(servi
     drop("not-json.jsonl", "hello world\nthis is not JSON\n")
     drop("empty.jsonl", "\n\n")
     drop("unknown.jsonl", json.dumps(request_line("u-1", "no-such-model")) + "\n")
-    drop("mixed.jsonl", json.dumps(request_line("m-1", MODEL_A)) + "\n" + json.dumps(request_line("m-2", MODEL_B)) + "\n")
+    drop("mixed.jsonl", "".join(json.dumps(request_line(f"m-{i}", m)) + "\n" for i, m in enumerate((MODEL_A, MODEL_B))))
 
     # The good file is written in place, in two halves 7 s apart (over three sensor ticks): it must
     # not be taken half-written.
@@ -364,7 +364,8 @@ def test_inbox_takes_each_complete_file_once_and_rejects_bad_files_clearly(servi
     # Every file left the inbox and ran exactly once, even though the sensor saw some on later ticks.
     wait_for(lambda: not list(inbox.glob("*.jsonl")), 30, "the inbox to be emptied")
     time.sleep(5)
-    assert {name: len(r) for name, r in inbox_runs(service).items()} == dict.fromkeys([*expected_reasons, "good.jsonl"], 1)
+    runs_per_file = {name: len(r) for name, r in inbox_runs(service).items()}
+    assert runs_per_file == dict.fromkeys([*expected_reasons, "good.jsonl"], 1)
 
 
 # ---- the queue, the gpu pool and the model swap -----------------------------------------------
@@ -382,12 +383,12 @@ def test_three_batches_queue_with_one_gpu_step_at_a_time_and_models_swap(service
     spans = [(events["STEP_START"], events["STEP_SUCCESS"], batch_id) for events, batch_id in
              ((step_events(service, run.run_id, "batch_chunks"), b) for b, run in runs.items())]
     spans.sort()
-    for (_, previous_end, _), (next_start, _, _) in zip(spans, spans[1:]):
+    for (_, previous_end, _), (next_start, _, _) in zip(spans, spans[1:], strict=False):
         assert next_start >= previous_end, f"two gpu steps overlapped: {spans}"
 
     # Each model swap: the previous engine was released before the next batch started loading.
     swaps = []
-    for (_, _, previous), (_, _, following) in zip(spans, spans[1:]):
+    for (_, _, previous), (_, _, following) in zip(spans, spans[1:], strict=False):
         released = log_time(service, runs[previous].run_id, "engine released")
         start = step_events(service, runs[following].run_id, "batch_chunks")["STEP_START"]
         ready = log_time(service, runs[following].run_id, "engine for")
@@ -418,7 +419,7 @@ def slow_lines(prefix: str) -> list[dict]:
 
 
 def test_job_launch_then_terminate_then_the_schedule_finishes_the_rest(service: Service):
-    from dagster_graphql import DagsterGraphQLClient
+    from dagster import DagsterEventType
 
     batch_id = "launched"
     lines = slow_lines(batch_id)
@@ -433,16 +434,22 @@ def test_job_launch_then_terminate_then_the_schedule_finishes_the_rest(service: 
     assert run.job_name == "batch_job"
 
     wait_for(lambda: len(chunk_mtimes(batch_dir)) >= 3, 300, "three finished chunks", interval=0.2)
-    DagsterGraphQLClient("127.0.0.1", port_number=service.port).terminate_run(run.run_id)  # the UI's Terminate
-    asked = time.monotonic()
+    # What the UI's Terminate button and `vllm-batch cancel` call: the run coordinator's cancel_run.
+    service.instance.run_coordinator.cancel_run(run.run_id)
     assert wait_terminal(service, run.run_id, 60) == "CANCELED"
-    stopped_after = time.monotonic() - asked
+    events = {e.dagster_event.event_type: e.timestamp for e in service.instance.all_logs(run.run_id)
+              if e.dagster_event and e.dagster_event.event_type in
+              (DagsterEventType.RUN_CANCELING, DagsterEventType.RUN_CANCELED)}
+    stopped_after = events[DagsterEventType.RUN_CANCELED] - events[DagsterEventType.RUN_CANCELING]
+    assert stopped_after < 15, f"the run took {stopped_after:.1f}s to stop"
     kept = chunk_mtimes(batch_dir)
     assert 3 <= len(kept) < SLOW_CHUNKS, kept
     time.sleep(3)
     assert chunk_mtimes(batch_dir) == kept, "chunks were still being written after the run was cancelled"
     wait_for(lambda: not engine_processes(service), 30, "the cancelled run's engine processes to exit")
     print(f"terminate -> CANCELED in {stopped_after:.1f}s with {len(kept)}/{SLOW_CHUNKS} chunks kept")
+    (service.root / "cancel.json").write_text(json.dumps({"canceling_to_canceled_s": round(stopped_after, 2),
+                                                          "chunks_kept": len(kept)}))
 
     # The schedule notices the unfinished partition and runs it; only the missing chunks are computed.
     started = service.dagster("schedule", "start", "unmaterialised_batches", "-w", str(REPO / "workspace.yaml"))
@@ -451,9 +458,9 @@ def test_job_launch_then_terminate_then_the_schedule_finishes_the_rest(service: 
         def scheduled():
             return [r for r in service.runs(batch_id) if r.tags.get("vllm_batch/source") == "schedule"]
         rerun = wait_for(scheduled, 150, "the schedule's run", interval=3)[0]
-        assert wait_terminal(service, rerun.run_id, 300) == "SUCCESS"
-    finally:
+    finally:  # before its next tick, so that it launches nothing for the next test's batches
         service.dagster("schedule", "stop", "unmaterialised_batches", "-w", str(REPO / "workspace.yaml"))
+    assert wait_terminal(service, rerun.run_id, 300) == "SUCCESS"
     assert {name: chunk_mtimes(batch_dir)[name] for name in kept} == kept  # finished chunks were not redone
     outputs = read_jsonl(batch_dir / "results" / "output.jsonl")
     assert [o["custom_id"] for o in outputs] == [line["custom_id"] for line in lines]
