@@ -327,14 +327,14 @@ def test_inbox_takes_each_complete_file_once_and_rejects_bad_files_clearly(servi
     drop("unknown.jsonl", json.dumps(request_line("u-1", "no-such-model")) + "\n")
     drop("mixed.jsonl", "".join(json.dumps(request_line(f"m-{i}", m)) + "\n" for i, m in enumerate((MODEL_A, MODEL_B))))
 
-    # The good file is written in place, in two halves 7 s apart (over three sensor ticks): it must
-    # not be taken half-written.
+    # The good file is written in place, a line every 0.4 s for 4 s (over two sensor ticks): it
+    # must not be taken half-written. (A writer that pauses longer than a tick must use the rename.)
     with (inbox / "good.jsonl").open("w") as handle:
-        handle.writelines(json.dumps(line) + "\n" for line in good[:5])
-    time.sleep(7)
-    assert "good.jsonl" not in inbox_runs(service), "a file that was still growing was taken"
-    with (inbox / "good.jsonl").open("a") as handle:
-        handle.writelines(json.dumps(line) + "\n" for line in good[5:])
+        for line in good:
+            handle.write(json.dumps(line) + "\n")
+            handle.flush()
+            time.sleep(0.4)
+            assert "good.jsonl" not in inbox_runs(service), "a file that was still growing was taken"
 
     expected_reasons = {
         "not-json.jsonl": "not JSONL",
