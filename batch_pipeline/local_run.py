@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dagster import DagsterInstance
+import psutil
+from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
 from batch_pipeline.batches import BatchSpec, default_batch_id, load_spec, register_batch, valid_batch_id
 from batch_pipeline.settings import Settings
@@ -58,15 +60,50 @@ def register_local_batch(settings: Settings, instance: DagsterInstance, input_fi
     return spec
 
 
+_PID_TAG = "vllm_batch/local_pid"
+_PID_STARTED_TAG = "vllm_batch/local_pid_started"
+
+
+def _process_alive(pid: int, started: float) -> bool:
+    # (pid, start time) identifies a process; a new process that reused the pid has another start time.
+    try:
+        return abs(psutil.Process(pid).create_time() - started) < 1.0
+    except psutil.Error:
+        return False
+
+
+def reap_dead_local_runs(instance: DagsterInstance) -> list[str]:
+    """Fail the in-process runs whose process died, and free their `gpu` pool slots.
+
+    A run executed in-process (`vllm-batch run`) that is killed never reports its end, and no daemon
+    watches it, so it would hold its pool slot forever and block every later run. Returns the run ids.
+    """
+    reaped = []
+    records = instance.get_run_records(RunsFilter(statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.STARTING]))
+    for record in records:
+        run = record.dagster_run
+        if _PID_TAG not in run.tags or run.tags.get("vllm_batch/host") != socket.gethostname():
+            continue
+        if _process_alive(int(run.tags[_PID_TAG]), float(run.tags[_PID_STARTED_TAG])):
+            continue
+        instance.report_run_failed(run, "the process running it (vllm-batch run) died")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        reaped.append(run.run_id)
+    return reaped
+
+
 def run_batch_in_process(settings: Settings, instance: DagsterInstance, batch_id: str, tags: dict | None = None) -> BatchRun:
     """Execute batch_job for one partition in this process and collect the summary."""
     from batch_pipeline.definitions import build_definitions
 
+    reap_dead_local_runs(instance)
     paths = BatchStorage(data_dir=str(settings.resolved_data_dir)).batch(batch_id)
     job = build_definitions(settings).resolve_job_def("batch_job")
+    me = psutil.Process()
+    run_tags = {"vllm_batch/source": "cli", **(tags or {}), "vllm_batch/host": socket.gethostname(),
+                _PID_TAG: str(me.pid), _PID_STARTED_TAG: repr(me.create_time())}
     started = time.perf_counter()
-    result = job.execute_in_process(instance=instance, partition_key=batch_id, raise_on_error=False,
-                                    tags=tags or {"vllm_batch/source": "cli"})
+    result = job.execute_in_process(instance=instance, partition_key=batch_id, raise_on_error=False, tags=run_tags)
     run = BatchRun(batch_id, result.run_id, result.success, paths, time.perf_counter() - started)
     if not result.success:
         run.error = failure_message(result.all_events)

@@ -1,0 +1,113 @@
+"""`vllm-batch run` as a user runs it: a separate process on the embedded default instance."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, read_jsonl, write_jsonl
+
+CLI = [sys.executable, "-m", "batch_pipeline.cli"]
+
+
+def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ, VLLM_BATCH_HOME=str(REPO), VLLM_BATCH_DATA_DIR=str(tmp_path / "data"),
+               DAGSTER_HOME=str(tmp_path / "dagster"), VLLM_BATCH_DTYPE="float32", VLLM_BATCH_ENFORCE_EAGER="true",
+               VLLM_BATCH_MAX_MODEL_LEN="1024", VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1")
+    env.update(extra)
+    return env
+
+
+def chat_lines(count: int, max_tokens: int = 16) -> list[dict]:
+    return [{"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"model": "tiny", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                      "messages": [{"role": "user", "content": f"Question number {i}?"}]}} for i in range(count)]
+
+
+def run_cli(args: list[str], env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the CLI in its own process group; on a timeout the whole group (engine included) is killed."""
+    proc = subprocess.Popen(CLI + args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"vllm-batch {args[0]} timed out; stderr ends: {err[-2000:]}") from None
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # anything the CLI left behind
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_killed_run_resumes_without_redoing_finished_chunks(tmp_path, tiny_model):
+    env = cli_env(tmp_path, VLLM_BATCH_CHUNK_SIZE="50")
+    batch = write_jsonl(tmp_path / "big.jsonl", chat_lines(1500))
+    args = ["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny", "--batch-id", "big", "--json"]
+    chunks = tmp_path / "data" / "batches" / "big" / "chunks"
+
+    proc = subprocess.Popen(CLI + args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and proc.poll() is None:
+        if chunks.is_dir() and len(list(chunks.glob("chunk-*.parquet"))) >= 5:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be killed; make the batch bigger"
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its engine processes, with no chance to clean up
+    proc.wait()
+    finished = {p.name: p.stat().st_mtime_ns for p in chunks.glob("chunk-*.parquet")}
+    assert 5 <= len(finished) < 30
+
+    result = run_cli(args, env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert summary["chunks_resumed"] == len(finished)
+    assert summary["chunks_resumed"] + summary["chunks_run"] == 30
+    assert {p.name: p.stat().st_mtime_ns for p in chunks.glob("chunk-*.parquet") if p.name in finished} == finished
+    outputs = read_jsonl(Path(summary["output_file"]))
+    assert [o["custom_id"] for o in outputs] == [f"q{i}" for i in range(1500)]  # each exactly once, in order
+    assert all(o["response"]["body"]["usage"]["completion_tokens"] == 16 for o in outputs)
+
+
+@pytest.mark.parametrize(("setup", "message"), [
+    ("missing", "input file not found"),
+    ("empty", "input file is empty"),
+    ("blank", "has no request lines"),
+    ("no-model-dir", "could not load model"),
+    ("broken-model", "could not load model"),
+    ("bad-setting", "invalid setting VLLM_BATCH_CHUNK_SIZE"),
+])
+def test_bad_files_models_and_settings_stop_with_one_readable_line(tmp_path, tiny_model, setup, message):
+    env = cli_env(tmp_path)
+    model = str(tiny_model)
+    batch = write_jsonl(tmp_path / "in.jsonl", chat_lines(3))
+    if setup == "missing":
+        batch = tmp_path / "absent.jsonl"
+    elif setup == "empty":
+        batch.write_text("")
+    elif setup == "blank":
+        batch.write_text("\n\n  \n")
+    elif setup == "no-model-dir":
+        model = str(tmp_path / "no-such-model")
+    elif setup == "broken-model":
+        broken = tmp_path / "broken-model"
+        broken.mkdir()
+        (broken / "config.json").write_text(json.dumps({"architectures": ["NopeForCausalLM"], "model_type": "nope"}))
+        model = str(broken)
+    elif setup == "bad-setting":
+        env["VLLM_BATCH_CHUNK_SIZE"] = "lots"
+    result = run_cli(["run", str(batch), "--model", model, "--model-name", "tiny"], env)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
