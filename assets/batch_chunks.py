@@ -9,8 +9,19 @@ from dagster import AssetExecutionContext, AssetObservation, Failure, Materializ
 from assets.batch_input import batch_input
 from batch_pipeline.batches import batches_partitions, load_spec
 from batch_pipeline.chunks import ChunkReport, run_chunks
+from batch_pipeline.records import EMBEDDINGS_URL
 from resources.storage import BatchStorage
 from resources.vllm_engine import EngineLoadError, VLLMEngine, release_engine
+
+
+def engine_args_for(engine_args: dict, endpoints: dict[str, int]) -> dict:
+    """The kind of request most of the batch asks for decides the engine (one engine per batch, as
+    OpenAI has one endpoint per batch): mostly /v1/embeddings runs a pooling engine, else a generative
+    one; requests of the other kind then fail with `unsupported_endpoint`."""
+    embeddings = endpoints.get(EMBEDDINGS_URL, 0)
+    if embeddings and embeddings >= sum(endpoints.values()) - embeddings:
+        return {"runner": "pooling", **engine_args}
+    return engine_args
 
 
 @asset(
@@ -54,7 +65,7 @@ def batch_chunks(context: AssetExecutionContext, storage: BatchStorage, engine: 
 
     if todo:
         try:
-            loaded = engine.load(spec.model, spec.engine_args)
+            loaded = engine.load(spec.model, engine_args_for(spec.engine_args, manifest.get("endpoints", {})))
         except EngineLoadError as exc:
             raise Failure(str(exc), allow_retries=False) from None
         load_seconds = loaded.load_seconds

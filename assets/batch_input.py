@@ -52,6 +52,7 @@ def batch_input(context: AssetExecutionContext, storage: BatchStorage) -> Materi
         context.log.warning("the input changed since the last run: old chunks and results were removed")
 
     valid = invalid = 0
+    endpoints: dict[str, int] = {}
     try:
         lines = scan_batch_file(input_path, frozenset({spec.model, spec.model_name}), get_settings().max_line_bytes)
         with atomic_path(paths.requests) as requests_tmp, atomic_path(paths.invalid) as invalid_tmp:
@@ -65,6 +66,7 @@ def batch_input(context: AssetExecutionContext, storage: BatchStorage) -> Materi
                         errors.write(json.dumps(record, separators=(",", ":")) + "\n")
                         continue
                     valid += 1
+                    endpoints[item.url] = endpoints.get(item.url, 0) + 1
                     buffer.append({"line": item.line, "custom_id": item.custom_id, "url": item.url, "body": item.body})
                     if len(buffer) >= _ROW_GROUP:
                         writer.write_table(pa.Table.from_pylist(buffer, schema=REQUEST_SCHEMA))
@@ -79,7 +81,8 @@ def batch_input(context: AssetExecutionContext, storage: BatchStorage) -> Materi
     num_chunks = -(-valid // spec.chunk_size)
     manifest = {"batch_id": spec.batch_id, "fingerprint": fingerprint, "input_sha256": digest,
                 "model": spec.model, "model_name": spec.model_name, "chunk_size": spec.chunk_size,
-                "valid_requests": valid, "invalid_lines": invalid, "num_chunks": num_chunks}
+                "valid_requests": valid, "invalid_lines": invalid, "num_chunks": num_chunks,
+                "endpoints": endpoints}
     with atomic_path(paths.manifest) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2))
     if invalid:

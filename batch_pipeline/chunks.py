@@ -17,8 +17,16 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batch_pipeline.openai_bodies import EngineRequest, RequestRejected, error_json, prepare_request, response_body
-from batch_pipeline.records import BatchError, ErrorCode
+from batch_pipeline.openai_bodies import (
+    EngineRequest,
+    RequestRejected,
+    embedding_body,
+    error_json,
+    prepare_embedding,
+    prepare_request,
+    response_body,
+)
+from batch_pipeline.records import EMBEDDINGS_URL, BatchError, ErrorCode
 from resources.storage import BatchPaths, atomic_path
 
 CHUNK_SCHEMA = pa.schema([
@@ -129,21 +137,61 @@ def run_chunks(
             positions[position] = row
             yield request
 
-    for request, output in engine.stream(engine_requests(), in_flight=in_flight):
-        row = positions.pop(request.key)
-        if not hasattr(output, "outputs"):
-            assembler.add(request.key, failed_row(row, ErrorCode.ENGINE_ERROR, output.message))
-            continue
-        body = response_body(request, output, model_name)
-        assembler.add(request.key, {
+    def succeeded_row(row: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+        return {
             "line": row["line"], "custom_id": row["custom_id"], "id": output_line_id(batch_id, row["line"]),
             "status_code": 200,
             "response": json.dumps({"status_code": 200, "request_id": f"vllm-batch-{uuid.uuid4().hex}",
                                     "body": body}, separators=(",", ":")),
             "error": None,
             "prompt_tokens": body["usage"]["prompt_tokens"],
-            "completion_tokens": body["usage"]["completion_tokens"],
-        })
+            "completion_tokens": body["usage"].get("completion_tokens", 0),
+        }
+
+    if engine.runner == "pooling":
+        _run_embedding_chunks(engine, paths, chunk_size, skip, assembler, failed_row, succeeded_row, model_name)
+    else:
+        for request, output in engine.stream(engine_requests(), in_flight=in_flight):
+            row = positions.pop(request.key)
+            if not hasattr(output, "outputs"):
+                assembler.add(request.key, failed_row(row, ErrorCode.ENGINE_ERROR, output.message))
+                continue
+            assembler.add(request.key, succeeded_row(row, response_body(request, output, model_name)))
     if assembler.open:
         missing = sorted(assembler.open)
         raise RuntimeError(f"chunks {missing} did not receive all their rows; this is a bug")
+
+
+def _run_embedding_chunks(engine: Any, paths: BatchPaths, chunk_size: int, skip: set[int],
+                          assembler: ChunkAssembler, failed_row: Callable, succeeded_row: Callable,
+                          model_name: str) -> None:
+    """A pooling engine embeds one chunk per call: prefill-only work leaves little to gain from
+    keeping requests in flight across chunk boundaries."""
+
+    def flush(rows: list[tuple[int, dict[str, Any]]]) -> None:
+        prepared = []
+        for position, row in rows:
+            try:
+                if row["url"] != EMBEDDINGS_URL:
+                    raise RequestRejected(ErrorCode.UNSUPPORTED_ENDPOINT, "this batch runs an embedding (pooling) "
+                                          f"engine; {row['url']} needs a generative one")
+                prepared.append((position, row, prepare_embedding(position, row["body"], engine.tokenizer,
+                                                                  engine.max_model_len)))
+            except RequestRejected as exc:
+                assembler.add(position, failed_row(row, exc.code, str(exc)))
+        vectors = engine.embed([ids for _, _, request in prepared for ids in request.inputs])
+        offset = 0
+        for position, row, request in prepared:
+            count = len(request.inputs)
+            assembler.add(position, succeeded_row(row, embedding_body(request, vectors[offset:offset + count],
+                                                                      model_name)))
+            offset += count
+
+    pending: list[tuple[int, dict[str, Any]]] = []
+    for position, row in iter_requests(paths, chunk_size, skip):
+        if pending and pending[0][0] // chunk_size != position // chunk_size:
+            flush(pending)
+            pending = []
+        pending.append((position, row))
+    if pending:
+        flush(pending)

@@ -18,6 +18,7 @@ from batch_pipeline.records import (
     BatchError,
     ChatCompletionBody,
     CompletionBody,
+    EmbeddingBody,
     ErrorCode,
     ResponseFormat,
 )
@@ -76,10 +77,11 @@ def prepare_request(
     if url == EMBEDDINGS_URL:
         raise RequestRejected(
             ErrorCode.UNSUPPORTED_ENDPOINT,
-            "this batch's model is a generative model; /v1/embeddings needs an embedding (pooling) model",
+            "this batch runs a generative engine; put /v1/embeddings requests in a batch of their own",
         )
     if runner != "generate":
-        raise RequestRejected(ErrorCode.UNSUPPORTED_ENDPOINT, f"{url} needs a generative model")
+        raise RequestRejected(ErrorCode.UNSUPPORTED_ENDPOINT,
+                              f"this batch runs an embedding (pooling) engine; {url} needs a generative one")
     body: ChatCompletionBody | CompletionBody
     wants_logprobs = False
     top_logprobs = 0
@@ -128,6 +130,47 @@ def prepare_request(
     except ValueError as exc:  # vLLM's own checks, e.g. n > 1 with temperature 0
         raise RequestRejected(ErrorCode.INVALID_BODY, f"invalid sampling parameters: {exc}") from None
     return EngineRequest(key, prompt_ids, params, url, wants_logprobs, top_logprobs)
+
+
+@dataclass(slots=True)
+class EmbeddingRequest:
+    """One `/v1/embeddings` request: each of its inputs as token ids."""
+
+    key: int
+    inputs: list[list[int]]
+
+
+def prepare_embedding(key: int, body_json: str, tokenizer: Any, max_model_len: int) -> EmbeddingRequest:
+    """Tokenise an embeddings body and check every input's length, or raise RequestRejected."""
+    body = EmbeddingBody.model_validate_json(body_json)
+    if body.dimensions is not None:
+        raise RequestRejected(ErrorCode.INVALID_BODY, "dimensions is not supported by this deployment")
+    raw = body.input
+    if isinstance(raw, str):
+        items: list = [raw]
+    elif raw and isinstance(raw[0], int):
+        items = [raw]
+    else:
+        items = list(raw)
+    inputs = [list(tokenizer.encode(item)) if isinstance(item, str) else list(item) for item in items]
+    for index, ids in enumerate(inputs):
+        if not ids:
+            raise RequestRejected(ErrorCode.INVALID_BODY, f"input {index} is empty")
+        if len(ids) > max_model_len:
+            raise RequestRejected(ErrorCode.CONTEXT_LENGTH, f"This model's maximum context length is {max_model_len} "
+                                  f"tokens. However, input {index} has {len(ids)} tokens.")
+    return EmbeddingRequest(key, inputs)
+
+
+def embedding_body(request: EmbeddingRequest, vectors: list[list[float]], model_name: str) -> dict[str, Any]:
+    """The OpenAI embeddings response (`object: list`) for one request."""
+    tokens = sum(len(ids) for ids in request.inputs)
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": vector} for i, vector in enumerate(vectors)],
+        "model": model_name,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
 
 
 def _token_bytes(token: str) -> list[int]:

@@ -7,8 +7,8 @@ import json
 import logging
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,13 @@ class LoadedEngine:
         finally:
             if pending:
                 engine.abort_request(list(pending))
+
+    def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        """Embedding vectors for token-id inputs (a pooling engine), in input order."""
+        from vllm.inputs import TokensPrompt
+
+        outputs = self.llm.embed([TokensPrompt(prompt_token_ids=ids) for ids in inputs], use_tqdm=False)
+        return [list(map(float, output.outputs.embedding)) for output in outputs]
 
     def shutdown(self) -> None:
         """Stop the engine core processes and free the model's memory."""

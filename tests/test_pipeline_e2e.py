@@ -171,3 +171,26 @@ def test_rerun_after_partial_chunks_only_computes_missing_chunks(settings, sqlit
     assert {i: first.paths.chunk(i).stat().st_mtime_ns for i in (0, 2)} == kept
     assert [o["custom_id"] for o in outputs_again] == [line["custom_id"] for line in lines]
     assert [o["id"] for o in outputs_again] == [o["id"] for o in outputs]
+
+
+def test_an_embeddings_batch_runs_on_a_pooling_engine(settings, sqlite_instance, tiny_model):
+    # Runs last in this module: it swaps the session's generative engine for a pooling one.
+    from openai.types import CreateEmbeddingResponse
+
+    def embed(custom_id, value):
+        return {"custom_id": custom_id, "method": "POST", "url": "/v1/embeddings",
+                "body": {"model": MODEL_NAME, "input": value}}
+
+    lines = [embed("one", "the quick brown fox"), embed("two", ["the quick brown fox", "a lazy dog"]),
+             embed("ids", [5, 6, 7, 8]), chat("chat", "Hello"), embed("long", "word " * 2000),
+             embed("dims", "x") | {"body": {"input": "x", "dimensions": 8}}]
+    _, outputs, errors = run(settings, sqlite_instance, tiny_model, lines, batch_id="emb")
+    out = {o["custom_id"]: CreateEmbeddingResponse.model_validate(o["response"]["body"]) for o in outputs}
+    assert sorted(out) == ["ids", "one", "two"]
+    assert [len(out[k].data) for k in ("one", "two", "ids")] == [1, 2, 1]
+    assert all(len(d.embedding) == 256 for r in out.values() for d in r.data)  # the tiny model's hidden size
+    assert out["one"].data[0].embedding == out["two"].data[0].embedding  # same text, same vector
+    assert out["one"].data[0].embedding != out["two"].data[1].embedding
+    assert out["ids"].usage.prompt_tokens == 4
+    assert {e["custom_id"]: e["error"]["code"] for e in errors} == {
+        "chat": "unsupported_endpoint", "long": "context_length_exceeded", "dims": "invalid_body"}
