@@ -81,7 +81,7 @@ def main() -> None:
         results[side] = json.loads(out.strip().splitlines()[-1])
     b, p = results["baseline"], results["pipeline"]
     print(f"{args.lines} lines, {size:.0f} MiB file")
-    print(f"| side | peak RSS (MiB) | seconds | lines/s |\n|---|---|---|---|")
+    print("| side | peak RSS (MiB) | seconds | lines/s |\n|---|---|---|---|")
     for name, r in (("load the file whole (json.loads per line)", b), ("batch_input (stream, validate, parquet)", p)):
         print(f"| {name} | {r['peak_rss_mib']:.0f} | {r['seconds']:.1f} | {r['lines'] / r['seconds']:.0f} |")
     print(f"pipeline / baseline peak RSS = {p['peak_rss_mib'] / b['peak_rss_mib']:.3f}")
