@@ -301,7 +301,7 @@ def test_ui_materialises_a_batch_partition_from_the_asset_graph(service: Service
     assert [o["custom_id"] for o in outputs] == [line["custom_id"] for line in lines]
 
 
-# ---- the inbox sensor ---------------------------------------------------------------------------
+# ---- the inbox sensor, the queue, the gpu pool and the model swap -------------------------------
 
 def inbox_runs(service: Service) -> dict[str, list]:
     from dagster import RunsFilter
@@ -312,41 +312,63 @@ def inbox_runs(service: Service) -> dict[str, list]:
     return runs
 
 
-def test_inbox_takes_each_complete_file_once_and_rejects_bad_files_clearly(service: Service):
+@dataclass
+class InboxDrop:
+    """Files dropped into the inbox together, and the one run each became."""
+
+    good: dict[str, tuple[str, list[dict]]]  # file name -> (model, request lines)
+    bad: dict[str, str]  # file name -> the reason its run must fail with
+    runs: dict[str, object]
+    taken_while_growing: bool
+
+
+@pytest.fixture(scope="module")
+def inbox_drop(service: Service) -> InboxDrop:
+    """Three good batches (models A, B, A) and four bad files arrive at once; wait until every run ended."""
     inbox = service.inbox
     inbox.mkdir(parents=True, exist_ok=True)
-    good = [request_line(f"in-{i}", MODEL_A) for i in range(10)]
+    good = {name: (model, [request_line(f"{name[:-6]}-{i}", model) for i in range(12)])
+            for name, model in (("grown-a.jsonl", MODEL_A), ("b.jsonl", MODEL_B), ("a.jsonl", MODEL_A))}
+    bad = {
+        "not-json.jsonl": ("hello world\nthis is not JSON\n", "not JSONL"),
+        "empty.jsonl": ("\n\n", "empty"),
+        "unknown.jsonl": (json.dumps(request_line("u-1", "no-such-model")) + "\n", "unknown model 'no-such-model'"),
+        "mixed.jsonl": ("".join(json.dumps(request_line(f"m-{i}", m)) + "\n" for i, m in enumerate((MODEL_A, MODEL_B))),
+                        "mixes models (tiny-llama, tiny-llama-b)"),
+    }
 
-    # Bad files arrive the recommended way: written under another name, then renamed.
-    def drop(name: str, text: str) -> None:
-        (inbox / f".{name}.part").write_text(text)
-        (inbox / f".{name}.part").rename(inbox / name)
-
-    drop("not-json.jsonl", "hello world\nthis is not JSON\n")
-    drop("empty.jsonl", "\n\n")
-    drop("unknown.jsonl", json.dumps(request_line("u-1", "no-such-model")) + "\n")
-    drop("mixed.jsonl", "".join(json.dumps(request_line(f"m-{i}", m)) + "\n" for i, m in enumerate((MODEL_A, MODEL_B))))
-
-    # The good file is written in place, a line every 0.4 s for 4 s (over two sensor ticks): it
-    # must not be taken half-written. (A writer that pauses longer than a tick must use the rename.)
-    with (inbox / "good.jsonl").open("w") as handle:
-        for line in good:
+    # One file is written in place, a line every 0.3 s (over two sensor ticks): it must not be taken
+    # half-written. (A writer that pauses longer than a tick must use the rename.)
+    taken_while_growing = False
+    model, lines = good["grown-a.jsonl"]
+    with (inbox / "grown-a.jsonl").open("w") as handle:
+        for line in lines:
             handle.write(json.dumps(line) + "\n")
             handle.flush()
-            time.sleep(0.4)
-            assert "good.jsonl" not in inbox_runs(service), "a file that was still growing was taken"
+            time.sleep(0.3)
+            taken_while_growing |= "grown-a.jsonl" in inbox_runs(service)
+    # The others arrive the recommended way: written under another name, then renamed.
+    texts = {name: "".join(json.dumps(line) + "\n" for line in lines) for name, (_, lines) in good.items()
+             if name != "grown-a.jsonl"}
+    texts.update({name: text for name, (text, _) in bad.items()})
+    for name, text in texts.items():
+        (inbox / f".{name}.part").write_text(text)
+    for name in texts:
+        (inbox / f".{name}.part").rename(inbox / name)
 
-    expected_reasons = {
-        "not-json.jsonl": "not JSONL",
-        "empty.jsonl": "empty",
-        "unknown.jsonl": "unknown model 'no-such-model'",
-        "mixed.jsonl": "mixes models (tiny-llama, tiny-llama-b)",
-    }
-    wait_for(lambda: set(inbox_runs(service)) >= {*expected_reasons, "good.jsonl"}, 90, "a run for every inbox file")
-    runs = inbox_runs(service)
-    for name, reason in expected_reasons.items():
-        run = runs[name][0]
-        assert wait_terminal(service, run.run_id, 120) == "FAILURE", name
+    wait_for(lambda: set(inbox_runs(service)) >= {*good, *bad}, 90, "a run for every inbox file")
+    runs = {name: found[0] for name, found in inbox_runs(service).items()}
+    for run in runs.values():
+        wait_terminal(service, run.run_id, 600)
+    return InboxDrop(good, {name: reason for name, (_, reason) in bad.items()}, runs, taken_while_growing)
+
+
+def test_inbox_takes_each_complete_file_once_and_rejects_bad_files_clearly(service: Service, inbox_drop: InboxDrop):
+    inbox = service.inbox
+    assert not inbox_drop.taken_while_growing, "a file that was still being written was taken"
+    for name, reason in inbox_drop.bad.items():
+        run = inbox_drop.runs[name]
+        assert run_status(service, run.run_id) == "FAILURE", name
         failures = [e for e in service.instance.all_logs(run.run_id)
                     if e.dagster_event and e.dagster_event.event_type_value == "STEP_FAILURE"]
         assert failures and reason in failures[0].dagster_event.step_failure_data.error.message, name
@@ -354,39 +376,30 @@ def test_inbox_takes_each_complete_file_once_and_rejects_bad_files_clearly(servi
         assert reason in (inbox / "rejected" / f"{batch_id}.reason.txt").read_text()
         assert (inbox / "rejected" / f"{batch_id}.jsonl").exists()
 
-    good_run = runs["good.jsonl"][0]
-    assert wait_terminal(service, good_run.run_id, 300) == "SUCCESS"
-    batch_id = good_run.tags["vllm_batch/batch_id"]
-    outputs = read_jsonl(service.batch_dir(batch_id) / "results" / "output.jsonl")
-    assert [o["custom_id"] for o in outputs] == [line["custom_id"] for line in good]  # the whole file
-    assert (inbox / "processed" / f"{batch_id}.jsonl").exists()
+    for name, (model, lines) in inbox_drop.good.items():
+        run = inbox_drop.runs[name]
+        assert run_status(service, run.run_id) == "SUCCESS", name
+        batch_id = run.tags["vllm_batch/batch_id"]
+        outputs = read_jsonl(service.batch_dir(batch_id) / "results" / "output.jsonl")
+        assert [o["custom_id"] for o in outputs] == [line["custom_id"] for line in lines]  # the whole file
+        assert {o["response"]["body"]["model"] for o in outputs} == {model}
+        assert (inbox / "processed" / f"{batch_id}.jsonl").exists()
 
-    # Every file left the inbox and ran exactly once, even though the sensor saw some on later ticks.
+    # Every file left the inbox and ran exactly once, though the sensor saw some on later ticks.
     wait_for(lambda: not list(inbox.glob("*.jsonl")), 30, "the inbox to be emptied")
     time.sleep(5)
     runs_per_file = {name: len(r) for name, r in inbox_runs(service).items()}
-    assert runs_per_file == dict.fromkeys([*expected_reasons, "good.jsonl"], 1)
+    assert runs_per_file == dict.fromkeys([*inbox_drop.good, *inbox_drop.bad], 1)
 
 
-# ---- the queue, the gpu pool and the model swap -----------------------------------------------
-
-def test_three_batches_queue_with_one_gpu_step_at_a_time_and_models_swap(service: Service):
-    batches = {"queue-a1": MODEL_A, "queue-b": MODEL_B, "queue-a2": MODEL_A}
-    for batch_id, model in batches.items():  # all three at once
-        submit(service, batch_id, [request_line(f"{batch_id}-{i}", model) for i in range(12)], model)
-
-    runs = wait_for(lambda: all(service.runs(b) for b in batches) and {b: service.runs(b)[0] for b in batches},
-                    60, "a run per batch")
-    for run in runs.values():
-        assert wait_terminal(service, run.run_id, 420) == "SUCCESS"
-
-    spans = [(events["STEP_START"], events["STEP_SUCCESS"], batch_id) for events, batch_id in
-             ((step_events(service, run.run_id, "batch_chunks"), b) for b, run in runs.items())]
-    spans.sort()
+def test_batches_queue_with_one_gpu_step_at_a_time_and_models_swap(service: Service, inbox_drop: InboxDrop):
+    runs = {name: inbox_drop.runs[name] for name in inbox_drop.good}
+    steps = {name: step_events(service, run.run_id, "batch_chunks") for name, run in runs.items()}
+    spans = sorted((events["STEP_START"], events["STEP_SUCCESS"], name) for name, events in steps.items())
     for (_, previous_end, _), (next_start, _, _) in zip(spans, spans[1:], strict=False):
         assert next_start >= previous_end, f"two gpu steps overlapped: {spans}"
 
-    # Each model swap: the previous engine was released before the next batch started loading.
+    # Every hand-over: the previous engine was released before the next batch started loading.
     swaps = []
     for (_, _, previous), (_, _, following) in zip(spans, spans[1:], strict=False):
         released = log_time(service, runs[previous].run_id, "engine released")
@@ -395,17 +408,12 @@ def test_three_batches_queue_with_one_gpu_step_at_a_time_and_models_swap(service
         last_chunk = max(e.timestamp for e in service.instance.all_logs(runs[previous].run_id)
                          if "written (" in (e.user_message or ""))
         assert released is not None and ready is not None and released <= start
-        swaps.append({"from": batches[previous], "to": batches[following], "release_done_after_s":
-                      round(released - last_chunk, 1), "slot_handover_s": round(start - released, 1),
-                      "swap_s": round(ready - last_chunk, 1)})
-    report = service.root / "swap_times.json"
-    report.write_text(json.dumps(swaps, indent=2))
-    print("model swaps:", json.dumps(swaps))
-
-    for batch_id, model in batches.items():
-        outputs = read_jsonl(service.batch_dir(batch_id) / "results" / "output.jsonl")
-        assert [o["custom_id"] for o in outputs] == [f"{batch_id}-{i}" for i in range(12)]
-        assert {o["response"]["body"]["model"] for o in outputs} == {model}
+        swaps.append({"from": inbox_drop.good[previous][0], "to": inbox_drop.good[following][0],
+                      "release_done_after_s": round(released - last_chunk, 1),
+                      "slot_handover_s": round(start - released, 1), "swap_s": round(ready - last_chunk, 1)})
+    assert any(swap["from"] != swap["to"] for swap in swaps)  # models A, B, A: at least one real swap
+    (service.root / "swap_times.json").write_text(json.dumps(swaps, indent=2))
+    print("engine hand-overs:", json.dumps(swaps))
 
 
 # ---- dagster job launch, cancel, and the schedule ------------------------------------------------
