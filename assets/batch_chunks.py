@@ -5,6 +5,7 @@ import json
 import time
 
 from dagster import AssetExecutionContext, AssetObservation, Failure, MaterializeResult, MetadataValue, asset
+from sqlalchemy.exc import DBAPIError
 
 from assets.batch_input import batch_input
 from batch_pipeline.batches import batches_partitions, load_spec
@@ -55,12 +56,18 @@ def batch_chunks(context: AssetExecutionContext, storage: BatchStorage, engine: 
         totals["prompt_tokens"] += report.prompt_tokens
         totals["completion_tokens"] += report.completion_tokens
         done = len(finished_before) + totals["chunks"]
-        context.log_event(AssetObservation(
-            asset_key=context.asset_key,
-            partition=context.partition_key,
-            metadata={"chunk": report.index, "rows": report.rows, "failed": report.failed,
-                      "completion_tokens": report.completion_tokens, "chunks_done": done, "chunks_total": num_chunks},
-        ))
+        try:
+            context.log_event(AssetObservation(
+                asset_key=context.asset_key,
+                partition=context.partition_key,
+                metadata={"chunk": report.index, "rows": report.rows, "failed": report.failed,
+                          "completion_tokens": report.completion_tokens, "chunks_done": done,
+                          "chunks_total": num_chunks},
+            ))
+        except DBAPIError as exc:
+            # A progress report only: the chunk is safe on disk, and a database blip (e.g. a
+            # PostgreSQL restart) must not fail a batch that is generating fine.
+            context.log.warning(f"could not record progress of chunk {report.index}: {type(exc).__name__}")
         context.log.info(f"chunk {report.index} written ({done}/{num_chunks} chunks, {report.rows} requests)")
 
     if todo:
