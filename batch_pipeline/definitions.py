@@ -5,7 +5,6 @@ from __future__ import annotations
 from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor
 
 from assets import batch_chunks, batch_input, batch_results
-from batch_pipeline.batches import batches_partitions
 from batch_pipeline.schedules import build_catch_up_schedule
 from batch_pipeline.sensors import build_inbox_sensor, queued_batches
 from batch_pipeline.settings import Settings, get_settings
@@ -16,7 +15,6 @@ from resources.vllm_engine import VLLMEngine
 batch_job = define_asset_job(
     "batch_job",
     selection=AssetSelection.assets(batch_input, batch_chunks, batch_results),
-    partitions_def=batches_partitions,
     executor_def=in_process_executor,
     description="Validate a batch file, generate every request with vLLM, merge the results.",
 )
