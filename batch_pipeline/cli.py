@@ -60,7 +60,7 @@ def run(input_file: Path, model: str, model_name: str | None, output: Path | Non
     from batch_pipeline.definitions import build_resources
 
     build_resources(settings)["engine"].prefetch(spec.model, spec.engine_args)  # overlaps validation
-    result = run_batch_in_process(settings, instance, spec.batch_id)
+    result = run_batch_in_process(settings, instance, spec.batch_id, log_level="DEBUG" if verbose else "INFO")
     if not result.success:
         _fail(f"batch {spec.batch_id} failed: {result.error}")
     summary = dict(result.summary, run_id=result.run_id, seconds=round(result.seconds, 2))

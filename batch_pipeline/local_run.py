@@ -92,7 +92,8 @@ def reap_dead_local_runs(instance: DagsterInstance) -> list[str]:
     return reaped
 
 
-def run_batch_in_process(settings: Settings, instance: DagsterInstance, batch_id: str, tags: dict | None = None) -> BatchRun:
+def run_batch_in_process(settings: Settings, instance: DagsterInstance, batch_id: str, tags: dict | None = None,
+                         log_level: str = "INFO") -> BatchRun:
     """Execute batch_job for one partition in this process and collect the summary."""
     from batch_pipeline.definitions import build_definitions
 
@@ -103,7 +104,10 @@ def run_batch_in_process(settings: Settings, instance: DagsterInstance, batch_id
     run_tags = {"vllm_batch/source": "cli", **(tags or {}), "vllm_batch/host": socket.gethostname(),
                 _PID_TAG: str(me.pid), _PID_STARTED_TAG: repr(me.create_time())}
     started = time.perf_counter()
-    result = job.execute_in_process(instance=instance, partition_key=batch_id, raise_on_error=False, tags=run_tags)
+    # The console shows the run's own messages (chunk progress, warnings); the event log keeps everything.
+    run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+    result = job.execute_in_process(instance=instance, partition_key=batch_id, raise_on_error=False, tags=run_tags,
+                                    run_config=run_config)
     run = BatchRun(batch_id, result.run_id, result.success, paths, time.perf_counter() - started)
     if not result.success:
         run.error = failure_message(result.all_events)
