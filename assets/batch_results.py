@@ -15,7 +15,8 @@ from batch_pipeline.chunks import CHUNK_SCHEMA
 from resources.storage import BatchPaths, BatchStorage, atomic_path
 
 
-def _output_line(row: dict) -> str:
+def output_line(row: dict) -> str:
+    """One line of output.jsonl for a chunk row that has a response."""
     # The response member is stored as JSON already; splice it in instead of parsing it again.
     return (f'{{"id":{json.dumps(row["id"])},"custom_id":{json.dumps(row["custom_id"])},'
             f'"response":{row["response"]},"error":null}}\n')
@@ -29,7 +30,8 @@ def _chunk_errors(paths: BatchPaths, num_chunks: int) -> Iterator[tuple[int, str
             yield row["line"], json.dumps(record, separators=(",", ":")) + "\n"
 
 
-def _invalid_lines(paths: BatchPaths) -> Iterator[tuple[int, str]]:
+def invalid_lines(paths: BatchPaths) -> Iterator[tuple[int, str]]:
+    """(line number, error record) for every line batch_input rejected, in line order."""
     with paths.invalid.open() as handle:
         for text in handle:
             yield json.loads(text)["error"]["line"], text
@@ -58,9 +60,9 @@ def batch_results(context: AssetExecutionContext, storage: BatchStorage) -> Mate
                     completed += 1
                     prompt_tokens += row["prompt_tokens"]
                     completion_tokens += row["completion_tokens"]
-                    output.write(_output_line(row))
+                    output.write(output_line(row))
     with atomic_path(paths.errors) as errors_tmp, errors_tmp.open("w") as errors:
-        for _, text in heapq.merge(_invalid_lines(paths), _chunk_errors(paths, num_chunks), key=lambda item: item[0]):
+        for _, text in heapq.merge(invalid_lines(paths), _chunk_errors(paths, num_chunks), key=lambda item: item[0]):
             errors.write(text)
     failed += manifest["invalid_lines"]
 

@@ -417,7 +417,7 @@ class BatchService:
     def _write_stopped_results(self, paths: BatchPaths, spec: BatchSpec, reason: str) -> dict:
         """Write the output and error files of a batch stopped early: finished chunks, then one error per rest."""
         # The same line formats as batch_results writes for a finished batch.
-        from assets.batch_results import _invalid_lines, _output_line
+        from assets.batch_results import invalid_lines, output_line
 
         code, message = (("batch_cancelled", "the batch was cancelled before this request ran") if reason == "cancelled"
                          else ("batch_expired", "the batch's completion window closed before this request ran"))
@@ -436,7 +436,7 @@ class BatchService:
                             counts["completed"] += 1
                             counts["prompt_tokens"] += row["prompt_tokens"]
                             counts["completion_tokens"] += row["completion_tokens"]
-                            output.write(_output_line(row))
+                            output.write(output_line(row))
                         else:
                             record = {"id": row["id"], "custom_id": row["custom_id"], "response": None,
                                       "error": json.loads(row["error"])}
@@ -448,7 +448,7 @@ class BatchService:
                                   "response": None, "error": {"code": code, "message": message, "line": row["line"]}}
                         yield row["line"], json.dumps(record, separators=(",", ":")) + "\n"
 
-                for _, text in heapq.merge(_invalid_lines(paths), chunk_errors, unfinished(), key=lambda i: i[0]):
+                for _, text in heapq.merge(invalid_lines(paths), chunk_errors, unfinished(), key=lambda i: i[0]):
                     errors.write(text)
                     counts["failed"] += 1
                 counts["total"] = manifest["valid_requests"] + manifest["invalid_lines"]
