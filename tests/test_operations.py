@@ -271,9 +271,31 @@ def test_ui_materialises_a_batch_partition_from_the_asset_graph(service: Service
     lines = [request_line(f"ui-{i}", MODEL_A) for i in range(10)]
     register(service, batch_id, lines, MODEL_A)
 
-    def button(text: str):
+    def find_button(text: str):
         return wait_for(lambda: [b for b in browser.find_elements(By.XPATH, f"//button[normalize-space()='{text}']")
                                  if b.is_displayed()], 60, f"the {text!r} button")[0]
+
+    def click_button(text: str, escape_overlays: bool = False) -> None:
+        """Click, dismissing pop-ups the UI may open late (what's-new dialogs) that cover the button."""
+        from selenium.common.exceptions import ElementClickInterceptedException
+        from selenium.webdriver.common.action_chains import ActionChains
+        from selenium.webdriver.common.keys import Keys
+
+        for attempt in range(20):
+            try:
+                find_button(text).click()
+                return
+            except ElementClickInterceptedException:
+                if attempt == 19:
+                    raise
+                for dismiss in browser.find_elements(
+                        By.XPATH, "//button[normalize-space()='Skip' or normalize-space()='Dismiss' "
+                                  "or normalize-space()='Close' or normalize-space()='Got it']"):
+                    if dismiss.is_displayed():
+                        dismiss.click()
+                if escape_overlays:
+                    ActionChains(browser).send_keys(Keys.ESCAPE).perform()
+                time.sleep(1)
 
     browser.get(f"http://127.0.0.1:{service.port}/asset-groups/batch")
     wait_for(lambda: browser.find_elements(By.XPATH, "//*[normalize-space(text())='batch_results']"), 60,
@@ -281,12 +303,12 @@ def test_ui_materialises_a_batch_partition_from_the_asset_graph(service: Service
     for skip in browser.find_elements(By.XPATH, "//button[normalize-space()='Skip']"):  # first-visit pop-up
         if skip.is_displayed():
             skip.click()
-    button("Materialize all…").click()
+    click_button("Materialize all…", escape_overlays=True)
     wait_for(lambda: browser.find_elements(By.XPATH, "//*[contains(text(),'Select a partition or create one')]"),
              30, "the partition picker")[0].click()
     wait_for(lambda: [o for o in browser.find_elements(By.XPATH, f"//*[normalize-space(text())='{batch_id}']")
                       if o.is_displayed()], 30, "the batch's partition in the picker")[0].click()
-    button("Launch 1 run").click()
+    click_button("Launch 1 run")
     run_link = wait_for(lambda: [a for a in browser.find_elements(By.CSS_SELECTOR, "a[href*='/runs/']")], 30,
                         "the launched run's link")[0]
     run_id = run_link.get_attribute("href").rstrip("/").rsplit("/", 1)[-1]
