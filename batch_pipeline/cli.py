@@ -20,13 +20,35 @@ def _fail(message: str) -> None:
 
 
 def _settings():
+    from batch_pipeline.enabled_integrations import IntegrationError, check_integrations
     from batch_pipeline.settings import get_settings
 
     try:
-        return get_settings()
+        settings = get_settings()
+        check_integrations(settings)
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
-        _fail(f"invalid setting VLLM_BATCH_{str(err['loc'][0]).upper()}: {err['msg']}")
+        _fail(f"invalid setting VBATCH_{str(err['loc'][0]).upper()}: {err['msg']}")
+    except IntegrationError as exc:
+        _fail(str(exc))
+    return settings
+
+
+_INTEGRATION_FLAGS = ("monitoring", "curation", "webhooks")
+
+
+def integration_flags(command):
+    """`--enable-monitoring`, `--enable-curation`, `--enable-webhooks`: the same as VBATCH_ENABLE_<NAME>=true."""
+    for name in reversed(_INTEGRATION_FLAGS):
+        command = click.option(f"--enable-{name}", f"enable_{name}", is_flag=True, expose_value=False,
+                               callback=_enable_integration, help=f"Switch on the {name} integration.")(command)
+    return command
+
+
+def _enable_integration(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    # Through the environment, so that the daemon, the webserver and run workers started from here see it too.
+    if value and param.name:
+        os.environ[f"VBATCH_{param.name.upper()}"] = "true"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -40,9 +62,10 @@ def main() -> None:
 @click.option("--model-name", help="Name reported in responses (default: the --model value).")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Copy output.jsonl and errors.jsonl here.")
 @click.option("--batch-id", help="Partition key for the batch (default: derived from the file and model).")
-@click.option("--chunk-size", type=click.IntRange(1), help="Requests per chunk (default: VLLM_BATCH_CHUNK_SIZE).")
+@click.option("--chunk-size", type=click.IntRange(1), help="Requests per chunk (default: VBATCH_CHUNK_SIZE).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--verbose", "-v", is_flag=True, help="Show vLLM's and Dagster's logs.")
+@integration_flags
 def run(input_file: Path, model: str, model_name: str | None, output: Path | None, batch_id: str | None,
         chunk_size: int | None, as_json: bool, verbose: bool) -> None:
     """Materialise one batch end to end on the configured instance and print where the results are."""
@@ -63,6 +86,9 @@ def run(input_file: Path, model: str, model_name: str | None, output: Path | Non
     result = run_batch_in_process(settings, instance, spec.batch_id, log_level="DEBUG" if verbose else "INFO")
     if not result.success:
         _fail(f"batch {spec.batch_id} failed: {result.error}")
+    if result.integration_error:
+        click.echo(f"warning: an integration failed (the batch's results are complete): {result.integration_error}",
+                   err=True)
     summary = dict(result.summary, run_id=result.run_id, seconds=round(result.seconds, 2))
     if output:
         import shutil
@@ -85,6 +111,7 @@ def run(input_file: Path, model: str, model_name: str | None, output: Path | Non
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the Dagster UI listens on.")
 @click.option("--port", default=3000, show_default=True, type=click.IntRange(1, 65535), help="Port of the Dagster UI.")
+@integration_flags
 def start(host: str, port: int) -> None:
     """Start the Dagster webserver and daemon on the configured instance and keep them running."""
     from batch_pipeline.instance import InstanceConfigError
@@ -285,8 +312,8 @@ def cancel(batch_id: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--host", help="Address to bind (default: VLLM_BATCH_API_HOST, 127.0.0.1).")
-@click.option("--port", type=click.IntRange(1, 65535), help="Port (default: VLLM_BATCH_API_PORT, 8000).")
+@click.option("--host", help="Address to bind (default: VBATCH_API_HOST, 127.0.0.1).")
+@click.option("--port", type=click.IntRange(1, 65535), help="Port (default: VBATCH_API_PORT, 8000).")
 @click.option("--json", "as_json", is_flag=True, help="Print the address as JSON before serving.")
 def serve(host: str | None, port: int | None, as_json: bool) -> None:
     """Serve the OpenAI-compatible Batch API (files, batches, models) on HTTP."""
@@ -300,9 +327,9 @@ def serve(host: str | None, port: int | None, as_json: bool) -> None:
     try:
         keys = settings.api_key_set()
     except OSError as exc:
-        _fail(f"cannot read VLLM_BATCH_API_KEYS_FILE: {exc.strerror or exc}")
+        _fail(f"cannot read VBATCH_API_KEYS_FILE: {exc.strerror or exc}")
     if not keys:
-        _fail("no API keys configured: set VLLM_BATCH_API_KEYS (comma-separated) or VLLM_BATCH_API_KEYS_FILE")
+        _fail("no API keys configured: set VBATCH_API_KEYS (comma-separated) or VBATCH_API_KEYS_FILE")
     host, port = host or settings.api_host, port or settings.api_port
     if as_json:
         click.echo(json.dumps({"url": f"http://{host}:{port}/v1"}))

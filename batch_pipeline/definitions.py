@@ -1,22 +1,40 @@
-"""The code location: every asset, job and resource, assembled in one place."""
+"""The code location: the core pipeline merged with every enabled integration, assembled in one place."""
 
 from __future__ import annotations
 
-from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor
+from dagster import (
+    AssetSelection,
+    AutomationConditionSensorDefinition,
+    DefaultSensorStatus,
+    Definitions,
+    define_asset_job,
+    in_process_executor,
+)
 
 from assets import batch_chunks, batch_input, batch_results
+from batch_pipeline.enabled_integrations import integration_definitions
 from batch_pipeline.schedules import build_catch_up_schedule
 from batch_pipeline.sensors import build_inbox_sensor, queued_batches
 from batch_pipeline.settings import Settings, get_settings
 from resources.storage import BatchStorage
 from resources.vllm_engine import VLLMEngine
 
+CORE_ASSETS = AssetSelection.assets(batch_input, batch_chunks, batch_results)
+# Everything the integrations add: downstream of batch_results, never part of batch_job.
+INTEGRATION_ASSETS = AssetSelection.all() - CORE_ASSETS
+
 # One process per run: the engine is loaded once in it and every chunk of the batch reuses it.
 batch_job = define_asset_job(
     "batch_job",
-    selection=AssetSelection.assets(batch_input, batch_chunks, batch_results),
+    selection=CORE_ASSETS,
     executor_def=in_process_executor,
     description="Validate a batch file, generate every request with vLLM, merge the results.",
+)
+# What `vllm-batch run` executes after batch_job, and what the UI offers to re-run for one batch.
+integrations_job = define_asset_job(
+    "batch_integrations",
+    selection=INTEGRATION_ASSETS,
+    description="The enabled integrations' assets for one batch (they also run by themselves after batch_results).",
 )
 
 
@@ -41,14 +59,26 @@ def build_resources(settings: Settings) -> dict:
 
 
 def build_definitions(settings: Settings) -> Definitions:
-    """The Definitions for `settings`."""
-    return Definitions(
+    """The Definitions for `settings`: the core, plus each enabled integration's own definitions."""
+    core = Definitions(
         assets=[batch_input, batch_chunks, batch_results],
         jobs=[batch_job],
         sensors=[queued_batches, build_inbox_sensor(settings)],
         schedules=[build_catch_up_schedule(settings)],
         resources=build_resources(settings),
     )
+    integrations = integration_definitions(settings)
+    if not integrations:
+        return core
+    automation = Definitions(
+        jobs=[integrations_job],
+        sensors=[AutomationConditionSensorDefinition(
+            "integrations_after_results", target=INTEGRATION_ASSETS, default_status=DefaultSensorStatus.RUNNING,
+            minimum_interval_seconds=10,
+            description="Runs the integrations' assets of a batch once its batch_results partition is materialised.",
+        )],
+    )
+    return Definitions.merge(core, automation, *integrations)
 
 
 defs = build_definitions(get_settings())

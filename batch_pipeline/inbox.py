@@ -4,7 +4,7 @@ The convention (docs/OPERATIONS.md):
 - Write the file under another name (`.name.jsonl`, `name.jsonl.part`, anything not ending in
   `.jsonl`, or in another folder) and rename it to `name.jsonl` when it is complete. A file written in
   place is also safe: it is only taken once its size and mtime were the same on two sensor ticks.
-- The model is the files' `body.model` (every line must name the same one), else VLLM_BATCH_MODEL.
+- The model is the files' `body.model` (every line must name the same one), else VBATCH_MODEL.
 - A taken file is moved to `processed/<batch id>.jsonl`; a refused one to `rejected/<batch id>.jsonl`
   with `<batch id>.reason.txt` beside it, and its batch's run fails with the same reason.
 
@@ -113,7 +113,7 @@ def choose_model(path: Path, settings: Settings, registry: ModelRegistry) -> tup
                            "a batch runs one model: split it into one file per model")
     name = next(iter(models), None) or settings.model
     if not name:
-        raise FileRejected("no model: set body.model on the requests or VLLM_BATCH_MODEL")
+        raise FileRejected("no model: set body.model on the requests or VBATCH_MODEL")
     try:
         served = registry.resolve(name)
     except UnknownModelError as exc:

@@ -19,7 +19,7 @@ def instance_config(settings: Settings) -> dict:
     """dagster.yaml, plus the Postgres storage block when a Postgres URL is configured."""
     base = settings.home / "dagster.yaml"
     if not base.exists():
-        raise InstanceConfigError(f"{base} not found: run vllm-batch from the project folder or set VLLM_BATCH_HOME")
+        raise InstanceConfigError(f"{base} not found: run vllm-batch from the project folder or set VBATCH_HOME")
     config = yaml.safe_load(base.read_text()) or {}
     if settings.postgres_url is not None:
         config.update(yaml.safe_load((settings.home / "dagster.postgres.yaml").read_text()))
@@ -35,7 +35,7 @@ def prepare_instance(settings: Settings) -> Path:
     if not target.exists() or target.read_text() != text:
         target.write_text(text)
     os.environ["DAGSTER_HOME"] = str(home)
-    os.environ.setdefault("VLLM_BATCH_HOME", str(settings.home.resolve()))
+    os.environ.setdefault("VBATCH_HOME", str(settings.home.resolve()))
     return home
 
 

@@ -30,6 +30,7 @@ class BatchRun:
     seconds: float
     error: str | None = None
     summary: dict[str, Any] = field(default_factory=dict)
+    integration_error: str | None = None  # the enabled integrations failed; the batch itself is complete
 
 
 def resolve_model(model: str) -> str:
@@ -99,7 +100,8 @@ def run_batch_in_process(settings: Settings, instance: DagsterInstance, batch_id
 
     reap_dead_local_runs(instance)
     paths = BatchStorage(data_dir=str(settings.resolved_data_dir)).batch(batch_id)
-    job = build_definitions(settings).resolve_job_def("batch_job")
+    defs = build_definitions(settings)
+    job = defs.resolve_job_def("batch_job")
     me = psutil.Process()
     run_tags = {"vllm_batch/source": "cli", **(tags or {}), "vllm_batch/host": socket.gethostname(),
                 _PID_TAG: str(me.pid), _PID_STARTED_TAG: repr(me.create_time())}
@@ -119,6 +121,13 @@ def run_batch_in_process(settings: Settings, instance: DagsterInstance, batch_id
             for key in ("generation_seconds", "engine_load_seconds", "completion_tokens_per_second",
                         "chunks_resumed", "chunks_run"):
                 run.summary[key] = meta[key].value
+    if defs.get_repository_def().has_job("batch_integrations"):
+        # The daemon runs them by automation after batch_results; in-process nobody else would.
+        # A separate run, so a failing integration leaves the batch's run successful.
+        follow_up = defs.resolve_job_def("batch_integrations").execute_in_process(
+            instance=instance, partition_key=batch_id, raise_on_error=False, tags=run_tags, run_config=run_config)
+        if not follow_up.success:
+            run.integration_error = failure_message(follow_up.all_events)
     return run
 
 

@@ -1,6 +1,6 @@
 """Which models this deployment serves: served names mapped to a local directory or hub id, with engine args.
 
-Configured in one YAML file (VLLM_BATCH_MODELS_FILE, default `models.yaml` in the project folder):
+Configured in one YAML file (VBATCH_MODELS_FILE, default `models.yaml` in the project folder):
 
     models:
       llama-3.1-8b:
@@ -9,7 +9,7 @@ Configured in one YAML file (VLLM_BATCH_MODELS_FILE, default `models.yaml` in th
       tiny-llama:
         path: models/tiny-llama
 
-With `allow_local_model_paths` (on by default, off by VLLM_BATCH_ALLOW_LOCAL_MODEL_PATHS=false), a
+With `allow_local_model_paths` (on by default, off by VBATCH_ALLOW_LOCAL_MODEL_PATHS=false), a
 request may also name a local model directory directly.
 """
 

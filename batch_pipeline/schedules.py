@@ -3,7 +3,7 @@
 It picks up batches registered without a run (e.g. `vllm-batch submit` while the daemon was down and
 its ticket was lost), batches whose run was cancelled, and batches whose run failed for good. It
 skips batches with a queue ticket not yet launched, a run in flight or a retry pending, and batches
-the inbox rejected (they would only fail again). Off by default (VLLM_BATCH_SCHEDULE_ENABLED); the cron is VLLM_BATCH_SCHEDULE_CRON.
+the inbox rejected (they would only fail again). Off by default (VBATCH_SCHEDULE_ENABLED); the cron is VBATCH_SCHEDULE_CRON.
 """
 
 from __future__ import annotations

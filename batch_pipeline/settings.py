@@ -1,24 +1,50 @@
 """The one place where configuration is read from the environment.
 
 Every setting has a default that works on a fresh clone (the embedded default: SQLite and files under
-the project folder). Each can be set as an environment variable named `VLLM_BATCH_<NAME>`, e.g.
-`VLLM_BATCH_CHUNK_SIZE=500`. Secrets (the Postgres URL, API keys) are only ever read here and never
+the project folder). Each can be set as an environment variable named `VBATCH_<NAME>`, e.g.
+`VBATCH_CHUNK_SIZE=500`. Secrets (the Postgres URL, API keys) are only ever read here and never
 written to logs or asset metadata.
+
+The old prefix `VLLM_BATCH_` still works, with one deprecation line per variable: vLLM warns about
+every `VLLM_*` variable it does not know, so the old names are moved to the new ones (and out of the
+environment that the engine's processes inherit) before anything reads them.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import MutableMapping
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "VBATCH_"
+LEGACY_ENV_PREFIX = "VLLM_BATCH_"
+
+log = logging.getLogger(__name__)
+
+
+def adopt_legacy_environment(environ: MutableMapping[str, str] | None = None) -> list[str]:
+    """Move every `VLLM_BATCH_X` to `VBATCH_X` (an explicit `VBATCH_X` wins); returns the old names moved."""
+    environ = os.environ if environ is None else environ
+    moved = []
+    for name in sorted(k for k in environ if k.startswith(LEGACY_ENV_PREFIX)):
+        new_name = ENV_PREFIX + name[len(LEGACY_ENV_PREFIX):]
+        value = environ.pop(name)
+        environ.setdefault(new_name, value)
+        log.warning("%s is deprecated: set %s instead", name, new_name)
+        moved.append(name)
+    return moved
 
 
 class Settings(BaseSettings):
     """Deployment settings; see docs/ARCHITECTURE.md for what each one controls."""
 
-    model_config = SettingsConfigDict(env_prefix="VLLM_BATCH_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     home: Path = Field(default_factory=Path.cwd, description="Project folder; data/ and .dagster/ live here.")
     data_dir: Path | None = Field(default=None, description="Where batch files live (default: HOME/data).")
@@ -58,6 +84,22 @@ class Settings(BaseSettings):
     schedule_cron: str = Field(default="0 * * * *", description="Cron of the schedule that runs unmaterialised batches.")
     schedule_enabled: bool = Field(default=False, description="Whether that schedule starts switched on.")
 
+    # Optional integrations (docs/INTEGRATIONS.md): each needs its pip extra and is off by default.
+    enable_monitoring: bool = Field(default=False, description="Prometheus metrics (extra: monitoring).")
+    enable_curation: bool = Field(default=False, description="Label Studio review tasks (extra: curation).")
+    enable_webhooks: bool = Field(default=False, description="OpenAI-style batch webhooks (extra: webhooks).")
+    result_handlers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Import paths of result handlers, comma-separated.")
+    integrations: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Import paths of further integration modules, comma-separated.")
+
+    @field_validator("result_handlers", "integrations", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
     @field_validator("engine_args")
     @classmethod
     def _engine_args_is_json_object(cls, value: str) -> str:
@@ -66,9 +108,9 @@ class Settings(BaseSettings):
         try:
             parsed = json.loads(value)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"VLLM_BATCH_ENGINE_ARGS is not valid JSON: {exc.msg}") from None
+            raise ValueError(f"VBATCH_ENGINE_ARGS is not valid JSON: {exc.msg}") from None
         if not isinstance(parsed, dict):
-            raise ValueError("VLLM_BATCH_ENGINE_ARGS must be a JSON object")
+            raise ValueError("VBATCH_ENGINE_ARGS must be a JSON object")
         return value
 
     @property
@@ -87,7 +129,7 @@ class Settings(BaseSettings):
         return (self.dagster_home or self.home / ".dagster").resolve()
 
     def api_key_set(self) -> frozenset[str]:
-        """Every accepted API key, from VLLM_BATCH_API_KEYS and the keys file (blank entries dropped)."""
+        """Every accepted API key, from VBATCH_API_KEYS and the keys file (blank entries dropped)."""
         keys = self.api_keys.get_secret_value().split(",") if self.api_keys else []
         if self.api_keys_file is not None:
             keys += self.api_keys_file.read_text().splitlines()
@@ -97,4 +139,5 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process-wide settings, read once from the environment."""
+    adopt_legacy_environment()
     return Settings()

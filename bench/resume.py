@@ -34,11 +34,11 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-resume-"))
     batch = write_batch(work / "in.jsonl", args.requests, 32, args.output_len, vocabulary_words(Path(args.model)), "bench")
-    env = dict(os.environ, VLLM_BATCH_HOME=str(REPO), VLLM_BATCH_DATA_DIR=str(work / "data"),
-               DAGSTER_HOME=str(work / "dagster"), VLLM_BATCH_CHUNK_SIZE=str(args.chunk_size),
+    env = dict(os.environ, VBATCH_HOME=str(REPO), VBATCH_DATA_DIR=str(work / "data"),
+               DAGSTER_HOME=str(work / "dagster"), VBATCH_CHUNK_SIZE=str(args.chunk_size),
                VLLM_LOGGING_LEVEL="WARNING")
     if not os.path.exists("/usr/bin/nvidia-smi"):
-        env.update(VLLM_BATCH_DTYPE="float32", VLLM_BATCH_ENFORCE_EAGER="true", VLLM_CPU_KVCACHE_SPACE="2")
+        env.update(VBATCH_DTYPE="float32", VBATCH_ENFORCE_EAGER="true", VLLM_CPU_KVCACHE_SPACE="2")
     cmd = [sys.executable, "-m", "batch_pipeline.cli", "run", str(batch), "--model", args.model, "--model-name", "bench",
            "--batch-id", "resume", "--json"]
     chunks = work / "data" / "batches" / "resume" / "chunks"

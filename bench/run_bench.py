@@ -125,11 +125,11 @@ def run_stage(stage, args, model, batch, work, env, engine_args, dtype, on_cpu, 
         results["B"] = {"seconds": seconds, "peak_rss_mb": rss, "output_lines": lines}
         print(f"stage B done in {seconds:.0f}s", flush=True)
     if stage == "C":
-        env_c = dict(env, VLLM_BATCH_HOME=str(REPO), VLLM_BATCH_DATA_DIR=str(work / "data"),
-                     DAGSTER_HOME=str(work / "dagster"), VLLM_BATCH_DTYPE=dtype,
-                     VLLM_BATCH_MAX_MODEL_LEN=str(args.max_model_len), VLLM_BATCH_ENGINE_ARGS=json.dumps(engine_args),
-                     VLLM_BATCH_ENFORCE_EAGER="true" if on_cpu else "false",
-                     VLLM_BATCH_CHUNK_SIZE=args.chunk_sizes.split(",")[0])
+        env_c = dict(env, VBATCH_HOME=str(REPO), VBATCH_DATA_DIR=str(work / "data"),
+                     DAGSTER_HOME=str(work / "dagster"), VBATCH_DTYPE=dtype,
+                     VBATCH_MAX_MODEL_LEN=str(args.max_model_len), VBATCH_ENGINE_ARGS=json.dumps(engine_args),
+                     VBATCH_ENFORCE_EAGER="true" if on_cpu else "false",
+                     VBATCH_CHUNK_SIZE=args.chunk_sizes.split(",")[0])
         seconds, rss, out = run_measured(
             [sys.executable, "-m", "batch_pipeline.cli", "run", str(batch), "--model", model, "--model-name",
              "bench", "--json"], env_c, args.out / "stage_c.log")

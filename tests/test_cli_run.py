@@ -18,9 +18,9 @@ CLI = [sys.executable, "-m", "batch_pipeline.cli"]
 
 
 def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ, VLLM_BATCH_HOME=str(REPO), VLLM_BATCH_DATA_DIR=str(tmp_path / "data"),
-               DAGSTER_HOME=str(tmp_path / "dagster"), VLLM_BATCH_DTYPE="float32", VLLM_BATCH_ENFORCE_EAGER="true",
-               VLLM_BATCH_MAX_MODEL_LEN="1024", VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, VBATCH_HOME=str(REPO), VBATCH_DATA_DIR=str(tmp_path / "data"),
+               DAGSTER_HOME=str(tmp_path / "dagster"), VBATCH_DTYPE="float32", VBATCH_ENFORCE_EAGER="true",
+               VBATCH_MAX_MODEL_LEN="1024", VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1")
     env.update(extra)
     return env
 
@@ -50,7 +50,7 @@ def run_cli(args: list[str], env: dict, timeout: int = 600) -> subprocess.Comple
 
 
 def test_killed_run_resumes_without_redoing_finished_chunks(tmp_path, tiny_model):
-    env = cli_env(tmp_path, VLLM_BATCH_CHUNK_SIZE="50")
+    env = cli_env(tmp_path, VBATCH_CHUNK_SIZE="50")
     batch = write_jsonl(tmp_path / "big.jsonl", chat_lines(1500))
     args = ["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny", "--batch-id", "big", "--json"]
     chunks = tmp_path / "data" / "batches" / "big" / "chunks"
@@ -85,7 +85,7 @@ def test_killed_run_resumes_without_redoing_finished_chunks(tmp_path, tiny_model
     ("blank", "has no request lines"),
     ("no-model-dir", "could not load model"),
     ("broken-model", "could not load model"),
-    ("bad-setting", "invalid setting VLLM_BATCH_CHUNK_SIZE"),
+    ("bad-setting", "invalid setting VBATCH_CHUNK_SIZE"),
 ])
 def test_bad_files_models_and_settings_stop_with_one_readable_line(tmp_path, tiny_model, setup, message):
     env = cli_env(tmp_path)
@@ -105,7 +105,7 @@ def test_bad_files_models_and_settings_stop_with_one_readable_line(tmp_path, tin
         (broken / "config.json").write_text(json.dumps({"architectures": ["NopeForCausalLM"], "model_type": "nope"}))
         model = str(broken)
     elif setup == "bad-setting":
-        env["VLLM_BATCH_CHUNK_SIZE"] = "lots"
+        env["VBATCH_CHUNK_SIZE"] = "lots"
     result = run_cli(["run", str(batch), "--model", model, "--model-name", "tiny"], env)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]

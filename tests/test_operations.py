@@ -96,7 +96,7 @@ def marked_processes(marker: str) -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter():
         try:
-            if process.environ().get("VLLM_BATCH_TEST_MARKER") == marker:
+            if process.environ().get("VBATCH_TEST_MARKER") == marker:
                 found.append(process)
         except psutil.Error:
             continue
@@ -180,21 +180,21 @@ def service(tmp_path_factory, postgres_url: str, tiny_model: Path) -> Iterator[S
     port, marker = free_port(), uuid.uuid4().hex
     env = {
         **os.environ,
-        "VLLM_BATCH_TEST_MARKER": marker,
-        "VLLM_BATCH_HOME": str(REPO),
+        "VBATCH_TEST_MARKER": marker,
+        "VBATCH_HOME": str(REPO),
         "DAGSTER_HOME": str(root / "dagster"),
-        "VLLM_BATCH_DATA_DIR": str(root / "data"),
-        "VLLM_BATCH_POSTGRES_URL": postgres_url,
-        "VLLM_BATCH_MODELS_FILE": str(root / "models.yaml"),
-        "VLLM_BATCH_CHUNK_SIZE": "4",
-        "VLLM_BATCH_DTYPE": "float32",
-        "VLLM_BATCH_ENFORCE_EAGER": "true",
-        "VLLM_BATCH_MAX_MODEL_LEN": "1024",
+        "VBATCH_DATA_DIR": str(root / "data"),
+        "VBATCH_POSTGRES_URL": postgres_url,
+        "VBATCH_MODELS_FILE": str(root / "models.yaml"),
+        "VBATCH_CHUNK_SIZE": "4",
+        "VBATCH_DTYPE": "float32",
+        "VBATCH_ENFORCE_EAGER": "true",
+        "VBATCH_MAX_MODEL_LEN": "1024",
         # Four sequences at a time: a chunk of 4 requests finishes before the next starts, so a
         # batch's chunks appear one by one and a test can act half-way through.
-        "VLLM_BATCH_MAX_NUM_SEQS": "4",
-        "VLLM_BATCH_INBOX_INTERVAL_SECONDS": "2",
-        "VLLM_BATCH_SCHEDULE_CRON": "* * * * *",
+        "VBATCH_MAX_NUM_SEQS": "4",
+        "VBATCH_INBOX_INTERVAL_SECONDS": "2",
+        "VBATCH_SCHEDULE_CRON": "* * * * *",
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "HF_HUB_OFFLINE": "1",
         "VLLM_LOGGING_LEVEL": "WARNING",
@@ -205,8 +205,8 @@ def service(tmp_path_factory, postgres_url: str, tiny_model: Path) -> Iterator[S
                                start_new_session=True)
     settings = Settings(home=REPO, data_dir=root / "data", chunk_size=4,
                         models_file=root / "models.yaml")
-    old_postgres = os.environ.get("VLLM_BATCH_POSTGRES_URL")
-    os.environ["VLLM_BATCH_POSTGRES_URL"] = postgres_url  # the instance's dagster.yaml reads it from the env
+    old_postgres = os.environ.get("VBATCH_POSTGRES_URL")
+    os.environ["VBATCH_POSTGRES_URL"] = postgres_url  # the instance's dagster.yaml reads it from the env
     try:
         def up() -> bool:
             assert process.poll() is None, f"vllm-batch start exited:\n{log.read_text()[-3000:]}"
@@ -228,9 +228,9 @@ def service(tmp_path_factory, postgres_url: str, tiny_model: Path) -> Iterator[S
         for leftover in marked_processes(marker):  # e.g. an engine orphaned by a test's SIGKILL
             leftover.kill()
         if old_postgres is None:
-            os.environ.pop("VLLM_BATCH_POSTGRES_URL", None)
+            os.environ.pop("VBATCH_POSTGRES_URL", None)
         else:
-            os.environ["VLLM_BATCH_POSTGRES_URL"] = old_postgres
+            os.environ["VBATCH_POSTGRES_URL"] = old_postgres
 
 
 # ---- the UI -------------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ class BearerAuth:
         for key in self.keys:
             matched |= hmac.compare_digest(token, key)
         if scheme.lower() != b"bearer" or not token or not matched:
-            message = ("No API keys are configured on this server (set VLLM_BATCH_API_KEYS)." if not self.keys
+            message = ("No API keys are configured on this server (set VBATCH_API_KEYS)." if not self.keys
                        else "Incorrect or missing API key; send it as 'Authorization: Bearer <key>'.")
             await error_response(401, message, code="invalid_api_key")(scope, receive, send)
             return

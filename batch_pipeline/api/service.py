@@ -225,7 +225,7 @@ class BatchService:
         if self.settings.model:
             return self.settings.model
         raise BatchRequestError(f"no valid request in the first {_MODEL_SCAN_LINES} lines names body.model, and no "
-                                "default model is configured (VLLM_BATCH_MODEL)", "input_file_id", "invalid_file")
+                                "default model is configured (VBATCH_MODEL)", "input_file_id", "invalid_file")
 
     # ---- reading ------------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ class Stack:
 
     @property
     def data_dir(self) -> Path:
-        return Path(self.env["VLLM_BATCH_DATA_DIR"])
+        return Path(self.env["VBATCH_DATA_DIR"])
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """Run `vllm-batch ARGS` against this stack."""
@@ -64,19 +64,19 @@ def stack_env(root: Path, tiny_model: Path) -> dict[str, str]:
     return {
         **os.environ,
         "DAGSTER_HOME": str(root / "dagster"),
-        "VLLM_BATCH_HOME": str(REPO),
-        "VLLM_BATCH_DATA_DIR": str(root / "data"),
-        "VLLM_BATCH_MODELS_FILE": str(models),
-        "VLLM_BATCH_API_KEYS": f"other-key,{API_KEY}",
-        "VLLM_BATCH_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
-        "VLLM_BATCH_CHUNK_SIZE": "4",
-        "VLLM_BATCH_DTYPE": "float32",
-        "VLLM_BATCH_ENFORCE_EAGER": "true",
-        "VLLM_BATCH_MAX_MODEL_LEN": "1024",
+        "VBATCH_HOME": str(REPO),
+        "VBATCH_DATA_DIR": str(root / "data"),
+        "VBATCH_MODELS_FILE": str(models),
+        "VBATCH_API_KEYS": f"other-key,{API_KEY}",
+        "VBATCH_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
+        "VBATCH_CHUNK_SIZE": "4",
+        "VBATCH_DTYPE": "float32",
+        "VBATCH_ENFORCE_EAGER": "true",
+        "VBATCH_MAX_MODEL_LEN": "1024",
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "HF_HUB_OFFLINE": "1",
         "VLLM_LOGGING_LEVEL": "WARNING",
-        "VLLM_BATCH_TEST_STACK": marker,  # finds stray processes of this stack at teardown
+        "VBATCH_TEST_STACK": marker,  # finds stray processes of this stack at teardown
     }
 
 
@@ -119,7 +119,7 @@ def stop(stack: Stack) -> None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
     # Anything that left the process groups (vLLM's engine core, a run worker) still carries the marker.
-    marker = f"VLLM_BATCH_TEST_STACK={stack.env['VLLM_BATCH_TEST_STACK']}".encode()
+    marker = f"VBATCH_TEST_STACK={stack.env['VBATCH_TEST_STACK']}".encode()
     for pid in stray_pids(marker):
         try:
             os.kill(pid, signal.SIGKILL)
@@ -175,7 +175,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
         yield live
     finally:
         stop(live)
-        left = stray_pids(f"VLLM_BATCH_TEST_STACK={live.env['VLLM_BATCH_TEST_STACK']}".encode())
+        left = stray_pids(f"VBATCH_TEST_STACK={live.env['VBATCH_TEST_STACK']}".encode())
         assert not left, f"processes left behind: {left}"
 
 

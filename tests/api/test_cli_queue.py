@@ -66,7 +66,7 @@ def test_failures_are_one_line_and_exit_1(offline: Stack, args: list[str], messa
 
 
 def test_serve_refuses_to_start_without_api_keys(offline: Stack):
-    offline.env.pop("VLLM_BATCH_API_KEYS")
+    offline.env.pop("VBATCH_API_KEYS")
     result = offline.cli("serve", "--port", "1")
     assert result.returncode == 1 and result.stderr.startswith("error: no API keys configured")
 
@@ -79,7 +79,7 @@ def test_a_closed_completion_window_expires_the_batch_with_an_error_per_request(
     from batch_pipeline.settings import Settings
     from resources.storage import BatchStorage
 
-    settings = Settings(home=REPO, data_dir=offline.data_dir, models_file=Path(offline.env["VLLM_BATCH_MODELS_FILE"]),
+    settings = Settings(home=REPO, data_dir=offline.data_dir, models_file=Path(offline.env["VBATCH_MODELS_FILE"]),
                         chunk_size=2)
     with DagsterInstance.from_config(offline.env["DAGSTER_HOME"]) as instance:
         service = BatchService(settings, instance)
