@@ -46,8 +46,11 @@ demo: install model
 test: install model browser
 	$(PY) -m pytest tests
 
+# ruff, the layer contracts (import-linter, pyproject.toml) and the type checker.
 lint: install
 	$(VENV)/bin/ruff check batch_pipeline assets resources integrations tests bench examples
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 bench: install model
 	$(PY) bench/run_bench.py

@@ -12,7 +12,7 @@ from batch_pipeline.batches import batches_partitions, load_spec
 from batch_pipeline.chunks import ChunkReport, run_chunks
 from batch_pipeline.records import EMBEDDINGS_URL
 from resources.storage import BatchStorage
-from resources.vllm_engine import EngineLoadError, VLLMEngine, release_engine
+from resources.vllm_engine import EngineLoadError, VLLMEngine
 
 
 def engine_args_for(engine_args: dict, endpoints: dict[str, int]) -> dict:
@@ -46,7 +46,7 @@ def batch_chunks(context: AssetExecutionContext, storage: BatchStorage, engine: 
         context.log.info(f"resuming: {len(finished_before)} of {num_chunks} chunks are already finished")
 
     totals = {"requests": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0, "chunks": 0}
-    load_seconds = release_seconds = 0.0
+    load_seconds = 0.0
     started = time.perf_counter()
 
     def on_written(report: ChunkReport) -> None:
@@ -70,28 +70,21 @@ def batch_chunks(context: AssetExecutionContext, storage: BatchStorage, engine: 
             context.log.warning(f"could not record progress of chunk {report.index}: {type(exc).__name__}")
         context.log.info(f"chunk {report.index} written ({done}/{num_chunks} chunks, {report.rows} requests)")
 
+    generation_seconds = 0.0
     if todo:
+        session_started = time.perf_counter()
         try:
-            loaded = engine.load(spec.model, engine_args_for(spec.engine_args, manifest.get("endpoints", {})))
+            with engine.session(spec.model, engine_args_for(spec.engine_args, manifest.get("endpoints", {}))) as loaded:
+                load_seconds = loaded.load_seconds
+                context.log.info(f"engine for {spec.model_name} ready after {load_seconds:.1f}s")
+                generation_started = time.perf_counter()
+                run_chunks(loaded, paths, batch_id=spec.batch_id, model_name=spec.model_name, chunk_size=chunk_size,
+                           total=manifest["valid_requests"], skip=finished_before, on_written=on_written)
+                generation_seconds = time.perf_counter() - generation_started
         except EngineLoadError as exc:
             raise Failure(str(exc), allow_retries=False) from None
-        load_seconds = loaded.load_seconds
-        context.log.info(f"engine for {spec.model_name} ready after {load_seconds:.1f}s")
-        generation_started = time.perf_counter()
-        try:
-            run_chunks(loaded, paths, batch_id=spec.batch_id, model_name=spec.model_name, chunk_size=chunk_size,
-                       total=manifest["valid_requests"], skip=finished_before, on_written=on_written)
-            generation_seconds = time.perf_counter() - generation_started
-        finally:
-            if not engine.keep_loaded:
-                # Free the GPU before this step ends: the `gpu` pool slot goes with the step, and the
-                # next batch (perhaps another model) starts loading the moment it is free.
-                release_started = time.perf_counter()
-                release_engine()
-                release_seconds = time.perf_counter() - release_started
-                context.log.info(f"engine released after {release_seconds:.1f}s")
-    else:
-        generation_seconds = 0.0
+        # What the session took beyond loading and generating: releasing the engine, unless kept loaded.
+        release_seconds = max(time.perf_counter() - session_started - generation_seconds - load_seconds, 0.0)
     missing = set(range(num_chunks)) - paths.finished_chunks()
     if missing:
         raise Failure(f"{len(missing)} chunks are missing after generation: {sorted(missing)[:10]}")

@@ -11,6 +11,7 @@ from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataV
 from batch_pipeline.batches import batches_partitions, file_digest, load_spec
 from batch_pipeline.chunks import output_line_id
 from batch_pipeline.input_file import BatchFileError, InvalidLine, scan_batch_file
+from batch_pipeline.results import error_line
 from batch_pipeline.settings import get_settings
 from resources.storage import BatchPaths, BatchStorage, atomic_path
 
@@ -61,9 +62,7 @@ def batch_input(context: AssetExecutionContext, storage: BatchStorage) -> Materi
                 for item in lines:
                     if isinstance(item, InvalidLine):
                         invalid += 1
-                        record = {"id": output_line_id(spec.batch_id, item.line), "custom_id": item.custom_id,
-                                  "response": None, "error": item.error.model_dump(exclude_none=True)}
-                        errors.write(json.dumps(record, separators=(",", ":")) + "\n")
+                        errors.write(error_line(output_line_id(spec.batch_id, item.line), item.custom_id, item.error))
                         continue
                     valid += 1
                     endpoints[item.url] = endpoints.get(item.url, 0) + 1

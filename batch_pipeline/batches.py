@@ -1,20 +1,21 @@
-"""A batch: its spec on disk and its partition in the `batches` dynamic partitions definition."""
+"""A batch: its spec on disk, what its submitter asked for, and its partition in `batches`."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import time
 from pathlib import Path
 from typing import Any
 
-from dagster import DagsterInstance, DynamicPartitionsDefinition
+from dagster import DynamicPartitionsDefinition
 from pydantic import BaseModel, Field
 
+from batch_pipeline.constants import BATCHES_PARTITIONS
+from batch_pipeline.records import CHAT_URL
 from resources.storage import BatchPaths, atomic_path
 
-batches_partitions = DynamicPartitionsDefinition(name="batches")
+batches_partitions = DynamicPartitionsDefinition(name=BATCHES_PARTITIONS)
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -66,15 +67,28 @@ def load_spec(paths: BatchPaths) -> BatchSpec:
     return BatchSpec.model_validate_json(paths.spec.read_text())
 
 
-def register_batch(instance: DagsterInstance, paths: BatchPaths, spec: BatchSpec) -> None:
-    """Write the spec and add the batch's partition (idempotent)."""
-    if not valid_batch_id(spec.batch_id):
-        raise ValueError(f"invalid batch id {spec.batch_id!r}: use letters, digits, '_', '-' and '.'")
-    save_spec(paths, spec)
-    if not instance.has_dynamic_partition(batches_partitions.name, spec.batch_id):
-        instance.add_dynamic_partitions(batches_partitions.name, [spec.batch_id])
+class Submission(BaseModel):
+    """submission.json: what a queued batch was asked for (API or `vllm-batch submit`), beside its spec."""
+
+    endpoint: str = CHAT_URL
+    input_file_id: str | None = None
+    completion_window: str | None = None
+    expires_at: float | None = None
+    ticket: str | None = None
+    cancel_requested_at: float | None = None
+    expired_at: float | None = None
+    stopped_at: float | None = None  # when the partial results of a cancelled or expired batch were written
 
 
-def read_json(path: Path) -> dict:
-    """A small JSON file as a dict."""
-    return json.loads(path.read_text())
+def load_submission(paths: BatchPaths) -> Submission | None:
+    """submission.json, or None for a batch that was not queued (UI, sensor, `vllm-batch run`)."""
+    try:
+        return Submission.model_validate_json(paths.submission.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def save_submission(paths: BatchPaths, submission: Submission) -> None:
+    """Write submission.json atomically."""
+    with atomic_path(paths.submission) as tmp:
+        tmp.write_text(submission.model_dump_json(indent=2))

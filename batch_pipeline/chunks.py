@@ -12,13 +12,12 @@ import json
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batch_pipeline.openai_bodies import (
-    EngineRequest,
     RequestRejected,
     embedding_body,
     error_json,
@@ -28,17 +27,39 @@ from batch_pipeline.openai_bodies import (
 )
 from batch_pipeline.records import EMBEDDINGS_URL, BatchError, ErrorCode
 from resources.storage import BatchPaths, atomic_path
+from resources.vllm_engine import EngineFailure, EngineRequest, LoadedEngine
 
 CHUNK_SCHEMA = pa.schema([
     ("line", pa.int64()),
     ("custom_id", pa.string()),
     ("id", pa.string()),
-    ("status_code", pa.int32()),
     ("response", pa.string()),  # the response body, JSON
     ("error", pa.string()),  # the error member, JSON
     ("prompt_tokens", pa.int64()),
     ("completion_tokens", pa.int64()),
 ])
+CHUNK_COLUMNS = CHUNK_SCHEMA.names
+
+
+class ChunkRow(TypedDict):
+    """One row of a chunk file: a request's response (JSON) or its error member (JSON)."""
+
+    line: int
+    custom_id: str
+    id: str
+    response: str | None
+    error: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class RequestRow(TypedDict):
+    """One row of requests.parquet: a valid request line, its body as compact JSON."""
+
+    line: int
+    custom_id: str
+    url: str
+    body: str
 
 
 def output_line_id(batch_id: str, line: int) -> str:
@@ -58,7 +79,7 @@ class ChunkReport:
 @dataclass
 class _OpenChunk:
     expected: int
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[ChunkRow] = field(default_factory=list)
 
 
 class ChunkAssembler:
@@ -74,7 +95,7 @@ class ChunkAssembler:
     def _expected(self, index: int) -> int:
         return min(self.chunk_size, self.total - index * self.chunk_size)
 
-    def add(self, position: int, row: dict[str, Any]) -> None:
+    def add(self, position: int, row: ChunkRow) -> None:
         index = position // self.chunk_size
         chunk = self.open.setdefault(index, _OpenChunk(self._expected(index)))
         chunk.rows.append(row)
@@ -82,7 +103,7 @@ class ChunkAssembler:
             del self.open[index]
             self._write(index, chunk.rows)
 
-    def _write(self, index: int, rows: list[dict[str, Any]]) -> None:
+    def _write(self, index: int, rows: list[ChunkRow]) -> None:
         rows.sort(key=lambda r: r["line"])
         table = pa.Table.from_pylist(rows, schema=CHUNK_SCHEMA)
         with atomic_path(self.paths.chunk(index)) as tmp:
@@ -93,19 +114,19 @@ class ChunkAssembler:
             sum(r["prompt_tokens"] for r in rows), sum(r["completion_tokens"] for r in rows)))
 
 
-def iter_requests(paths: BatchPaths, chunk_size: int, skip: set[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_requests(paths: BatchPaths, chunk_size: int, skip: set[int]) -> Iterator[tuple[int, RequestRow]]:
     """(position, row) for every request whose chunk is not in `skip`, reading row groups lazily."""
     source = pq.ParquetFile(paths.requests)
     position = 0
     for record_batch in source.iter_batches(batch_size=max(chunk_size, 1024)):
         for row in record_batch.to_pylist():
             if position // chunk_size not in skip:
-                yield position, row
+                yield position, cast(RequestRow, row)
             position += 1
 
 
 def run_chunks(
-    engine: Any,
+    engine: LoadedEngine,
     paths: BatchPaths,
     *,
     batch_id: str,
@@ -118,13 +139,12 @@ def run_chunks(
 ) -> None:
     """Generate every request not in a finished chunk and write the missing chunks."""
     assembler = ChunkAssembler(paths, chunk_size, total, on_written)
-    positions: dict[int, dict[str, Any]] = {}
+    positions: dict[int, RequestRow] = {}
 
-    def failed_row(row: dict[str, Any], code: str, message: str) -> dict[str, Any]:
+    def failed_row(row: RequestRow, code: str, message: str) -> ChunkRow:
         error = BatchError(code=code, message=message, line=row["line"])
         return {"line": row["line"], "custom_id": row["custom_id"], "id": output_line_id(batch_id, row["line"]),
-                "status_code": 400, "response": None, "error": error_json(error),
-                "prompt_tokens": 0, "completion_tokens": 0}
+                "response": None, "error": error_json(error), "prompt_tokens": 0, "completion_tokens": 0}
 
     def engine_requests() -> Iterator[EngineRequest]:
         for position, row in iter_requests(paths, chunk_size, skip):
@@ -137,10 +157,9 @@ def run_chunks(
             positions[position] = row
             yield request
 
-    def succeeded_row(row: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+    def succeeded_row(row: RequestRow, body: dict[str, Any]) -> ChunkRow:
         return {
             "line": row["line"], "custom_id": row["custom_id"], "id": output_line_id(batch_id, row["line"]),
-            "status_code": 200,
             "response": json.dumps({"status_code": 200, "request_id": f"vllm-batch-{uuid.uuid4().hex}",
                                     "body": body}, separators=(",", ":")),
             "error": None,
@@ -153,7 +172,7 @@ def run_chunks(
     else:
         for request, output in engine.stream(engine_requests(), in_flight=in_flight):
             row = positions.pop(request.key)
-            if not hasattr(output, "outputs"):
+            if isinstance(output, EngineFailure):
                 assembler.add(request.key, failed_row(row, ErrorCode.ENGINE_ERROR, output.message))
                 continue
             assembler.add(request.key, succeeded_row(row, response_body(request, output, model_name)))
@@ -162,13 +181,13 @@ def run_chunks(
         raise RuntimeError(f"chunks {missing} did not receive all their rows; this is a bug")
 
 
-def _run_embedding_chunks(engine: Any, paths: BatchPaths, chunk_size: int, skip: set[int],
+def _run_embedding_chunks(engine: LoadedEngine, paths: BatchPaths, chunk_size: int, skip: set[int],
                           assembler: ChunkAssembler, failed_row: Callable, succeeded_row: Callable,
                           model_name: str) -> None:
     """A pooling engine embeds one chunk per call: prefill-only work leaves little to gain from
     keeping requests in flight across chunk boundaries."""
 
-    def flush(rows: list[tuple[int, dict[str, Any]]]) -> None:
+    def flush(rows: list[tuple[int, RequestRow]]) -> None:
         prepared = []
         for position, row in rows:
             try:
@@ -187,7 +206,7 @@ def _run_embedding_chunks(engine: Any, paths: BatchPaths, chunk_size: int, skip:
                                                                       model_name)))
             offset += count
 
-    pending: list[tuple[int, dict[str, Any]]] = []
+    pending: list[tuple[int, RequestRow]] = []
     for position, row in iter_requests(paths, chunk_size, skip):
         if pending and pending[0][0] // chunk_size != position // chunk_size:
             flush(pending)

@@ -8,13 +8,20 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 from pydantic import ValidationError
 
+if TYPE_CHECKING:
+    from batch_pipeline.api.service import BatchService
 
-def _fail(message: str) -> None:
+T = TypeVar("T")
+
+
+def _fail(message: str) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(1)
 
@@ -80,10 +87,25 @@ def run(input_file: Path, model: str, model_name: str | None, output: Path | Non
         spec = register_local_batch(settings, instance, input_file, model, model_name, batch_id, chunk_size)
     except (InstanceConfigError, BatchRunError) as exc:
         _fail(str(exc))
+    from batch_pipeline.console import ProgressDisplay, ProgressWatcher, Snapshot
     from batch_pipeline.definitions import build_resources
+    from batch_pipeline.status import ChunkStats
+    from resources.storage import BatchStorage
 
     build_resources(settings)["engine"].prefetch(spec.model, spec.engine_args)  # overlaps validation
-    result = run_batch_in_process(settings, instance, spec.batch_id, log_level="DEBUG" if verbose else "INFO")
+    display = ProgressDisplay(spec.batch_id)
+    paths = BatchStorage(data_dir=str(settings.resolved_data_dir)).batch(spec.batch_id)
+    stats = ChunkStats()
+
+    def snapshot() -> Snapshot | None:
+        counts = stats.progress(paths)
+        return None if counts is None else Snapshot(counts.completed + counts.failed, counts.total,
+                                                    counts.completion_tokens)
+
+    # On a terminal the bar replaces the per-chunk log lines; elsewhere both are printed.
+    log_level = "DEBUG" if verbose else "WARNING" if display.tty else "INFO"
+    with ProgressWatcher(display, snapshot):
+        result = run_batch_in_process(settings, instance, spec.batch_id, log_level=log_level)
     if not result.success:
         _fail(f"batch {spec.batch_id} failed: {result.error}")
     if result.integration_error:
@@ -115,7 +137,7 @@ def run(input_file: Path, model: str, model_name: str | None, output: Path | Non
 def start(host: str, port: int) -> None:
     """Start the Dagster webserver and daemon on the configured instance and keep them running."""
     from batch_pipeline.instance import InstanceConfigError
-    from batch_pipeline.service import run_service
+    from batch_pipeline.supervisor import run_service
 
     try:
         sys.exit(run_service(_settings(), host, port, echo=click.echo))
@@ -138,7 +160,7 @@ def tiny_model(target: Path) -> None:
 # here is the status the API reports.
 
 
-def _service():
+def _service() -> BatchService:
     settings = _settings()
     from batch_pipeline.api.service import BatchService
     from batch_pipeline.instance import InstanceConfigError, open_instance
@@ -149,7 +171,7 @@ def _service():
         _fail(str(exc))
 
 
-def _call(function, *args, **kwargs):
+def _call(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a service call; its known errors become one line and exit code 1."""
     from batch_pipeline.api.service import BatchNotFound, BatchRequestError
 
@@ -172,39 +194,20 @@ def _print_batch(batch, as_json: bool) -> None:
         click.echo(f"  error: {error.message}")
 
 
-def _format_seconds(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def _wait(service, batch_id: str, interval: float):
-    """Poll until the batch is finished, drawing done/total, tokens/s and ETA on stderr."""
+def _wait(service: BatchService, batch_id: str, interval: float):
+    """Poll until the batch is finished, showing its progress on stderr."""
     import time
 
     from batch_pipeline.api.schemas import TERMINAL_STATUSES
+    from batch_pipeline.console import ProgressDisplay, Snapshot
 
-    tty = sys.stderr.isatty()
-    last_line = ""
-    while True:
-        progress = _call(service.progress, batch_id)
-        batch = progress.batch
-        elapsed = time.time() - progress.started_at if progress.started_at else 0.0
-        rate = progress.output_tokens / elapsed if elapsed > 0 else 0.0
-        eta = "--:--:--"
-        if progress.done and progress.total and elapsed > 0:
-            eta = _format_seconds(elapsed * (progress.total - progress.done) / progress.done)
-        width = 30
-        filled = int(width * progress.done / progress.total) if progress.total else 0
-        line = (f"[{'#' * filled}{'.' * (width - filled)}] {progress.done}/{progress.total} requests  "
-                f"{rate:.0f} tok/s  ETA {eta}  {batch.status}")
-        if line != last_line:
-            click.echo(("\r" + line) if tty else line, err=True, nl=not tty)
-            last_line = line
-        if batch.status in TERMINAL_STATUSES:
-            if tty:
-                click.echo("", err=True)
-            return batch
-        time.sleep(interval)
+    with ProgressDisplay(batch_id) as display:
+        while True:
+            progress = _call(service.progress, batch_id)
+            display.show(Snapshot(progress.done, progress.total, progress.output_tokens, progress.batch.status))
+            if progress.batch.status in TERMINAL_STATUSES:
+                return progress.batch
+            time.sleep(interval)
 
 
 def _finish(batch, as_json: bool) -> None:
@@ -290,7 +293,7 @@ def results(batch_id: str, output: Path | None, which: str | None, as_json: bool
         _fail(f"batch {batch_id} has no {kind} file (status {batch.status})")
     if output is None:
         with path.open("rb") as handle:
-            shutil.copyfileobj(handle, click.get_binary_stream("stdout"))
+            shutil.copyfileobj(handle, sys.stdout.buffer)
         return
     try:
         shutil.copyfile(path, output)

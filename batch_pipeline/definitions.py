@@ -14,7 +14,7 @@ from dagster import (
 from assets import batch_chunks, batch_input, batch_results
 from batch_pipeline.enabled_integrations import integration_definitions
 from batch_pipeline.schedules import build_catch_up_schedule
-from batch_pipeline.sensors import build_inbox_sensor, queued_batches
+from batch_pipeline.sensors import batch_stops, build_inbox_sensor, queued_batches
 from batch_pipeline.settings import Settings, get_settings
 from resources.storage import BatchStorage
 from resources.vllm_engine import VLLMEngine
@@ -63,7 +63,7 @@ def build_definitions(settings: Settings) -> Definitions:
     core = Definitions(
         assets=[batch_input, batch_chunks, batch_results],
         jobs=[batch_job],
-        sensors=[queued_batches, build_inbox_sensor(settings)],
+        sensors=[queued_batches, batch_stops, build_inbox_sensor(settings)],
         schedules=[build_catch_up_schedule(settings)],
         resources=build_resources(settings),
     )

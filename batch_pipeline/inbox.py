@@ -15,17 +15,17 @@ that dies between launching and moving the file launches nothing new when it com
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from batch_pipeline.batches import BatchSpec, file_digest, register_batch
-from batch_pipeline.models import ModelRegistry, UnknownModelError
+from dagster import DagsterInstance
+
+from batch_pipeline.batches import BatchSpec, default_batch_id
+from batch_pipeline.intake import IntakeError, register, resolve_model, survey
+from batch_pipeline.models import ServedModel
 from batch_pipeline.settings import Settings
-from resources.storage import BatchStorage
 
 PROCESSED = "processed"
 REJECTED = "rejected"
@@ -79,67 +79,34 @@ class FileRejected(Exception):
     """The file cannot become a batch; the message says why, in one line."""
 
 
-def _models_in(path: Path, max_line_bytes: int) -> tuple[set[str], int]:
-    """The `body.model` values of the file's JSON-object lines, and how many such lines there are."""
-    models: set[str] = set()
-    objects = lines = 0
-    with path.open("rb") as handle:
-        while raw := handle.readline(max_line_bytes + 1):
-            if not raw.strip():
-                continue
-            lines += 1
-            try:
-                obj = json.loads(raw)
-            except (ValueError, UnicodeDecodeError):
-                continue  # a bad line is the pipeline's business: it becomes an error record
-            if not isinstance(obj, dict):
-                continue
-            objects += 1
-            body = obj.get("body")
-            if isinstance(body, dict) and isinstance(body.get("model"), str):
-                models.add(body["model"])
-    if lines == 0:
+def choose_model(path: Path, settings: Settings) -> ServedModel:
+    """The model a file runs (every line must name the same one, else the default), or FileRejected."""
+    found = survey(path, settings.max_line_bytes)
+    if found.lines == 0:
         raise FileRejected("the file is empty: it has no request lines")
-    if objects == 0:
+    if found.objects == 0:
         raise FileRejected("the file is not JSONL: no line is a JSON object (one request per line)")
-    return models, objects
-
-
-def choose_model(path: Path, settings: Settings, registry: ModelRegistry) -> tuple[str, str, dict]:
-    """(what the engine loads, the served name, engine args) for a file, or FileRejected."""
-    models, _ = _models_in(path, settings.max_line_bytes)
-    if len(models) > 1:
-        raise FileRejected(f"the file mixes models ({', '.join(sorted(models))}); "
+    if len(found.models) > 1:
+        raise FileRejected(f"the file mixes models ({', '.join(sorted(found.models))}); "
                            "a batch runs one model: split it into one file per model")
-    name = next(iter(models), None) or settings.model
+    name = next(iter(found.models), None) or settings.model
     if not name:
         raise FileRejected("no model: set body.model on the requests or VBATCH_MODEL")
     try:
-        served = registry.resolve(name)
-    except UnknownModelError as exc:
+        return resolve_model(settings, name)
+    except IntakeError as exc:
         raise FileRejected(str(exc)) from None
-    return served.model, name, served.engine_args
 
 
-def _batch_id(path: Path, model: str, digest: str) -> str:
-    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", path.stem).strip("-")[:48] or "batch"
-    return f"{stem}-{hashlib.sha256(f'{digest}:{model}'.encode()).hexdigest()[:10]}"
-
-
-def take(file: InboxFile, settings: Settings, instance) -> Intake:
+def take(file: InboxFile, settings: Settings, instance: DagsterInstance) -> Intake:
     """Register the batch for a complete inbox file (idempotent); the file itself is moved later by `settle`."""
-    inbox = settings.resolved_inbox_dir
-    digest = file_digest(file.path)
     rejected = None
     try:
-        model, name, engine_args = choose_model(file.path, settings, ModelRegistry.from_settings(settings))
+        served = choose_model(file.path, settings)
     except FileRejected as exc:
-        model, name, engine_args, rejected = "", "", {}, str(exc)
-    batch_id = _batch_id(file.path, model, digest)
-    destination = inbox / (REJECTED if rejected else PROCESSED) / f"{batch_id}.jsonl"
-    spec = BatchSpec(batch_id=batch_id, input_path=str(destination), model=model, model_name=name,
-                     engine_args=engine_args, chunk_size=settings.chunk_size, source="inbox",
-                     metadata={"inbox_file": file.path.name}, rejected=rejected)
+        served, rejected = ServedModel(name="", model=""), str(exc)
+    batch_id = default_batch_id(file.path, served.model)
+    destination = settings.resolved_inbox_dir / (REJECTED if rejected else PROCESSED) / f"{batch_id}.jsonl"
     # The batch reads its input from the destination; link it there now, so the run can start
     # before the file leaves the inbox (the link is the same file, no copy).
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -147,12 +114,11 @@ def take(file: InboxFile, settings: Settings, instance) -> Intake:
         try:
             os.link(file.path, destination)
         except OSError:
-            import shutil
-
             shutil.copyfile(file.path, destination)
     if rejected:
         destination.with_suffix(".reason.txt").write_text(rejected + "\n")
-    register_batch(instance, BatchStorage(data_dir=str(settings.resolved_data_dir)).batch(batch_id), spec)
+    spec = register(settings, instance, destination, served, source="inbox", batch_id=batch_id,
+                    metadata={"inbox_file": file.path.name}, rejected=rejected)
     return Intake(spec, file.path, destination)
 
 

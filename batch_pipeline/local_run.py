@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import psutil
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
-from batch_pipeline.batches import BatchSpec, default_batch_id, load_spec, register_batch, valid_batch_id
+from batch_pipeline.batches import BatchSpec
+from batch_pipeline.constants import HOST_TAG, LOCAL_PID_STARTED_TAG, LOCAL_PID_TAG, SOURCE_TAG
+from batch_pipeline.intake import IntakeError, checked_input, register, resolve_model
 from batch_pipeline.settings import Settings
+from batch_pipeline.status import failure_message
 from resources.storage import BatchPaths, BatchStorage
 
 
@@ -33,36 +36,18 @@ class BatchRun:
     integration_error: str | None = None  # the enabled integrations failed; the batch itself is complete
 
 
-def resolve_model(model: str) -> str:
-    """A local directory becomes an absolute path; anything else is a hub id and stays as given."""
-    path = Path(model).expanduser()
-    return str(path.resolve()) if path.exists() else model
-
-
 def register_local_batch(settings: Settings, instance: DagsterInstance, input_file: Path, model: str,
                          model_name: str | None = None, batch_id: str | None = None,
                          chunk_size: int | None = None, source: str = "cli") -> BatchSpec:
-    """Write the batch spec and add the partition; re-registering the same batch keeps its history."""
-    input_file = input_file.resolve()
-    if not input_file.is_file():
-        raise BatchRunError(f"input file not found: {input_file}")
-    if input_file.stat().st_size == 0:
-        raise BatchRunError(f"input file is empty: {input_file}")
-    model_ref = resolve_model(model)
-    batch_id = batch_id or default_batch_id(input_file, model_ref)
-    if not valid_batch_id(batch_id):
-        raise BatchRunError(f"invalid batch id {batch_id!r}: use letters, digits, '_', '-' and '.'")
-    paths = BatchStorage(data_dir=str(settings.resolved_data_dir)).batch(batch_id)
-    spec = BatchSpec(batch_id=batch_id, input_path=str(input_file), model=model_ref, model_name=model_name or model,
-                     chunk_size=chunk_size or settings.chunk_size, source=source)
-    if paths.spec.exists():
-        spec = spec.model_copy(update={"created_at": load_spec(paths).created_at})
-    register_batch(instance, paths, spec)
-    return spec
-
-
-_PID_TAG = "vllm_batch/local_pid"
-_PID_STARTED_TAG = "vllm_batch/local_pid_started"
+    """Register a file for `vllm-batch run`: `model` is a served name, a local model folder or a hub id."""
+    try:
+        path = checked_input(input_file)
+        served = resolve_model(settings, model, allow_hub_ids=True)
+        if model_name:
+            served = replace(served, name=model_name)
+        return register(settings, instance, path, served, source=source, batch_id=batch_id, chunk_size=chunk_size)
+    except IntakeError as exc:
+        raise BatchRunError(str(exc)) from None
 
 
 def _process_alive(pid: int, started: float) -> bool:
@@ -83,9 +68,9 @@ def reap_dead_local_runs(instance: DagsterInstance) -> list[str]:
     records = instance.get_run_records(RunsFilter(statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.STARTING]))
     for record in records:
         run = record.dagster_run
-        if _PID_TAG not in run.tags or run.tags.get("vllm_batch/host") != socket.gethostname():
+        if LOCAL_PID_TAG not in run.tags or run.tags.get(HOST_TAG) != socket.gethostname():
             continue
-        if _process_alive(int(run.tags[_PID_TAG]), float(run.tags[_PID_STARTED_TAG])):
+        if _process_alive(int(run.tags[LOCAL_PID_TAG]), float(run.tags[LOCAL_PID_STARTED_TAG])):
             continue
         instance.report_run_failed(run, "the process running it (vllm-batch run) died")
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
@@ -103,8 +88,8 @@ def run_batch_in_process(settings: Settings, instance: DagsterInstance, batch_id
     defs = build_definitions(settings)
     job = defs.resolve_job_def("batch_job")
     me = psutil.Process()
-    run_tags = {"vllm_batch/source": "cli", **(tags or {}), "vllm_batch/host": socket.gethostname(),
-                _PID_TAG: str(me.pid), _PID_STARTED_TAG: repr(me.create_time())}
+    run_tags = {SOURCE_TAG: "cli", **(tags or {}), HOST_TAG: socket.gethostname(),
+                LOCAL_PID_TAG: str(me.pid), LOCAL_PID_STARTED_TAG: repr(me.create_time())}
     started = time.perf_counter()
     # The console shows the run's own messages (chunk progress, warnings); the event log keeps everything.
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
@@ -117,7 +102,7 @@ def run_batch_in_process(settings: Settings, instance: DagsterInstance, batch_id
     run.summary = json.loads(paths.summary.read_text())
     for event in result.all_events:
         if event.is_step_materialization and event.step_key == "batch_chunks":
-            meta = event.event_specific_data.materialization.metadata
+            meta = event.step_materialization_data.materialization.metadata
             for key in ("generation_seconds", "engine_load_seconds", "completion_tokens_per_second",
                         "chunks_resumed", "chunks_run"):
                 run.summary[key] = meta[key].value
@@ -129,18 +114,3 @@ def run_batch_in_process(settings: Settings, instance: DagsterInstance, batch_id
         if not follow_up.success:
             run.integration_error = failure_message(follow_up.all_events)
     return run
-
-
-def failure_message(events: list) -> str:
-    """The first step failure of a run, as one line."""
-    for event in events:
-        if event.is_step_failure:
-            data = event.step_failure_data
-            if data.user_failure_data and data.user_failure_data.description:
-                return data.user_failure_data.description
-            error = data.error
-            while error is not None and error.cause is not None:
-                error = error.cause
-            if error is not None:
-                return error.message.strip().splitlines()[-1]
-    return "the run failed; see the Dagster UI for its logs"

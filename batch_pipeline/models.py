@@ -80,14 +80,22 @@ class ModelRegistry:
             raise ModelConfigError(f"models file not found: {path}")
         return cls(entries, settings.allow_local_model_paths, settings.home)
 
-    def resolve(self, name: str) -> ServedModel:
-        """The served model for a name from a request or a batch, or UnknownModelError."""
+    def resolve(self, name: str, allow_hub_ids: bool = False) -> ServedModel:
+        """The served model for a name from a request or a batch, or UnknownModelError.
+
+        `allow_hub_ids`: a name that is neither configured nor a local model folder is taken as a hub
+        id (or a folder the engine will report missing), as `vllm-batch run --model` does.
+        """
         if name in self.models:
             return self.models[name]
-        if self.allow_local_paths:
-            local = Path(name).expanduser()
-            local = local if local.is_absolute() else self.base / local
-            if (local / "config.json").is_file():
-                return ServedModel(name, str(local.resolve()))
+        local = Path(name).expanduser()
+        if self.allow_local_paths or allow_hub_ids:
+            # A command line's relative path is relative to where it was typed; a file's, to the project.
+            places = [local] if local.is_absolute() else [local, self.base / local] if allow_hub_ids else [self.base / local]
+            for found in places:
+                if (found / "config.json").is_file():
+                    return ServedModel(name, str(found.resolve()))
+        if allow_hub_ids:
+            return ServedModel(name, str(local.resolve()) if local.exists() else name)
         known = ", ".join(sorted(self.models)) or "none configured"
         raise UnknownModelError(f"unknown model {name!r} (served models: {known})")

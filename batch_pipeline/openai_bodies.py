@@ -22,21 +22,10 @@ from batch_pipeline.records import (
     ErrorCode,
     ResponseFormat,
 )
+from resources.vllm_engine import EngineRequest
 
 if TYPE_CHECKING:
-    from vllm import RequestOutput, SamplingParams
-
-
-@dataclass(slots=True)
-class EngineRequest:
-    """One request ready for the engine: token ids and sampling parameters."""
-
-    key: int
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    url: str
-    wants_logprobs: bool
-    top_logprobs: int
+    from vllm import RequestOutput
 
 
 class RequestRejected(Exception):

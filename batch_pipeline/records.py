@@ -1,13 +1,14 @@
 """The records that cross a boundary: batch input lines, request bodies, output and error lines.
 
-One pydantic model per record, reused by the pipeline, the API and the tests. The shapes follow the
+One pydantic model per record: the request bodies (validated by batch_pipeline/input_file.py) and the
+error member of an output line (written by batch_pipeline/results.py). The shapes follow the
 OpenAI Batch API: an input line is `{"custom_id", "method", "url", "body"}`; an output line is
 `{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
@@ -125,8 +126,8 @@ class CompletionBody(_Body):
     def prompt_value(self) -> str | list[int]:
         """The single prompt, as text or token ids."""
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
-            return self.prompt[0]  # type: ignore[return-value]
-        return self.prompt  # type: ignore[return-value]
+            return self.prompt[0]
+        return cast("str | list[int]", self.prompt)
 
 
 class EmbeddingBody(BaseModel):
@@ -147,37 +148,12 @@ BODY_MODELS: dict[str, type[BaseModel]] = {
 }
 
 
-class BatchRequestLine(BaseModel):
-    """One line of an OpenAI batch input file."""
-
-    model_config = ConfigDict(extra="forbid")
-    custom_id: Annotated[str, Field(min_length=1, max_length=512)]
-    method: Literal["POST"]
-    url: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
-    body: dict[str, Any]
-
-
 class BatchError(BaseModel):
     """The `error` member of an output line: a machine-readable code and a human message."""
 
     code: str
     message: str
     line: int | None = Field(default=None, description="1-based line number in the input file")
-
-
-class BatchResponse(BaseModel):
-    status_code: int
-    request_id: str
-    body: dict[str, Any]
-
-
-class BatchOutputLine(BaseModel):
-    """One line of the output file (`response` set) or of the error file (`error` set)."""
-
-    id: str
-    custom_id: str | None
-    response: BatchResponse | None = None
-    error: BatchError | None = None
 
 
 class ErrorCode:

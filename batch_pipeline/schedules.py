@@ -12,7 +12,6 @@ from pathlib import Path
 
 from dagster import (
     AssetKey,
-    DagsterRunStatus,
     DefaultScheduleStatus,
     RunRequest,
     RunsFilter,
@@ -22,13 +21,11 @@ from dagster import (
     schedule,
 )
 
-from batch_pipeline.batches import batches_partitions, load_spec
+from batch_pipeline.batches import batches_partitions, load_spec, load_submission
+from batch_pipeline.constants import ACTIVE_RUN_STATUSES, BATCH_ID_TAG, PARTITION_TAG, SOURCE_TAG, WILL_RETRY_TAG
+from batch_pipeline.queue_tickets import pending_tickets
 from batch_pipeline.settings import Settings, get_settings
-from batch_pipeline.submission import pending_tickets
 from resources.storage import BatchStorage
-
-_NOT_FINISHED = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
-                 DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
 
 
 def batches_to_catch_up(instance, data_dir: str) -> list[str]:
@@ -43,11 +40,14 @@ def batches_to_catch_up(instance, data_dir: str) -> list[str]:
         paths = storage.batch(batch_id)
         if not paths.spec.exists() or load_spec(paths).rejected:
             continue
-        partition = {"dagster/partition": batch_id}
-        if instance.get_run_records(RunsFilter(tags=partition, statuses=_NOT_FINISHED), limit=1):
+        submission = load_submission(paths)
+        if submission is not None and (submission.cancel_requested_at or submission.expired_at):
+            continue  # stopped on purpose: running it again would undo the cancel or the expiry
+        partition = {PARTITION_TAG: batch_id}
+        if instance.get_run_records(RunsFilter(tags=partition, statuses=list(ACTIVE_RUN_STATUSES)), limit=1):
             continue
         latest = instance.get_run_records(RunsFilter(tags=partition), limit=1)
-        if latest and latest[0].dagster_run.tags.get("dagster/will_retry") == "true":
+        if latest and latest[0].dagster_run.tags.get(WILL_RETRY_TAG) == "true":
             continue  # the run-retry daemon is about to launch it
         todo.append(batch_id)
     return todo
@@ -70,7 +70,7 @@ def build_catch_up_schedule(settings: Settings) -> ScheduleDefinition:
             return SkipReason("every batch is materialised or has a run in flight")
         tick = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "now"
         return [RunRequest(run_key=f"{batch_id}@{tick}", partition_key=batch_id,
-                           tags={"vllm_batch/batch_id": batch_id, "vllm_batch/source": "schedule"})
+                           tags={BATCH_ID_TAG: batch_id, SOURCE_TAG: "schedule"})
                 for batch_id in todo]
 
     return unmaterialised_batches

@@ -11,14 +11,18 @@ from dagster import (
     SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
+    SkipReason,
     sensor,
 )
 
+from batch_pipeline.constants import BATCH_ID_TAG, INBOX_FILE_TAG, REJECTED_TAG, RUN_KEY_TAG, SOURCE_TAG
 from batch_pipeline.inbox import list_inbox, settle, take
+from batch_pipeline.queue_tickets import clear_ticket, pending_tickets
 from batch_pipeline.settings import Settings, get_settings
-from batch_pipeline.submission import clear_ticket, pending_tickets
+from batch_pipeline.stopping import enforce_stops
 
 QUEUE_SENSOR_INTERVAL_S = 5
+STOPS_SENSOR_INTERVAL_S = 10
 
 
 @sensor(
@@ -33,16 +37,27 @@ def queued_batches(context: SensorEvaluationContext) -> SensorResult:
     requests = []
     for ticket in pending_tickets(data_dir):
         runs = context.instance.get_run_records(
-            RunsFilter(tags={"dagster/run_key": ticket["ticket"]}), limit=1)
+            RunsFilter(tags={RUN_KEY_TAG: ticket["ticket"]}), limit=1)
         if runs:
             clear_ticket(data_dir, ticket["ticket"])  # launched on an earlier tick
             continue
         requests.append(RunRequest(
             run_key=ticket["ticket"],
             partition_key=ticket["batch_id"],
-            tags={"vllm_batch/batch_id": ticket["batch_id"], **ticket.get("tags", {})},
+            tags={BATCH_ID_TAG: ticket["batch_id"], **ticket.get("tags", {})},
         ))
     return SensorResult(run_requests=requests)
+
+
+@sensor(
+    minimum_interval_seconds=STOPS_SENSOR_INTERVAL_S,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Carries out cancel requests and closed completion windows: stops the run, writes partial results.",
+)
+def batch_stops(context: SensorEvaluationContext) -> SkipReason:
+    """Enforce every due stop (batch_pipeline/stopping.py); launches nothing itself."""
+    acted = enforce_stops(context.instance, get_settings().resolved_data_dir)
+    return SkipReason(f"stopped or settled: {', '.join(acted)}" if acted else "no stop due")
 
 
 def build_inbox_sensor(settings: Settings) -> SensorDefinition:
@@ -70,7 +85,7 @@ def build_inbox_sensor(settings: Settings) -> SensorDefinition:
             except (OSError, ValueError) as exc:
                 context.log.error(f"{file.path.name}: could not be taken: {exc}")
                 continue
-            if context.instance.get_run_records(RunsFilter(tags={"dagster/run_key": intake.run_key}), limit=1):
+            if context.instance.get_run_records(RunsFilter(tags={RUN_KEY_TAG: intake.run_key}), limit=1):
                 settle(intake.source)  # its run exists (launched on an earlier tick): done with the file
                 now_seen.pop(file.path.name)
                 continue
@@ -82,9 +97,8 @@ def build_inbox_sensor(settings: Settings) -> SensorDefinition:
             requests.append(RunRequest(
                 run_key=intake.run_key,
                 partition_key=intake.spec.batch_id,
-                tags={"vllm_batch/batch_id": intake.spec.batch_id, "vllm_batch/source": "inbox",
-                      "vllm_batch/inbox_file": file.path.name,
-                      **({"vllm_batch/rejected": "true"} if intake.spec.rejected else {})},
+                tags={BATCH_ID_TAG: intake.spec.batch_id, SOURCE_TAG: "inbox", INBOX_FILE_TAG: file.path.name,
+                      **({REJECTED_TAG: "true"} if intake.spec.rejected else {})},
             ))
         return SensorResult(run_requests=requests, cursor=json.dumps({"seen": now_seen}))
 

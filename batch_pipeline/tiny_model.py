@@ -59,7 +59,8 @@ def build_tiny_model(target: Path, *, vocab_size: int = 2048, max_position_embed
     fast.save_pretrained(target)
 
     torch.manual_seed(0)
-    config = LlamaConfig(
+    # torch_dtype is still read by the transformers that vLLM uses, though its stubs no longer list it.
+    config = LlamaConfig(  # type: ignore[call-arg]
         vocab_size=len(fast),
         hidden_size=256,
         intermediate_size=512,

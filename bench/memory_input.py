@@ -43,15 +43,17 @@ def pipeline(path: Path) -> dict:
     from dagster import DagsterInstance, materialize
 
     from assets.batch_input import batch_input
-    from batch_pipeline.batches import BatchSpec, register_batch
+    from batch_pipeline.intake import register
+    from batch_pipeline.models import ServedModel
+    from batch_pipeline.settings import Settings
     from resources.storage import BatchStorage
 
     work = Path(tempfile.mkdtemp(prefix="bench-mem-"))
     (work / "dagster").mkdir()
     storage = BatchStorage(data_dir=str(work / "data"))
     with DagsterInstance.local_temp(str(work / "dagster")) as instance:
-        spec = BatchSpec(batch_id="mem", input_path=str(path), model="m", model_name="m", chunk_size=256)
-        register_batch(instance, storage.batch("mem"), spec)
+        settings = Settings(data_dir=work / "data", chunk_size=256)
+        register(settings, instance, path, ServedModel("m", "m"), source="bench", batch_id="mem")
         started = time.perf_counter()
         result = materialize([batch_input], partition_key="mem", resources={"storage": storage}, instance=instance)
         seconds = time.perf_counter() - started

@@ -43,6 +43,10 @@ class BatchPaths:
         return self.root / "batch.json"
 
     @property
+    def submission(self) -> Path:
+        return self.root / "submission.json"
+
+    @property
     def requests(self) -> Path:
         return self.root / "input" / "requests.parquet"
 
@@ -91,6 +95,11 @@ class BatchPaths:
     @property
     def summary(self) -> Path:
         return self.results_dir / "summary.json"
+
+    @property
+    def stopped(self) -> Path:
+        """The counts of a batch stopped early (cancelled or expired), beside its partial results."""
+        return self.results_dir / "stopped.json"
 
 
 class BatchStorage(ConfigurableResource):

@@ -1,4 +1,8 @@
-"""The GPU resource: it owns one vLLM engine, keeps it fed, and releases it (and its memory) at teardown."""
+"""The GPU resource: it owns the process's vLLM engine, keeps it fed, and decides when it is released.
+
+Assets use it as `with engine.session(model, engine_args) as loaded:`; the resource decides whether
+that loads, reuses or swaps the engine, and whether the engine outlives the session (keep_loaded).
+"""
 
 from __future__ import annotations
 
@@ -9,20 +13,35 @@ import os
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from dagster import ConfigurableResource, InitResourceContext
 
-from batch_pipeline.openai_bodies import EngineRequest
 from resources import engine_processes
+
+if TYPE_CHECKING:
+    from vllm import LLM, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
 
 
 class EngineLoadError(Exception):
     """The model could not be loaded; the message says which model and why, in one line."""
+
+
+@dataclass(slots=True)
+class EngineRequest:
+    """One request ready for the engine: token ids and sampling parameters."""
+
+    key: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    url: str
+    wants_logprobs: bool
+    top_logprobs: int
 
 
 @dataclass(slots=True)
@@ -35,7 +54,7 @@ class EngineFailure:
 class LoadedEngine:
     """A loaded `vllm.LLM` plus what the pipeline needs to know about it."""
 
-    def __init__(self, model: str, kwargs: dict[str, Any], llm: Any, load_seconds: float):
+    def __init__(self, model: str, kwargs: dict[str, Any], llm: LLM, load_seconds: float):
         self.model = model
         self.kwargs = kwargs
         self.llm = llm
@@ -48,7 +67,8 @@ class LoadedEngine:
         self.requests_run = 0
         self.record_dir: Path | None = None
 
-    def stream(self, requests: Iterable[EngineRequest], in_flight: int | None = None) -> Iterator[tuple[EngineRequest, Any]]:
+    def stream(self, requests: Iterable[EngineRequest],
+               in_flight: int | None = None) -> Iterator[tuple[EngineRequest, RequestOutput | EngineFailure]]:
         """Run `requests` and yield (request, RequestOutput | EngineFailure) as each one finishes.
 
         Requests are admitted lazily, keeping `in_flight` of them unfinished so that the scheduler
@@ -87,7 +107,7 @@ class LoadedEngine:
                     continue
                 for output in engine.step():
                     if output.finished:
-                        yield pending.pop(output.request_id), output
+                        yield pending.pop(output.request_id), cast("RequestOutput", output)
         finally:
             if pending:
                 engine.abort_request(list(pending))
@@ -125,12 +145,12 @@ def _on_cpu() -> bool:
 
 
 class VLLMEngine(ConfigurableResource):
-    """Owns the vLLM engine for a run: loaded on first use, reused for every chunk, released at teardown.
+    """Owns the vLLM engine: loaded on first use, reused for every chunk, released when the session ends.
 
     Assets that use it run in the `gpu` concurrency pool, so one engine holds a GPU at a time. A
-    request for a different model swaps the engine: the old one is shut down before the new loads.
-    With `keep_loaded`, the engine outlives the run so the next batch of the same model in the same
-    process skips the load.
+    session for a different model swaps the engine: the old one is shut down before the new loads.
+    With `keep_loaded`, the engine outlives the session (and the run) so the next batch of the same
+    model in the same process skips the load.
     """
 
     dtype: str = "auto"
@@ -171,31 +191,42 @@ class VLLMEngine(ConfigurableResource):
         return kwargs
 
     def prefetch(self, model: str, extra_args: dict[str, Any] | None = None) -> None:
-        """Start loading `model` in a background thread; the next load() waits for it.
+        """Start loading `model` in a background thread; the next session waits for it.
 
         `vllm-batch run` uses this to overlap the engine load with Dagster's start-up and the input
         validation. Runs launched by the daemon don't: there the `gpu` pool decides when a run may
         touch the GPU, and only batch_chunks holds the pool slot.
         """
-        global _prefetch
-        if _prefetch is None:
+        if _slot.prefetch is None:
             pool = ThreadPoolExecutor(1, thread_name_prefix="engine-prefetch")
-            _prefetch = pool.submit(self._load_now, model, extra_args)
+            _slot.prefetch = pool.submit(self._load, model, extra_args)
             pool.shutdown(wait=False)
+
+    @contextmanager
+    def session(self, model: str, extra_args: dict[str, Any] | None = None) -> Iterator[LoadedEngine]:
+        """The engine for `model` for the duration of the block; released after it unless keep_loaded.
+
+        Releasing before the step ends matters: the `gpu` pool slot goes with the step, and the next
+        batch (perhaps another model) starts loading the moment it is free.
+        """
+        loaded = self.load(model, extra_args)
+        try:
+            yield loaded
+        finally:
+            if not self.keep_loaded:
+                release_engine()
 
     def load(self, model: str, extra_args: dict[str, Any] | None = None) -> LoadedEngine:
         """The engine for `model`, loading it (and first unloading another model or setting) if needed."""
-        global _prefetch
-        if _prefetch is not None:
-            pending, _prefetch = _prefetch, None
+        if _slot.prefetch is not None:
+            pending, _slot.prefetch = _slot.prefetch, None
             pending.result()  # re-raises the prefetch's EngineLoadError, if any
-        return self._load_now(model, extra_args)
+        return self._load(model, extra_args)
 
-    def _load_now(self, model: str, extra_args: dict[str, Any] | None) -> LoadedEngine:
-        global _loaded
+    def _load(self, model: str, extra_args: dict[str, Any] | None) -> LoadedEngine:
         kwargs = self.engine_kwargs(model, extra_args)
-        if _loaded is not None and _loaded.kwargs == kwargs:
-            return _loaded
+        if _slot.loaded is not None and _slot.loaded.kwargs == kwargs:
+            return _slot.loaded
         if model.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(model)):
             raise EngineLoadError(f"could not load model {model!r}: no such directory")
         release_engine()
@@ -210,30 +241,37 @@ class VLLMEngine(ConfigurableResource):
         except Exception as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EngineLoadError(f"could not load model {model!r}: {reason}") from exc
-        _loaded = LoadedEngine(model, kwargs, llm, time.perf_counter() - started)
+        loaded = LoadedEngine(model, kwargs, llm, time.perf_counter() - started)
         if self.state_dir:
-            _loaded.record_dir = Path(self.state_dir)
+            loaded.record_dir = Path(self.state_dir)
             started_processes = engine_processes.child_processes() - children_before
-            engine_processes.record_engine(_loaded.record_dir, started_processes, model)
-        return _loaded
+            engine_processes.record_engine(loaded.record_dir, started_processes, model)
+        _slot.loaded = loaded
+        return loaded
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:
+        # A step that failed before its session began may still have a prefetched engine.
         if not self.keep_loaded:
             release_engine()
 
 
-# One engine per process: a process drives one GPU (or one tensor-parallel group), and two engines
-# would fight over its memory. Kept at module level so that a long-lived process (the test session,
-# a worker with keep_loaded) reuses it across runs, and swaps it when the model changes.
-_loaded: LoadedEngine | None = None
-_prefetch: Future | None = None
+@dataclass
+class _EngineSlot:
+    """The process's one engine (and its load in progress). A process drives one GPU (or one
+    tensor-parallel group), and two engines would fight over its memory; kept at module level so a
+    long-lived process (the test session, a worker with keep_loaded) reuses it across runs."""
+
+    loaded: LoadedEngine | None = None
+    prefetch: Future | None = None
+
+
+_slot = _EngineSlot()
 
 
 def release_engine() -> None:
     """Shut the process's engine down, if one is loaded."""
-    global _loaded
-    if _loaded is not None:
-        engine, _loaded = _loaded, None
+    if _slot.loaded is not None:
+        engine, _slot.loaded = _slot.loaded, None
         engine.shutdown()
         if engine.record_dir is not None:
             engine_processes.forget_engine(engine.record_dir)

@@ -87,4 +87,4 @@ def test_a_request_the_engine_cannot_take_is_an_error_row_in_its_chunk(tmp_path)
                on_written=lambda r: None)
     rows = pq.read_table(paths.chunk(0)).to_pylist()
     assert rows[0]["error"] is None and json.loads(rows[0]["response"])["body"]["object"] == "chat.completion"
-    assert json.loads(rows[1]["error"])["code"] == "context_length_exceeded" and rows[1]["status_code"] == 400
+    assert json.loads(rows[1]["error"])["code"] == "context_length_exceeded" and rows[1]["response"] is None

@@ -159,7 +159,7 @@ def register(service: Service, batch_id: str, lines: list[dict], model: str) -> 
 def submit(service: Service, batch_id: str, lines: list[dict], model: str) -> None:
     """Register a batch and leave a queue ticket for the `queued_batches` sensor."""
     from batch_pipeline.batches import load_spec
-    from batch_pipeline.submission import enqueue
+    from batch_pipeline.queue_tickets import enqueue
     from resources.storage import BatchPaths
 
     register(service, batch_id, lines, model)

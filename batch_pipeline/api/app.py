@@ -220,7 +220,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
-        message = first.get("msg", "invalid request")
+        message = str(first.get("msg", "invalid request"))
         return error_response(422, f"{'.'.join(loc)}: {message}" if loc else message, ".".join(loc) or None,
                               "invalid_value")
 
@@ -246,6 +246,6 @@ async def _enforce_windows(service: BatchService) -> None:
     while True:
         await asyncio.sleep(WINDOW_CHECK_INTERVAL_S)
         try:
-            await run_in_threadpool(service.enforce_windows)
+            await run_in_threadpool(service.enforce_stops)
         except Exception:  # a failed sweep must not stop the next one
             log.exception("checking completion windows failed")

@@ -79,6 +79,7 @@ async def read_form(content_type: str, body: AsyncIterator[bytes], file_path: Pa
             form.file_bytes += end - start
             if form.file_bytes > limit:
                 raise UploadTooLarge(f"the file is larger than the limit of {limit} bytes")
+            assert handle is not None  # opened when the file part began
             handle.write(data[start:end])
         else:
             state["buffer"] += data[start:end]

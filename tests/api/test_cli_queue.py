@@ -94,7 +94,7 @@ def test_a_closed_completion_window_expires_the_batch_with_an_error_per_request(
         assert service.describe(batch.id).status == "validating"
         time.sleep(max(batch.expires_at - time.time(), 0) + 0.5)
 
-        service.enforce_windows()
+        service.enforce_stops()
         expired = service.describe(batch.id)
         assert expired.status == "expired" and expired.expired_at >= batch.expires_at
         assert expired.request_counts.model_dump() == {"total": 3, "completed": 0, "failed": 3}

@@ -1,8 +1,8 @@
-"""Queue a batch for the daemon: register it, then leave a ticket that the `queued_batches` sensor turns into a run.
+"""Queue tickets: a registered batch leaves a ticket that the `queued_batches` sensor turns into a run.
 
-Every way in that does not run the batch in its own process (the API, `vllm-batch submit`, the inbox
-sensor) goes through here, so a batch is launched exactly once whichever way it came: the sensor
-uses the ticket id as the run key, and Dagster never launches two runs for one run key.
+The API and `vllm-batch submit` queue batches this way, so a batch is launched exactly once however
+often it is read or retried: the sensor uses the ticket id as the run key, and Dagster never launches
+two runs for one run key. (The inbox sensor launches its runs itself, with run key `inbox:<batch id>`.)
 """
 
 from __future__ import annotations
@@ -42,6 +42,11 @@ def pending_tickets(data_dir: Path) -> list[dict]:
         except (OSError, json.JSONDecodeError):
             continue  # a ticket being written right now; the next tick sees it
     return tickets
+
+
+def ticket_exists(data_dir: Path, ticket: str) -> bool:
+    """True while the ticket waits for the sensor."""
+    return (queue_dir(data_dir) / f"{ticket}.json").exists()
 
 
 def clear_ticket(data_dir: Path, ticket: str) -> None:

@@ -1,0 +1,108 @@
+"""Taking a batch in: the file checks, the model it runs, its id, its spec and its partition.
+
+Every way in goes through here: `vllm-batch run`, `vllm-batch submit`, the API's `POST /v1/batches`
+and the inbox sensor. So there is one batch-id rule, one model resolution and one set of file checks,
+and a batch registered one way is the same batch registered another way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dagster import DagsterInstance
+
+from batch_pipeline.batches import BatchSpec, default_batch_id, load_spec, save_spec, valid_batch_id
+from batch_pipeline.constants import BATCHES_PARTITIONS
+from batch_pipeline.models import ModelConfigError, ModelRegistry, ServedModel, UnknownModelError
+from batch_pipeline.settings import Settings
+from resources.storage import BatchStorage
+
+
+class IntakeError(Exception):
+    """The batch cannot be taken in; `param` and `code` say which input is at fault, for API errors."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+def checked_input(path: Path) -> Path:
+    """The input file, absolute, once it is known to exist and hold something."""
+    path = path.expanduser().resolve()
+    if not path.is_file():
+        raise IntakeError(f"input file not found: {path}", "input_file", "file_not_found")
+    if path.stat().st_size == 0:
+        raise IntakeError(f"input file is empty: {path}", "input_file", "invalid_file")
+    return path
+
+
+@dataclass
+class FileSurvey:
+    """What a quick read of a batch file's lines shows (each line is fully validated later, by batch_input)."""
+
+    lines: int = 0
+    objects: int = 0
+    models: dict[str, int] = field(default_factory=dict)  # body.model -> first line naming it, in file order
+    urls: dict[str, int] = field(default_factory=dict)  # url -> first line using it
+
+    @property
+    def first_url(self) -> str | None:
+        return next(iter(self.urls), None)
+
+
+def survey(path: Path, max_line_bytes: int, max_lines: int | None = None) -> FileSurvey:
+    """The models and endpoints a file names, reading at most `max_lines` non-blank lines."""
+    found = FileSurvey()
+    with path.open("rb") as handle:
+        number = 0
+        while (max_lines is None or found.lines < max_lines) and (raw := handle.readline(max_line_bytes + 1)):
+            number += 1
+            if not raw.strip():
+                continue
+            found.lines += 1
+            try:
+                obj = json.loads(raw)
+            except (ValueError, UnicodeDecodeError):
+                continue  # a bad line is the pipeline's business: it becomes an error record
+            if not isinstance(obj, dict):
+                continue
+            found.objects += 1
+            if isinstance(obj.get("url"), str):
+                found.urls.setdefault(obj["url"], number)
+            body = obj.get("body")
+            if isinstance(body, dict) and isinstance(body.get("model"), str):
+                found.models.setdefault(body["model"], number)
+    return found
+
+
+def resolve_model(settings: Settings, name: str, *, allow_hub_ids: bool = False, param: str = "model") -> ServedModel:
+    """The served model for a name: the models file first, then a local model folder, then (if
+    allowed, as `vllm-batch run` does) a hub id."""
+    try:
+        return ModelRegistry.from_settings(settings).resolve(name, allow_hub_ids=allow_hub_ids)
+    except ModelConfigError as exc:
+        raise IntakeError(str(exc)) from None
+    except UnknownModelError as exc:
+        raise IntakeError(str(exc), param, "model_not_found") from None
+
+
+def register(settings: Settings, instance: DagsterInstance, input_path: Path, served: ServedModel, *,
+             source: str, batch_id: str | None = None, chunk_size: int | None = None,
+             metadata: dict[str, str] | None = None, rejected: str | None = None) -> BatchSpec:
+    """Write the batch's spec and add its partition (idempotent: registering again keeps its history)."""
+    batch_id = batch_id or default_batch_id(input_path, served.model)
+    if not valid_batch_id(batch_id):
+        raise IntakeError(f"invalid batch id {batch_id!r}: use letters, digits, '_', '-' and '.'", "batch_id")
+    paths = BatchStorage(data_dir=str(settings.resolved_data_dir)).batch(batch_id)
+    spec = BatchSpec(batch_id=batch_id, input_path=str(input_path), model=served.model, model_name=served.name,
+                     engine_args=served.engine_args, chunk_size=chunk_size or settings.chunk_size, source=source,
+                     metadata=metadata or {}, rejected=rejected)
+    if paths.spec.exists():
+        spec = spec.model_copy(update={"created_at": load_spec(paths).created_at})
+    save_spec(paths, spec)
+    if not instance.has_dynamic_partition(BATCHES_PARTITIONS, batch_id):
+        instance.add_dynamic_partitions(BATCHES_PARTITIONS, [batch_id])
+    return spec

@@ -1,0 +1,248 @@
+"""A batch's status, derived each time it is read: never stored, never written while reading.
+
+`read_facts` gathers what the Dagster instance says (the batch's latest run, found by its partition
+tag, and that run's step events) and what the batch's files say (spec, submission, queue ticket,
+manifest, finished chunks, summary or stopped counts). `derive_batch` is a pure function from those
+facts to the OpenAI Batch object, so a batch launched from the UI, by a sensor, by `vllm-batch run`
+or through the API is described exactly alike. Stopping a batch (cancel, expiry) is a separate,
+explicit call: batch_pipeline/stopping.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from dagster import DagsterEvent, DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
+
+from batch_pipeline.batch_object import Batch, BatchErrorItem, BatchErrors, RequestCounts, Usage
+from batch_pipeline.batches import BatchSpec, Submission, load_spec, load_submission
+from batch_pipeline.constants import ACTIVE_RUN_STATUSES, PARTITION_TAG, RUN_KEY_TAG
+from batch_pipeline.intake import survey
+from batch_pipeline.queue_tickets import ticket_exists
+from batch_pipeline.records import CHAT_URL
+from batch_pipeline.results import ResultCounts
+from resources.storage import BatchPaths
+
+CANCELING_STEP = "__canceling__"
+
+
+@dataclass(frozen=True)
+class RunState:
+    """The batch's latest run of batch_job, as far as its status needs it."""
+
+    run_id: str
+    status: DagsterRunStatus
+    ended_at: float | None
+    step_starts: dict[str, float]  # step key -> first start; CANCELING_STEP -> when cancelling began
+    failure: BatchErrorItem | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE_RUN_STATUSES
+
+
+@dataclass(frozen=True)
+class BatchFacts:
+    """Everything a batch's status is derived from."""
+
+    spec: BatchSpec
+    submission: Submission | None
+    run: RunState | None
+    ticket_pending: bool  # queued, and the sensor has not launched its run yet
+    summary: dict | None  # results/summary.json: the batch finished
+    stopped: dict | None  # results/stopped.json: the batch was stopped and its partial results written
+    progress: ResultCounts | None  # counts so far, from the manifest and the finished chunks
+    summary_mtime: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        """The batch reached an end of its own: results written, or its run failed or was cancelled."""
+        if self.run is not None and self.run.active:
+            return False
+        return (self.summary is not None or (self.run is not None and self.run.status in
+                                             (DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED)))
+
+
+def stop_reason(facts: BatchFacts, now: float) -> str | None:
+    """Why the batch is (being) stopped early: 'cancelled', 'expired', or None."""
+    sub = facts.submission
+    if sub is not None and sub.cancel_requested_at:
+        return "cancelled"
+    if sub is not None and sub.expired_at:
+        return "expired"
+    if sub is not None and sub.expires_at is not None and now > sub.expires_at and not facts.finished:
+        return "expired"
+    run = facts.run
+    if run is not None and run.status == DagsterRunStatus.CANCELED and facts.summary is None:
+        return "cancelled"  # from the UI or by run monitoring: kept alike to an API cancel
+    return None
+
+
+def derive_batch(facts: BatchFacts, now: float) -> Batch:
+    """The Batch object for these facts (file ids are the caller's: they belong to the file store)."""
+    spec, sub, run = facts.spec, facts.submission or Submission(), facts.run
+    steps = run.step_starts if run is not None else {}
+    batch = Batch(
+        id=spec.batch_id, endpoint=sub.endpoint if facts.submission else _endpoint_of(spec),
+        model=spec.model_name, input_file_id=sub.input_file_id or "",
+        completion_window=sub.completion_window or "24h", status="validating", created_at=int(spec.created_at),
+        expires_at=_int(sub.expires_at), in_progress_at=_int(steps.get("batch_chunks")),
+        finalizing_at=_int(steps.get("batch_results")), metadata=spec.metadata or None,
+    )
+    reason = stop_reason(facts, now)
+    if reason == "cancelled" and sub.cancel_requested_at:
+        batch.cancelling_at = int(sub.cancel_requested_at)
+        batch.status = "cancelled" if facts.stopped is not None else "cancelling"
+        batch.cancelled_at = _int(sub.stopped_at)
+    elif reason == "cancelled":
+        assert run is not None
+        batch.status, batch.cancelled_at = "cancelled", _int(run.ended_at)
+        batch.cancelling_at = _int(steps.get(CANCELING_STEP))
+    elif reason == "expired":
+        batch.expired_at = int(sub.expired_at or sub.expires_at or now)
+        batch.status = "expired" if facts.stopped is not None else "finalizing"
+    elif run is not None and run.active:
+        if run.status == DagsterRunStatus.CANCELING:
+            batch.status, batch.cancelling_at = "cancelling", _int(steps.get(CANCELING_STEP)) or int(now)
+        elif "batch_results" in steps:
+            batch.status = "finalizing"
+        elif "batch_chunks" in steps:
+            batch.status = "in_progress"
+    elif facts.ticket_pending:
+        batch.status = "validating"
+    elif run is not None and run.status == DagsterRunStatus.FAILURE:
+        batch.status, batch.failed_at = "failed", _int(run.ended_at)
+        batch.errors = BatchErrors(data=[run.failure or BatchErrorItem(code="batch_failed")])
+    elif facts.summary is not None:
+        batch.status = "completed"
+        batch.completed_at = _int(run.ended_at if run else None) or _int(facts.summary_mtime)
+        batch.finalizing_at = batch.finalizing_at or batch.completed_at
+        batch.in_progress_at = batch.in_progress_at or int(spec.created_at)
+
+    totals = (facts.summary if batch.status == "completed" else
+              facts.stopped if batch.status in ("cancelled", "expired") else None)
+    counts = ResultCounts(**{k: totals[k] for k in ResultCounts().as_dict()}) if totals else facts.progress
+    if counts is not None:
+        batch.request_counts = RequestCounts(total=counts.total, completed=counts.completed, failed=counts.failed)
+        batch.usage = Usage(input_tokens=counts.prompt_tokens, output_tokens=counts.completion_tokens,
+                            total_tokens=counts.prompt_tokens + counts.completion_tokens)
+    return batch
+
+
+def _endpoint_of(spec: BatchSpec) -> str:
+    # A batch started outside the API (UI, sensor, `vllm-batch run`): its first lines say which endpoint.
+    try:
+        return survey(Path(spec.input_path), 1 << 20, max_lines=100).first_url or CHAT_URL
+    except OSError:
+        return CHAT_URL
+
+
+def _int(value: float | None) -> int | None:
+    return int(value) if value is not None else None
+
+
+# ---- reading the facts ---------------------------------------------------------------------------
+
+
+class ChunkStats:
+    """Per-chunk counts for progress, read once per chunk file (a finished chunk never changes)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, int], ResultCounts] = {}
+
+    def progress(self, paths: BatchPaths) -> ResultCounts | None:
+        """Counts so far: every line batch_input rejected, plus the finished chunks' rows."""
+        try:
+            manifest = json.loads(paths.manifest.read_text())
+        except FileNotFoundError:
+            return None
+        counts = ResultCounts(total=manifest["valid_requests"] + manifest["invalid_lines"],
+                              failed=manifest["invalid_lines"])
+        for index in sorted(paths.finished_chunks() & set(range(manifest["num_chunks"]))):
+            chunk = self._chunk(paths.chunk(index))
+            if chunk is not None:
+                counts.completed += chunk.completed
+                counts.failed += chunk.failed
+                counts.prompt_tokens += chunk.prompt_tokens
+                counts.completion_tokens += chunk.completion_tokens
+        return counts
+
+    def _chunk(self, path: Path) -> ResultCounts | None:
+        try:
+            key = (str(path), path.stat().st_mtime_ns)
+        except FileNotFoundError:
+            return None
+        if key not in self._cache:
+            table = pq.read_table(path, columns=["error", "prompt_tokens", "completion_tokens"])
+            failed = table.num_rows - table["error"].null_count
+            self._cache[key] = ResultCounts(
+                total=table.num_rows, completed=table.num_rows - failed, failed=failed,
+                prompt_tokens=_sum(table["prompt_tokens"]), completion_tokens=_sum(table["completion_tokens"]))
+        return self._cache[key]
+
+
+def _sum(column: pa.ChunkedArray) -> int:
+    return pc.sum(column).as_py() or 0
+
+
+def latest_run(instance: DagsterInstance, batch_id: str) -> RunState | None:
+    """The batch's latest run (every run of batch_job carries its partition tag, however launched)."""
+    records = instance.get_run_records(RunsFilter(tags={PARTITION_TAG: batch_id}), limit=1)
+    if not records:
+        return None
+    record = records[0]
+    run = record.dagster_run
+    starts: dict[str, float] = {}
+    for entry in instance.all_logs(run.run_id, of_type={DagsterEventType.STEP_START, DagsterEventType.RUN_CANCELING}):
+        starts.setdefault(entry.step_key or CANCELING_STEP, entry.timestamp)
+    failure = None
+    if run.status == DagsterRunStatus.FAILURE:
+        logs = instance.all_logs(run.run_id, of_type={DagsterEventType.STEP_FAILURE})
+        events = [entry.dagster_event for entry in logs if entry.dagster_event is not None]
+        step = events[0].step_key if events else None
+        failure = BatchErrorItem(code="invalid_file" if step == "batch_input" else "batch_failed",
+                                 message=failure_message(events))
+    return RunState(run.run_id, run.status, record.end_time, starts, failure)
+
+
+def read_facts(instance: DagsterInstance, paths: BatchPaths, data_dir: Path, stats: ChunkStats) -> BatchFacts:
+    """What the instance and the files say about one batch, now."""
+    spec = load_spec(paths)
+    submission = load_submission(paths)
+    run = latest_run(instance, spec.batch_id)
+    pending = False
+    if submission is not None and submission.ticket and ticket_exists(data_dir, submission.ticket):
+        # The sensor clears a ticket once its run exists; until then the ticket may have a run already.
+        pending = not instance.get_run_records(RunsFilter(tags={RUN_KEY_TAG: submission.ticket}), limit=1)
+    summary = _json_or_none(paths.summary)
+    return BatchFacts(spec=spec, submission=submission, run=run, ticket_pending=pending, summary=summary,
+                      stopped=_json_or_none(paths.stopped), progress=stats.progress(paths),
+                      summary_mtime=paths.summary.stat().st_mtime if summary is not None else None)
+
+
+def _json_or_none(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def failure_message(events: Sequence[DagsterEvent]) -> str:
+    """The first step failure of a run, as one line."""
+    for event in events:
+        if event.is_step_failure:
+            data = event.step_failure_data
+            if data.user_failure_data and data.user_failure_data.description:
+                return data.user_failure_data.description
+            error = data.error
+            while error is not None and error.cause is not None:
+                error = error.cause
+            if error is not None:
+                return error.message.strip().splitlines()[-1]
+    return "the run failed; see the Dagster UI for its logs"
