@@ -38,7 +38,7 @@ class Integration:
 
     def check_installed(self) -> None:
         """Raise IntegrationError naming the extra when a package it needs is not importable."""
-        missing = [name for name in self.requires if importlib.util.find_spec(name) is None]
+        missing = [name for name in self.requires if not _importable(name)]
         if missing:
             raise IntegrationError(
                 f"the {self.name} integration is enabled but needs the '{self.extra}' extra "
@@ -55,6 +55,13 @@ class Integration:
         if build is None:
             raise IntegrationError(f"integration module {self.module} has no build_definitions(settings)")
         return build(settings)
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a dotted name whose parent package is missing
+        return False
 
 
 # The built-in integrations, in the order their definitions are merged.
