@@ -78,6 +78,25 @@ def survey(path: Path, max_line_bytes: int, max_lines: int | None = None) -> Fil
     return found
 
 
+# How far into a file the API looks for the model and endpoint a batch names.
+HEAD_LINES = 1000
+
+
+def model_for_endpoint(settings: Settings, path: Path, endpoint: str) -> ServedModel:
+    """The model an uploaded file names (the first line naming one binds the batch), checking that its
+    first lines all use the batch's endpoint; the default model (VBATCH_MODEL) if none names one."""
+    head = survey(path, settings.max_line_bytes, HEAD_LINES)
+    for url, line in head.urls.items():
+        if url != endpoint:
+            raise IntakeError(f"line {line} has url {url!r}, but the batch endpoint is {endpoint!r}",
+                              "endpoint", "invalid_file")
+    name = next(iter(head.models), None) or settings.model
+    if not name:
+        raise IntakeError(f"no request in the first {HEAD_LINES} lines names body.model, and no default model "
+                          "is configured (VBATCH_MODEL)", "input_file_id", "invalid_file")
+    return resolve_model(settings, name, param="input_file_id")
+
+
 def resolve_model(settings: Settings, name: str, *, allow_hub_ids: bool = False, param: str = "model") -> ServedModel:
     """The served model for a name: the models file first, then a local model folder, then (if
     allowed, as `vllm-batch run` does) a hub id."""

@@ -77,6 +77,10 @@ def test_killed_run_resumes_without_redoing_finished_chunks(tmp_path, tiny_model
     outputs = read_jsonl(Path(summary["output_file"]))
     assert [o["custom_id"] for o in outputs] == [f"q{i}" for i in range(1500)]  # each exactly once, in order
     assert all(o["response"]["body"]["usage"]["completion_tokens"] == 16 for o in outputs)
+    # Not a terminal: plain progress lines instead of a bar, ending on the whole batch.
+    progress = [line for line in result.stderr.splitlines() if line.startswith("progress: ")]
+    assert progress and progress[-1].startswith("progress: 1500/1500 requests"), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(("setup", "message"), [

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from batch_pipeline.api.schemas import FileObject
-from resources.storage import atomic_path
+from batch_pipeline.api.schemas import Batch, FileObject
+from resources.storage import BatchPaths, atomic_path
 
 _FILE_ID_RE = re.compile(r"^file-[0-9a-f]{24,64}$")
 
@@ -115,6 +115,19 @@ class FileStore:
         name = "output.jsonl" if kind == "output" else "errors.jsonl"
         return self.register_path(result_file_id(batch_id, kind), path, f"{batch_id}_{name}", "batch_output",
                                   batch_id)
+
+    def attach(self, batch: Batch, paths: BatchPaths, input_path: Path) -> Batch:
+        """Fill in the batch's file ids: its input (for batches not made from an upload) and its results."""
+        if not batch.input_file_id and input_path.is_file():
+            batch.input_file_id = self.register_path(result_file_id(batch.id, "input"), input_path, input_path.name,
+                                                     "batch", batch.id) or ""
+        if batch.status in ("completed", "cancelled", "expired"):
+            # A finished batch always has an output file (maybe empty); a stopped one only if it got somewhere.
+            if paths.output.exists() and (batch.status == "completed" or paths.output.stat().st_size > 0):
+                batch.output_file_id = self.register_result(batch.id, "output", paths.output)
+            if paths.errors.exists() and paths.errors.stat().st_size > 0:
+                batch.error_file_id = self.register_result(batch.id, "errors", paths.errors)
+        return batch
 
     def delete(self, file_id: str) -> None:
         """Remove an uploaded file; for a file that lives elsewhere only the record goes (the batch keeps it)."""

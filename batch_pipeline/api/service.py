@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dagster import DagsterInstance
 
-from batch_pipeline.api.files import FileNotFound, FileStore, result_file_id
+from batch_pipeline.api.files import FileNotFound, FileStore
 from batch_pipeline.api.schemas import TERMINAL_STATUSES, Batch, ListPage, window_seconds
 from batch_pipeline.batches import (
     BatchSpec,
@@ -27,7 +27,7 @@ from batch_pipeline.batches import (
     valid_batch_id,
 )
 from batch_pipeline.constants import BATCHES_PARTITIONS, SOURCE_TAG
-from batch_pipeline.intake import IntakeError, checked_input, register, resolve_model, survey
+from batch_pipeline.intake import HEAD_LINES, IntakeError, checked_input, model_for_endpoint, register, resolve_model, survey
 from batch_pipeline.models import ModelConfigError, ModelRegistry
 from batch_pipeline.queue_tickets import enqueue
 from batch_pipeline.records import CHAT_URL, SUPPORTED_URLS
@@ -36,8 +36,6 @@ from batch_pipeline.status import ChunkStats, derive_batch, read_facts
 from batch_pipeline.stopping import enforce_stop, enforce_stops, request_cancel
 from resources.storage import BatchPaths, BatchStorage
 
-# How far into an input file `create` looks for the model the batch names.
-_MODEL_SCAN_LINES = 1000
 _BUSY = {"validating", "in_progress", "finalizing", "cancelling"}
 
 
@@ -102,17 +100,8 @@ class BatchService:
         if endpoint not in SUPPORTED_URLS:
             raise BatchRequestError(f"endpoint must be one of {', '.join(SUPPORTED_URLS)}", "endpoint")
         input_path = self.files.content_path(input_file_id)
-        head = survey(input_path, self.settings.max_line_bytes, _MODEL_SCAN_LINES)
-        for url, line in head.urls.items():
-            if url != endpoint:
-                raise BatchRequestError(f"line {line} has url {url!r}, but the batch endpoint is {endpoint!r}",
-                                        "endpoint", "invalid_file")
-        model_name = next(iter(head.models), None) or self.settings.model
-        if not model_name:
-            raise BatchRequestError(f"no request in the first {_MODEL_SCAN_LINES} lines names body.model, and no "
-                                    "default model is configured (VBATCH_MODEL)", "input_file_id", "invalid_file")
         try:
-            served = resolve_model(self.settings, model_name, param="input_file_id")
+            served = model_for_endpoint(self.settings, input_path, endpoint)
             spec = register(self.settings, self.instance, input_path, served, source="api",
                             batch_id=f"batch_{uuid.uuid4().hex}", metadata=metadata)
         except IntakeError as exc:
@@ -138,7 +127,7 @@ class BatchService:
         except IntakeError as exc:
             raise BatchRequestError.from_intake(exc) from None
         paths.stopped.unlink(missing_ok=True)  # queued again: an earlier stop no longer describes it
-        endpoint = survey(path, self.settings.max_line_bytes, _MODEL_SCAN_LINES).first_url or CHAT_URL
+        endpoint = survey(path, self.settings.max_line_bytes, HEAD_LINES).first_url or CHAT_URL
         return self._queue(spec, Submission(endpoint=endpoint), "cli")
 
     def _queue(self, spec: BatchSpec, submission: Submission, source: str) -> Batch:
@@ -163,23 +152,8 @@ class BatchService:
     def describe(self, batch_id: str) -> Batch:
         """The Batch object as of now, derived from the instance and the files (nothing is written)."""
         paths = self._paths(batch_id)
-        batch = derive_batch(read_facts(self.instance, paths, self.data_dir, self._stats), time.time())
-        return self._with_file_ids(batch, paths)
-
-    def _with_file_ids(self, batch: Batch, paths: BatchPaths) -> Batch:
-        if not batch.input_file_id:
-            spec = load_spec(paths)
-            input_path = Path(spec.input_path)
-            if input_path.is_file():
-                batch.input_file_id = self.files.register_path(result_file_id(batch.id, "input"), input_path,
-                                                               input_path.name, "batch", batch.id) or ""
-        if batch.status in ("completed", "cancelled", "expired"):
-            # A finished batch always has an output file (maybe empty); a stopped one only if it got somewhere.
-            if paths.output.exists() and (batch.status == "completed" or paths.output.stat().st_size > 0):
-                batch.output_file_id = self.files.register_result(batch.id, "output", paths.output)
-            if paths.errors.exists() and paths.errors.stat().st_size > 0:
-                batch.error_file_id = self.files.register_result(batch.id, "errors", paths.errors)
-        return batch
+        facts = read_facts(self.instance, paths, self.data_dir, self._stats)
+        return self.files.attach(derive_batch(facts, time.time()), paths, Path(facts.spec.input_path))
 
     def list(self, limit: int = 20, after: str | None = None) -> ListPage[Batch]:
         """Batches newest first, OpenAI's cursor paging: `after` is the last id of the previous page."""
@@ -214,8 +188,8 @@ class BatchService:
             paths = self._paths(batch_id)
             now = time.time()
             request_cancel(paths, read_facts(self.instance, paths, self.data_dir, self._stats), now)
-            enforce_stop(self.instance, paths, self.data_dir, read_facts(self.instance, paths, self.data_dir,
-                                                                         self._stats), now)
+            facts = read_facts(self.instance, paths, self.data_dir, self._stats)  # with the request recorded
+            enforce_stop(self.instance, paths, self.data_dir, facts, now)
             return self.describe(batch_id)
 
     def enforce_stops(self) -> Sequence[str]:
