@@ -64,6 +64,12 @@ def _stop(child: _Child, grace_s: float = 20.0) -> None:
 def run_service(settings: Settings, host: str, port: int, echo=print) -> int:
     """Start both processes and supervise them until SIGTERM/SIGINT; returns the exit status."""
     home = prepare_instance(settings)
+    exporter = None
+    if settings.enable_monitoring:
+        # Before the children start: they inherit where to write vLLM's metrics (integrations/monitoring).
+        from integrations.monitoring.exporter import start_exporter
+
+        exporter = start_exporter(settings, echo)
     children = [_Child(name, argv) for name, argv in service_commands(settings, host, port).items()]
     stopping = False
 
@@ -108,5 +114,7 @@ def run_service(settings: Settings, host: str, port: int, echo=print) -> int:
                     os.killpg(group, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        if exporter is not None:
+            exporter.stop()
     echo("stopped")
     return 0
