@@ -100,6 +100,7 @@ class BatchEventFollower:
             if batch_id is None:
                 continue
             self.runs[run_id] = _RunState(run_id, batch_id, record.create_timestamp.timestamp())
+            self._zero_series(self._model(batch_id))
         for state in list(self.runs.values()):
             self._follow(state, latest.get(state.run_id))
         self._first_poll = False
@@ -212,6 +213,17 @@ class BatchEventFollower:
         _remove(self.metrics.batch_progress, state.batch_id)
         del self.runs[state.run_id]
         self.ended[state.run_id] = time.time()
+
+    def _zero_series(self, model: str) -> None:
+        # A series that first appears at 1 is invisible to increase() and rate(): Prometheus needs a
+        # sample before the change. So a model's series exist, at 0, from its first run's start.
+        for status in ("completed", "failed"):
+            self.metrics.requests.labels(model, status)
+        for status in ("completed", "failed", "cancelled", "expired"):
+            self.metrics.batches.labels(model, status)
+        self.metrics.engine_load_failures.labels(model)
+        self.metrics.prompt_tokens.labels(model)
+        self.metrics.generation_tokens.labels(model)
 
     # ---- what the files say ------------------------------------------------------------------------
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from batch_pipeline.settings import Settings
 from integrations.monitoring.batch_events import BatchEventFollower
@@ -40,8 +42,7 @@ class MetricsExporter:
 
     def start(self, with_engine_metrics: bool = True) -> MetricsExporter:
         """Bind the endpoint, point the workers started after this at the metrics folder, start polling."""
-        self._server, _ = start_http_server(self.settings.metrics_port, self.settings.metrics_host,
-                                            registry=self.registry)
+        self._server = serve_text_format(self.registry, self.settings.metrics_host, self.settings.metrics_port)
         if with_engine_metrics:
             folder = engine_metrics_dir(self.settings)
             self.engine_metrics = prepare_worker_environment(folder)
@@ -75,6 +76,27 @@ class MetricsExporter:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - one line per scrape would drown the service's log
+        pass
+
+
+def serve_text_format(registry: CollectorRegistry, host: str, port: int) -> ThreadingWSGIServer:
+    """Serve `registry` on http://host:port/metrics, always in the Prometheus text format, in a thread."""
+    app = make_wsgi_app(registry)
+
+    def text_format_app(environ, start_response):
+        # Prometheus asks for OpenMetrics first, and prometheus_client's OpenMetrics writer turns the
+        # ':' of vLLM's names into '_' (vllm:num_requests_running -> vllm_num_requests_running). The
+        # text format keeps vLLM's own names, which its dashboards and ours query.
+        environ["HTTP_ACCEPT"] = "text/plain; version=0.0.4"
+        return app(environ, start_response)
+
+    server = make_server(host, port, text_format_app, ThreadingWSGIServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server
 
 
 def start_exporter(settings: Settings, echo=print) -> MetricsExporter | None:
