@@ -43,7 +43,16 @@ demo: install model
 	$(PY) examples/make_sample_batch.py data/samples/demo.jsonl --requests $(DEMO_REQUESTS) --model tiny-llama
 	$(VENV)/bin/vllm-batch run data/samples/demo.jsonl --model $(MODEL_DIR) --model-name tiny-llama
 
-test: install model browser
+# ---- monitoring (integrations/monitoring): Debian's Prometheus and promtool for its tests -------------
+TEST_SERVICES += services-monitoring
+.PHONY: services-monitoring
+services-monitoring:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+		{ SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); $$SUDO apt-get update -qq && \
+		  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus; }
+# ---- end monitoring -------------------------------------------------------------------------------------
+
+test: install model browser $(TEST_SERVICES)
 	$(PY) -m pytest tests
 
 # ruff, the layer contracts (import-linter, pyproject.toml) and the type checker.

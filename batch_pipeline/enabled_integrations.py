@@ -1,9 +1,11 @@
 """The integration seam: which optional integrations are switched on, and their Dagster definitions.
 
 An integration is a module exposing `build_definitions(settings) -> dagster.Definitions` (its assets,
-sensors, resources). The built-in ones live in `integrations/<name>/definitions.py`, each switched on
-by its flag (`VBATCH_ENABLE_<NAME>=true`) and needing its pip extra; further ones (your own, or the
-example under examples/) are named by import path in `VBATCH_INTEGRATIONS`.
+sensors, resources) and, if it runs something beside the daemon (the metrics endpoint),
+`start_service(settings, echo)` returning an object with `stop()`, which `vllm-batch start` calls.
+The built-in ones live in `integrations/<name>/definitions.py`, each switched on by its flag
+(`VBATCH_ENABLE_<NAME>=true`) and needing its pip extra; further ones (your own, or the example
+under examples/) are named by import path in `VBATCH_INTEGRATIONS`.
 
 Integration assets sit downstream of `batch_results` on the `batches` partitions and carry an
 automation condition, so they run after a batch's results exist without being part of `batch_job`:
@@ -14,7 +16,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from batch_pipeline.settings import Settings
@@ -44,13 +48,17 @@ class Integration:
                 f"the {self.name} integration is enabled but needs the '{self.extra}' extra "
                 f"(missing {', '.join(missing)}): pip install 'vllm-batch-pipeline[{self.extra}]'")
 
-    def load(self, settings: Settings) -> Definitions:
-        """Import the module and build its definitions."""
+    def import_module(self) -> ModuleType:
+        """The integration's module, or IntegrationError."""
         self.check_installed()
         try:
-            module = importlib.import_module(self.module)
+            return importlib.import_module(self.module)
         except ImportError as exc:
             raise IntegrationError(f"the {self.name} integration cannot be imported ({self.module}): {exc}") from None
+
+    def load(self, settings: Settings) -> Definitions:
+        """Import the module and build its definitions."""
+        module = self.import_module()
         build = getattr(module, "build_definitions", None)
         if build is None:
             raise IntegrationError(f"integration module {self.module} has no build_definitions(settings)")
@@ -93,6 +101,18 @@ def check_integrations(settings: Settings) -> None:
     """Fail fast, with one line, when an enabled integration's extra is missing."""
     for integration in enabled_integrations(settings):
         integration.check_installed()
+
+
+def start_integration_services(settings: Settings, echo: Callable[[str], object]) -> list[Callable[[], object]]:
+    """Start what enabled integrations run beside the daemon (`start_service(settings, echo)` in their module,
+    e.g. the metrics endpoint); returns the functions that stop them."""
+    stops = []
+    for integration in enabled_integrations(settings):
+        start = getattr(integration.import_module(), "start_service", None)
+        handle = start(settings, echo) if start is not None else None
+        if handle is not None:
+            stops.append(handle.stop)
+    return stops
 
 
 def integration_definitions(settings: Settings) -> list[Definitions]:

@@ -93,6 +93,12 @@ class Settings(BaseSettings):
     integrations: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Import paths of further integration modules, comma-separated.")
 
+    # monitoring (integrations/monitoring): the scrape endpoint `vllm-batch start` serves when enabled.
+    metrics_host: str = Field(default="127.0.0.1", description="Address of the metrics endpoint.")
+    metrics_port: int = Field(default=9400, ge=1, le=65535, description="Port of the metrics endpoint.")
+    metrics_dir: Path | None = Field(default=None, description="Run workers' vLLM metric files (default DATA_DIR/metrics).")
+    metrics_poll_seconds: float = Field(default=5.0, gt=0, description="How often the exporter reads the instance.")
+
     @field_validator("result_handlers", "integrations", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:

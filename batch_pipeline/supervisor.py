@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from batch_pipeline.enabled_integrations import start_integration_services
 from batch_pipeline.instance import prepare_instance
 from batch_pipeline.settings import Settings
 
@@ -64,6 +65,8 @@ def _stop(child: _Child, grace_s: float = 20.0) -> None:
 def run_service(settings: Settings, host: str, port: int, echo=print) -> int:
     """Start both processes and supervise them until SIGTERM/SIGINT; returns the exit status."""
     home = prepare_instance(settings)
+    # Before the children start: they inherit what these set up (e.g. where vLLM writes its metrics).
+    stop_services = start_integration_services(settings, echo)
     children = [_Child(name, argv) for name, argv in service_commands(settings, host, port).items()]
     stopping = False
 
@@ -108,5 +111,7 @@ def run_service(settings: Settings, host: str, port: int, echo=print) -> int:
                     os.killpg(group, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        for stop in stop_services:
+            stop()
     echo("stopped")
     return 0

@@ -1,0 +1,110 @@
+"""A real Prometheus (Debian's `prometheus`, installed by `make services-monitoring`), one per test session."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+ALERTS = REPO / "integrations" / "monitoring" / "prometheus" / "alerts.yml"
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def need(binary: str) -> str:
+    """The path of a binary from Debian's prometheus package; fails (not skips) when it is missing."""
+    path = shutil.which(binary)
+    if path is None:
+        pytest.fail(f"{binary} is not installed: run `make services-monitoring` (apt-get install prometheus)")
+    return path
+
+
+class Prometheus:
+    """A Prometheus server on 127.0.0.1 with its own config and data folder; targets are added at run time."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.targets = root / "targets.json"
+        self.targets.write_text("[]")
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(ALERTS)],
+            "scrape_configs": [{"job_name": "vllm-batch", "scrape_interval": "1s", "scrape_timeout": "1s",
+                                "file_sd_configs": [{"files": [str(self.targets)], "refresh_interval": "1s"}]}],
+        }
+        (root / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
+        self.log = root / "prometheus.log"
+        self.process = subprocess.Popen(
+            [need("prometheus"), f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--web.enable-lifecycle"],
+            stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def scrape(self, *addresses: str) -> None:
+        """Scrape these host:port addresses as job vllm-batch (file service discovery, picked up within ~1 s)."""
+        self.targets.write_text(json.dumps([{"targets": list(addresses)}]))
+
+    def api(self, path: str, **params) -> dict:
+        """GET /api/v1/<path>; the `data` member."""
+        query = urllib.parse.urlencode(params)
+        with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{query}", timeout=30) as response:
+            body = json.loads(response.read())
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> list:
+        """An instant query's result vector."""
+        return self.api("query", query=expr)["result"]
+
+    def query_range(self, expr: str, start: float, end: float, step: float = 1.0) -> list:
+        """A range query's series."""
+        return self.api("query_range", query=expr, start=start, end=end, step=step)["result"]
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Until /-/ready answers."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"prometheus exited:\n{self.log.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError("prometheus did not become ready")
+
+    def stop(self) -> None:
+        """Terminate the server."""
+        self.process.terminate()
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@pytest.fixture(scope="session")
+def prometheus(tmp_path_factory) -> Iterator[Prometheus]:
+    """One real Prometheus for the session, scraping whatever a test points it at."""
+    server = Prometheus(tmp_path_factory.mktemp("prometheus"))
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
