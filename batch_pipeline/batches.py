@@ -78,6 +78,7 @@ class Submission(BaseModel):
     cancel_requested_at: float | None = None
     expired_at: float | None = None
     stopped_at: float | None = None  # when the partial results of a cancelled or expired batch were written
+    launch_error: str | None = None  # why its ticket could not be launched (the batch then shows as failed)
 
 
 def load_submission(paths: BatchPaths) -> Submission | None:

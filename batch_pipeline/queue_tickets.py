@@ -52,3 +52,15 @@ def ticket_exists(data_dir: Path, ticket: str) -> bool:
 def clear_ticket(data_dir: Path, ticket: str) -> None:
     """Remove a ticket once its run exists."""
     (queue_dir(data_dir) / f"{ticket}.json").unlink(missing_ok=True)
+
+
+def set_aside(data_dir: Path, ticket: str, reason: str) -> None:
+    """Move a ticket that cannot be launched to `queue/set-aside/`, with the reason, out of the sensor's way."""
+    source = queue_dir(data_dir) / f"{ticket}.json"
+    target = queue_dir(data_dir) / "set-aside" / f"{ticket}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.with_suffix(".reason.txt").write_text(reason + "\n")
+    try:
+        os.replace(source, target)
+    except FileNotFoundError:
+        pass  # cleared meanwhile

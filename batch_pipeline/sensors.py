@@ -15,11 +15,13 @@ from dagster import (
     sensor,
 )
 
-from batch_pipeline.constants import BATCH_ID_TAG, INBOX_FILE_TAG, REJECTED_TAG, RUN_KEY_TAG, SOURCE_TAG
+from batch_pipeline.batches import load_submission, save_submission
+from batch_pipeline.constants import BATCH_ID_TAG, BATCHES_PARTITIONS, INBOX_FILE_TAG, REJECTED_TAG, RUN_KEY_TAG, SOURCE_TAG
 from batch_pipeline.inbox import list_inbox, settle, take
-from batch_pipeline.queue_tickets import clear_ticket, pending_tickets
+from batch_pipeline.queue_tickets import clear_ticket, pending_tickets, set_aside
 from batch_pipeline.settings import Settings, get_settings
 from batch_pipeline.stopping import enforce_stops
+from resources.storage import BatchStorage
 
 QUEUE_SENSOR_INTERVAL_S = 5
 STOPS_SENSOR_INTERVAL_S = 10
@@ -34,12 +36,26 @@ STOPS_SENSOR_INTERVAL_S = 10
 def queued_batches(context: SensorEvaluationContext) -> SensorResult:
     """One RunRequest per queue ticket; the ticket id is the run key, so each ticket runs once."""
     data_dir = get_settings().resolved_data_dir
+    storage = BatchStorage(data_dir=str(data_dir))
     requests = []
     for ticket in pending_tickets(data_dir):
         runs = context.instance.get_run_records(
             RunsFilter(tags={RUN_KEY_TAG: ticket["ticket"]}), limit=1)
         if runs:
             clear_ticket(data_dir, ticket["ticket"])  # launched on an earlier tick
+            continue
+        batch_id = ticket.get("batch_id", "")
+        if not context.instance.has_dynamic_partition(BATCHES_PARTITIONS, batch_id):
+            # Its partition was deleted (in the UI) or the instance reset while data/ was kept. Dagster
+            # would fail the whole tick on it, and with it every ticket behind: set it aside instead.
+            reason = (f"batch {batch_id} could not be launched: its partition no longer exists on this Dagster "
+                      "instance (deleted in the UI, or the instance was reset); submit it again")
+            set_aside(data_dir, ticket["ticket"], reason)
+            paths = storage.batch(batch_id)
+            submission = load_submission(paths) if batch_id and paths.spec.exists() else None
+            if submission is not None:
+                save_submission(paths, submission.model_copy(update={"launch_error": reason}))
+            context.log.warning(reason)
             continue
         requests.append(RunRequest(
             run_key=ticket["ticket"],

@@ -59,12 +59,15 @@ class BatchFacts:
     stopped: dict | None  # results/stopped.json: the batch was stopped and its partial results written
     progress: ResultCounts | None  # counts so far, from the manifest and the finished chunks
     summary_mtime: float | None = None
+    submission_mtime: float | None = None
 
     @property
     def finished(self) -> bool:
         """The batch reached an end of its own: results written, or its run failed or was cancelled."""
         if self.run is not None and self.run.active:
             return False
+        if self.run is None and self.submission is not None and self.submission.launch_error:
+            return True
         return (self.summary is not None or (self.run is not None and self.run.status in
                                              (DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED)))
 
@@ -116,6 +119,9 @@ def derive_batch(facts: BatchFacts, now: float) -> Batch:
             batch.status = "in_progress"
     elif facts.ticket_pending:
         batch.status = "validating"
+    elif sub.launch_error and run is None:
+        batch.status, batch.failed_at = "failed", int(facts.submission_mtime or now)
+        batch.errors = BatchErrors(data=[BatchErrorItem(code="batch_not_launched", message=sub.launch_error)])
     elif run is not None and run.status == DagsterRunStatus.FAILURE:
         batch.status, batch.failed_at = "failed", _int(run.ended_at)
         batch.errors = BatchErrors(data=[run.failure or BatchErrorItem(code="batch_failed")])
@@ -223,7 +229,8 @@ def read_facts(instance: DagsterInstance, paths: BatchPaths, data_dir: Path, sta
     summary = _json_or_none(paths.summary)
     return BatchFacts(spec=spec, submission=submission, run=run, ticket_pending=pending, summary=summary,
                       stopped=_json_or_none(paths.stopped), progress=stats.progress(paths),
-                      summary_mtime=paths.summary.stat().st_mtime if summary is not None else None)
+                      summary_mtime=paths.summary.stat().st_mtime if summary is not None else None,
+                      submission_mtime=paths.submission.stat().st_mtime if submission is not None else None)
 
 
 def _json_or_none(path: Path) -> dict | None:
