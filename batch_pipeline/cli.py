@@ -137,11 +137,11 @@ def run(input_file: Path, model: str, model_name: str | None, output: Path | Non
 def start(host: str, port: int) -> None:
     """Start the Dagster webserver and daemon on the configured instance and keep them running."""
     from batch_pipeline.instance import InstanceConfigError
-    from batch_pipeline.supervisor import run_service
+    from batch_pipeline.supervisor import AlreadyRunning, run_service
 
     try:
         sys.exit(run_service(_settings(), host, port, echo=click.echo))
-    except InstanceConfigError as exc:
+    except (InstanceConfigError, AlreadyRunning) as exc:
         _fail(str(exc))
 
 

@@ -9,6 +9,8 @@ retried when the service comes back (run retries), resuming from its finished ch
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import os
 import signal
 import subprocess
@@ -16,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from batch_pipeline.enabled_integrations import start_integration_services
 from batch_pipeline.instance import prepare_instance
@@ -62,9 +65,46 @@ def _stop(child: _Child, grace_s: float = 20.0) -> None:
         pass
 
 
+class AlreadyRunning(Exception):
+    """Another `vllm-batch start` supervises this instance; one readable line."""
+
+
+def _hold_instance_lock(home: Path) -> IO[str]:
+    """An exclusive lock on DAGSTER_HOME for this process's lifetime: one supervisor (one daemon) per instance.
+
+    The kernel drops the lock when the process dies, however it dies, so a killed supervisor never
+    leaves a stale lock behind.
+    """
+    handle = (home / "vllm-batch-start.lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise AlreadyRunning(f"vllm-batch start is already running on this instance ({home}, pid {holder}); "
+                             "stop it first, or point this one at another DAGSTER_HOME") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def _die_with_parent() -> None:
+    # In the child before exec: the kernel sends it SIGTERM when the supervisor dies, even by SIGKILL,
+    # so no daemon is left running (and launching runs) without its supervisor.
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 def run_service(settings: Settings, host: str, port: int, echo=print) -> int:
     """Start both processes and supervise them until SIGTERM/SIGINT; returns the exit status."""
     home = prepare_instance(settings)
+    lock = _hold_instance_lock(home)
     # Before the children start: they inherit what these set up (e.g. where vLLM writes its metrics).
     stop_services = start_integration_services(settings, echo)
     children = [_Child(name, argv) for name, argv in service_commands(settings, host, port).items()]
@@ -79,7 +119,8 @@ def run_service(settings: Settings, host: str, port: int, echo=print) -> int:
 
     def start(child: _Child) -> None:
         # Each in its own process group, so stopping it also stops its code server and run workers.
-        child.process = subprocess.Popen(child.argv, cwd=settings.home, start_new_session=True)
+        child.process = subprocess.Popen(child.argv, cwd=settings.home, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
         child.started_at = time.monotonic()
         child.groups.append(child.process.pid)
         echo(f"{child.name} started (pid {child.process.pid})")
@@ -113,5 +154,6 @@ def run_service(settings: Settings, host: str, port: int, echo=print) -> int:
                     pass
         for stop in stop_services:
             stop()
+        lock.close()
     echo("stopped")
     return 0

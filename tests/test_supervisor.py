@@ -1,0 +1,75 @@
+"""`vllm-batch start`: one supervisor per instance, and its daemon and webserver end with it, however it ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from tests.conftest import REPO
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def children_named(process: psutil.Process, word: str) -> list[psutil.Process]:
+    found = []
+    for child in process.children(recursive=True):
+        try:
+            if any(word in part for part in child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_a_killed_supervisor_takes_its_daemon_and_webserver_with_it(tmp_path: Path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VBATCH_", "VLLM_BATCH_", "DAGSTER_"))}
+    env.update(VBATCH_HOME=str(REPO), VBATCH_DATA_DIR=str(tmp_path / "data"), DAGSTER_HOME=str(tmp_path / "dagster"))
+    command = [sys.executable, "-m", "batch_pipeline.cli", "start", "--port", str(free_port())]
+    first = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        supervisor = psutil.Process(first.pid)
+        daemon = wait_for(lambda: children_named(supervisor, "dagster-daemon"), 120, "the daemon to start")[0]
+        webserver = wait_for(lambda: children_named(supervisor, "dagster-webserver"), 120, "the webserver")[0]
+
+        second = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1
+        assert second.stderr.strip().splitlines()[-1].startswith(
+            f"error: vllm-batch start is already running on this instance ({tmp_path / 'dagster'}, pid {first.pid})")
+
+        first.send_signal(signal.SIGKILL)  # no chance to stop its children itself
+        first.wait(30)
+        gone, alive = psutil.wait_procs([daemon, webserver], timeout=60)
+        assert not alive, f"left running after the supervisor died: {[p.cmdline()[:2] for p in alive]}"
+
+        # The kernel released the lock with the dead supervisor: a new one starts.
+        third = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_for(lambda: children_named(psutil.Process(third.pid), "dagster-daemon"), 120, "a new daemon")
+        finally:
+            third.send_signal(signal.SIGTERM)
+            third.wait(120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
