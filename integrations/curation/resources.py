@@ -132,11 +132,13 @@ class LabelStudio(ConfigurableResource):
         if annotated:
             filters = _annotated(filters)
         fields = "all" if with_annotations else "task_only"
-        page = 1
+        page, seen = 1, 0
         while True:
             pager = self._page(project_id, filters, page, _READ_PAGE, fields)
             yield from pager.items
-            if not pager.has_next or not pager.items:
+            seen += len(pager.items)
+            # Label Studio answers 404 for a page past the end, so stop by the total instead of asking.
+            if not pager.items or seen >= int(pager.response.total or 0):
                 return
             page += 1
 
