@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[3]
 CACHE = Path(os.environ.get("VBATCH_TEST_CACHE") or Path.home() / ".cache" / "vllm-batch-tests")
 LABEL_STUDIO_BIN = CACHE / "label-studio-venv" / "bin" / "label-studio"
+TEMPLATE = CACHE / "label-studio-data-template"
 TOKEN = "curation-tests-token-0123456789abcdef"
 STARTUP_SECONDS = 180
 
@@ -68,38 +70,60 @@ def label_studio_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[La
         return
     if not LABEL_STUDIO_BIN.exists():
         subprocess.run(["make", "-C", str(REPO), "services-curation"], check=True)
+    # The first start (database migrations, the preset user and token) takes 30-90 s; it is done once into a
+    # cached template, and each session starts on a fresh copy of it in a few seconds.
+    if not (TEMPLATE / ".ready").exists():
+        shutil.rmtree(TEMPLATE, ignore_errors=True)
+        _stop(_start(TEMPLATE)[0])
+        (TEMPLATE / ".ready").touch()
     data_dir = tmp_path_factory.mktemp("label-studio")
+    shutil.copytree(TEMPLATE / "data", data_dir / "data")
+    process, url = _start(data_dir)
+    yield LabelStudioServer(url, TOKEN, process)
+    _stop(process)
+
+
+def _start(folder: Path) -> tuple[subprocess.Popen, str]:
+    """Start Label Studio on a free port with its data in `folder/data`; wait until the API answers."""
+    folder.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     env = {**os.environ, "LABEL_STUDIO_USERNAME": "reviewer@example.com", "LABEL_STUDIO_PASSWORD": "reviewer-pass-1",
            "LABEL_STUDIO_USER_TOKEN": TOKEN, "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
-           "LATEST_VERSION_CHECK": "false", "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true"}
-    log = (data_dir / "server.log").open("w")
-    process = subprocess.Popen(
-        [str(LABEL_STUDIO_BIN), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
-         "--data-dir", str(data_dir / "data")], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+           "LATEST_VERSION_CHECK": "false"}
+    with (folder / "server.log").open("w") as log:
+        process = subprocess.Popen(
+            [str(LABEL_STUDIO_BIN), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
+             "--data-dir", str(folder / "data")], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STARTUP_SECONDS
     while not _answers(url):
         if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"Label Studio did not start; see {data_dir / 'server.log'}")
-        time.sleep(1)
-    yield LabelStudioServer(url, TOKEN, process)
-    os.killpg(process.pid, signal.SIGTERM)
+            _stop(process)
+            pytest.fail(f"Label Studio did not start; see {folder / 'server.log'}")
+        time.sleep(0.5)
+    return process, url
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
     try:
-        process.wait(timeout=20)
+        process.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-    log.close()
+        process.wait()
 
 
 @pytest.fixture
-def curation_settings(settings, label_studio_server: LabelStudioServer):
-    """The test settings with curation on, pointed at the session's server, one project per batch."""
-    return settings.model_copy(update={
-        "enable_curation": True, "label_studio_url": label_studio_server.url,
-        "label_studio_api_key": __import__("pydantic").SecretStr(label_studio_server.token),
-        "curation_project_per": "batch", "curation_page_size": 50})
+def curation_settings(tmp_path: Path, label_studio_server: LabelStudioServer):
+    """Settings with curation on, pointed at the session's server, one project per batch (no engine needed)."""
+    from pydantic import SecretStr
+
+    from batch_pipeline.settings import Settings
+
+    return Settings(home=REPO, data_dir=tmp_path / "data", dagster_home=tmp_path / "dagster", enable_curation=True,
+                    label_studio_url=label_studio_server.url, label_studio_api_key=SecretStr(label_studio_server.token),
+                    curation_project_per="batch", curation_page_size=50)
 
 
 @pytest.fixture
