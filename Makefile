@@ -52,6 +52,21 @@ services-monitoring:
 		  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus; }
 # ---- end monitoring -------------------------------------------------------------------------------------
 
+# --- curation (integrations/curation): a real Label Studio server for its tests, in its own cached venv ---
+# The server (~1 GB) never goes into .venv; the tests start it from here (tests/integrations/curation/conftest.py).
+TEST_CACHE ?= $(or $(VBATCH_TEST_CACHE),$(HOME)/.cache/vllm-batch-tests)
+LABEL_STUDIO_VERSION ?= 1.23.2
+LABEL_STUDIO_VENV ?= $(TEST_CACHE)/label-studio-venv
+.PHONY: services-curation
+services-curation: $(LABEL_STUDIO_VENV)/.installed-$(LABEL_STUDIO_VERSION)
+$(LABEL_STUDIO_VENV)/.installed-$(LABEL_STUDIO_VERSION):
+	test -x $(LABEL_STUDIO_VENV)/bin/python || python3 -m venv $(LABEL_STUDIO_VENV)
+	$(LABEL_STUDIO_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LABEL_STUDIO_VENV)/bin/python -m pip install -q "label-studio==$(LABEL_STUDIO_VERSION)"
+	touch $@
+TEST_SERVICES += services-curation
+# --- end curation ---
+
 test: install model browser $(TEST_SERVICES)
 	$(PY) -m pytest tests
 

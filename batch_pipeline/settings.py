@@ -98,8 +98,21 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=9400, ge=1, le=65535, description="Port of the metrics endpoint.")
     metrics_dir: Path | None = Field(default=None, description="Run workers' vLLM metric files (default DATA_DIR/metrics).")
     metrics_poll_seconds: float = Field(default=5.0, gt=0, description="How often the exporter reads the instance.")
+    # curation (integrations/curation): Label Studio review tasks and training data; read only when enabled.
+    label_studio_url: str = Field(default="http://127.0.0.1:8080", description="Label Studio's base URL.")
+    label_studio_api_key: SecretStr | None = Field(default=None, description="Label Studio API token (legacy token).")
+    curation_project_per: str = Field(default="model", pattern="^(model|batch)$",
+                                      description="One review project per model or per batch.")
+    curation_sample_size: int | None = Field(default=None, ge=1, description="Review at most N requests per batch (seeded).")
+    curation_sample_fraction: float | None = Field(default=None, gt=0, le=1, description="Review this fraction of a batch.")
+    curation_sample_seed: int = Field(default=0, description="Seed of the sample; the same seed picks the same requests.")
+    curation_only_schema_failures: bool = Field(default=False, description="Review only outputs failing their JSON schema.")
+    curation_custom_ids: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Review only these custom_ids, comma-separated.")
+    curation_page_size: int = Field(default=500, ge=1, le=10_000, description="Tasks per Label Studio import request.")
+    curation_sensor_interval_seconds: int = Field(default=300, ge=10, description="How often new annotations are looked for.")
 
-    @field_validator("result_handlers", "integrations", mode="before")
+    @field_validator("result_handlers", "integrations", "curation_custom_ids", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):

@@ -222,3 +222,20 @@ def test_the_endpoint_serves_the_prometheus_text_format(service: Service):
         text = response.read().decode()
     assert "# TYPE vbatch_requests_total counter" in text
     assert "# TYPE vbatch_queue_wait_seconds histogram" in text
+
+
+def test_the_daemon_materialises_the_integration_asset_after_each_batch(service: Service):
+    # The seam's automation (the integrations_after_results sensor), not `vllm-batch run`, runs it here.
+    from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
+
+    with DagsterInstance.from_config(service.env["DAGSTER_HOME"]) as instance:
+        def materialised():
+            records = instance.fetch_materializations(AssetRecordsFilter(
+                asset_key=AssetKey("batch_run_stats"), asset_partitions=["good"]), limit=1).records
+            return records[0] if records else None
+
+        record = wait_for(materialised, 180, "batch_run_stats of the good batch", interval=2)
+        assert record.asset_materialization.metadata["requests_completed"].value == GOOD_REQUESTS
+        # The failed batch has no results, so nothing downstream of them runs for it.
+        assert not instance.fetch_materializations(AssetRecordsFilter(
+            asset_key=AssetKey("batch_run_stats"), asset_partitions=["broken"]), limit=1).records

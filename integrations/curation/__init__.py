@@ -1,0 +1,1 @@
+"""Curation: review batch outputs in Label Studio and turn the reviews into training data (issue 10)."""
