@@ -46,7 +46,7 @@ def batch_chunks(context: AssetExecutionContext, storage: BatchStorage, engine: 
         context.log.info(f"resuming: {len(finished_before)} of {num_chunks} chunks are already finished")
 
     totals = {"requests": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0, "chunks": 0}
-    load_seconds = 0.0
+    load_seconds = release_seconds = 0.0
     started = time.perf_counter()
 
     def on_written(report: ChunkReport) -> None:
@@ -83,8 +83,10 @@ def batch_chunks(context: AssetExecutionContext, storage: BatchStorage, engine: 
                 generation_seconds = time.perf_counter() - generation_started
         except EngineLoadError as exc:
             raise Failure(str(exc), allow_retries=False) from None
-        # What the session took beyond loading and generating: releasing the engine, unless kept loaded.
-        release_seconds = max(time.perf_counter() - session_started - generation_seconds - load_seconds, 0.0)
+        if not engine.keep_loaded:
+            # What the session took beyond loading and generating: releasing the engine (and its GPU memory).
+            release_seconds = max(time.perf_counter() - session_started - generation_seconds - load_seconds, 0.0)
+            context.log.info(f"engine released after {release_seconds:.1f}s")
     missing = set(range(num_chunks)) - paths.finished_chunks()
     if missing:
         raise Failure(f"{len(missing)} chunks are missing after generation: {sorted(missing)[:10]}")
