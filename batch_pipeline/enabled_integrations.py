@@ -35,18 +35,24 @@ class Integration:
     module: str
     extra: str | None = None
     requires: tuple[str, ...] = ()
+    # "module:function(settings)" that checks what the settings switch on inside the integration (e.g. which
+    # result handlers, each with its own extra); importable without any extra, raises IntegrationError.
+    check: str | None = None
 
-    def check_installed(self) -> None:
+    def check_installed(self, settings: Settings | None = None) -> None:
         """Raise IntegrationError naming the extra when a package it needs is not importable."""
         missing = [name for name in self.requires if importlib.util.find_spec(name) is None]
         if missing:
             raise IntegrationError(
                 f"the {self.name} integration is enabled but needs the '{self.extra}' extra "
                 f"(missing {', '.join(missing)}): pip install 'vllm-batch-pipeline[{self.extra}]'")
+        if self.check is not None and settings is not None:
+            module, _, function = self.check.partition(":")
+            getattr(importlib.import_module(module), function)(settings)
 
     def load(self, settings: Settings) -> Definitions:
         """Import the module and build its definitions."""
-        self.check_installed()
+        self.check_installed(settings)
         try:
             module = importlib.import_module(self.module)
         except ImportError as exc:
@@ -62,8 +68,9 @@ BUILT_IN: dict[str, Integration] = {
     "monitoring": Integration("monitoring", "integrations.monitoring.definitions", "monitoring",
                               ("prometheus_client",)),
     "curation": Integration("curation", "integrations.curation.definitions", "curation", ("label_studio_sdk",)),
-    "webhooks": Integration("webhooks", "integrations.webhooks.definitions", "webhooks", ("standardwebhooks",)),
-    "result_handlers": Integration("result_handlers", "integrations.result_handlers.definitions"),
+    "webhooks": Integration("webhooks", "integrations.webhooks.definitions", "webhooks", ("standardwebhooks", "httpx")),
+    "result_handlers": Integration("result_handlers", "integrations.result_handlers.definitions",
+                                   check="integrations.result_handlers.registry:check_handlers"),
 }
 
 
@@ -85,7 +92,7 @@ def _name_of(module_path: str) -> str:
 def check_integrations(settings: Settings) -> None:
     """Fail fast, with one line, when an enabled integration's extra is missing."""
     for integration in enabled_integrations(settings):
-        integration.check_installed()
+        integration.check_installed(settings)
 
 
 def integration_definitions(settings: Settings) -> list[Definitions]:
