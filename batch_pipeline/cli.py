@@ -337,5 +337,10 @@ def serve(host: str | None, port: int | None, as_json: bool) -> None:
         click.echo(f"serving the Batch API on http://{host}:{port}/v1", err=True)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
 
+# Integration commands (their imports are light; what they send needs the integration's extra).
+from integrations.webhooks.cli import webhooks  # noqa: E402
+
+main.add_command(webhooks)
+
 if __name__ == "__main__":
     main()

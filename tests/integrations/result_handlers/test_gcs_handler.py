@@ -6,7 +6,6 @@ import hashlib
 import json
 
 import pytest
-from conftest import materialize_handler
 
 
 @pytest.fixture
@@ -24,7 +23,7 @@ def gcs_client(endpoint: str):
 
 
 def test_batch_lands_in_gcs_with_checksums_and_a_rerun_uploads_nothing(settings, sqlite_instance, finished_batch,
-                                                                       gcs_server, gcs_bucket):
+                                                                       gcs_server, gcs_bucket, materialize_handler):
     root = finished_batch("gcs-batch", output_bytes=20 * 1024 * 1024)
     options = {"result_handlers": ["integrations.result_handlers.gcs_handler.GCSHandler"], "gcs_bucket": gcs_bucket,
                "gcs_prefix": "out", "gcs_endpoint_url": gcs_server}

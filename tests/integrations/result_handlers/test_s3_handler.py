@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import materialize_handler
 
 S3_HANDLER = "integrations.result_handlers.s3_handler.S3Handler"
 
@@ -34,7 +33,7 @@ def delivered(result, asset: str = "deliver_s3") -> dict:
 
 
 def test_large_batch_lands_with_checksums_and_a_rerun_uploads_nothing(settings, sqlite_instance, finished_batch,
-                                                                        s3_env, bucket):
+                                                                        s3_env, bucket, materialize_handler):
     root = finished_batch("big-batch", output_bytes=100 * 1024 * 1024)
     output = root / "results" / "output.jsonl"
     assert output.stat().st_size >= 100 * 1024 * 1024
@@ -68,7 +67,8 @@ def test_large_batch_lands_with_checksums_and_a_rerun_uploads_nothing(settings, 
     assert client.head_object(Bucket=bucket, Key="runs/2026/big-batch/output.jsonl")["LastModified"] == head["LastModified"]
 
 
-def test_a_changed_file_is_uploaded_again_and_only_it(settings, sqlite_instance, finished_batch, s3_env, bucket):
+def test_a_changed_file_is_uploaded_again_and_only_it(settings, sqlite_instance, finished_batch, s3_env, bucket,
+                                                      materialize_handler):
     root = finished_batch("b2")
     options = {"result_handlers": ["s3"], "s3_bucket": bucket, "s3_endpoint_url": s3_env}
     assert materialize_handler(settings, sqlite_instance, "b2", **options).success
@@ -80,7 +80,7 @@ def test_a_changed_file_is_uploaded_again_and_only_it(settings, sqlite_instance,
 
 
 def test_a_missing_bucket_fails_the_handler_at_once_and_leaves_the_results_alone(settings, sqlite_instance,
-                                                                                 finished_batch, s3_env):
+                                                                                 finished_batch, s3_env, materialize_handler):
     root = finished_batch("b3")
     before = {path.name: path.read_bytes() for path in (root / "results").iterdir()}
     result = materialize_handler(settings, sqlite_instance, "b3", result_handlers=["s3"], s3_bucket="no-such-bucket",
