@@ -103,4 +103,4 @@ def webhook_settings(settings, receiver: Receiver):
     return settings.model_copy(update={
         "enable_webhooks": True, "webhook_url": [f"{receiver.url}/a", f"{receiver.url}/b"],
         "webhook_secret": __import__("pydantic").SecretStr(SECRET), "webhook_backoff_seconds": 0.05,
-        "webhook_timeout_seconds": 2.0, "webhook_retry_seconds": 30.0})
+        "webhook_timeout_seconds": 10.0, "webhook_retry_seconds": 30.0})

@@ -166,11 +166,17 @@ def test_a_hanging_receiver_does_not_hold_up_another(webhook_settings, sqlite_in
     finished_batch("slow-1")
     add_run(sqlite_instance, "slow-1", DagsterRunStatus.SUCCESS)
     started = time.monotonic()
-    tick(webhook_settings, sqlite_instance)
+    _, observations = tick(webhook_settings.model_copy(update={"webhook_timeout_seconds": 2.0}), sqlite_instance)
     took = time.monotonic() - started
     [fast] = receiver.at("b")
     assert fast.event is not None and fast.at - started < 1.5
     assert took < 3.5, "the tick waits for the timeout (2 s), not for the receiver (4 s)"
+    assert [o.metadata["webhook_delivery"].value for o in observations] == ["delivered"]
+    from integrations.webhooks.deliveries import DeliveryLog
+
+    [record] = DeliveryLog(webhook_settings.resolved_data_dir).records()
+    timed_out = [s for s in record["deliveries"].values() if not s["delivered_at"]]
+    assert len(timed_out) == 1 and "Timeout" in timed_out[0]["last_error"] and timed_out[0]["dead_at"] is None
 
 
 TICK_LOOP = """
@@ -244,3 +250,12 @@ def test_a_secret_per_endpoint_and_bad_pairings(settings):
         endpoints_from(two.model_copy(update={"webhook_secret": SecretStr("a,b,c")}))
     with pytest.raises(ValueError, match="required"):
         endpoints_from(two.model_copy(update={"webhook_secret": None}))
+
+
+def test_webhooks_alone_add_a_sensor_and_no_integrations_job(webhook_settings):
+    """With only sensors enabled there is no asset to run after a batch (an empty job cannot run)."""
+    from batch_pipeline.definitions import build_definitions
+
+    repository = build_definitions(webhook_settings).get_repository_def()
+    assert repository.has_sensor_def("batch_webhooks")
+    assert not repository.has_job("batch_integrations")
