@@ -68,7 +68,8 @@ BUILT_IN: dict[str, Integration] = {
     "monitoring": Integration("monitoring", "integrations.monitoring.definitions", "monitoring",
                               ("prometheus_client",)),
     "curation": Integration("curation", "integrations.curation.definitions", "curation", ("label_studio_sdk",)),
-    "webhooks": Integration("webhooks", "integrations.webhooks.definitions", "webhooks", ("standardwebhooks", "httpx")),
+    "webhooks": Integration("webhooks", "integrations.webhooks.definitions", "webhooks", ("standardwebhooks", "httpx"),
+                            check="integrations.webhooks.sensors:check_webhook_settings"),
     "result_handlers": Integration("result_handlers", "integrations.result_handlers.definitions",
                                    check="integrations.result_handlers.registry:check_handlers"),
 }

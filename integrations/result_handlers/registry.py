@@ -83,6 +83,15 @@ def enabled_handlers(settings: Settings) -> list[type[ResultHandler]]:
     return classes
 
 
+def configured_handler(cls: type[ResultHandler], settings: Settings) -> ResultHandler:
+    """The handler built from the settings; a missing or bad setting is one line."""
+    try:
+        return cls.from_settings(settings)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError too
+        raise IntegrationError(f"the {cls.short_name()} result handler is not configured: {exc}") from None
+
+
 def check_handlers(settings: Settings) -> None:
     """The result_handlers integration's check (batch_pipeline.enabled_integrations calls it)."""
-    enabled_handlers(settings)
+    for cls in enabled_handlers(settings):
+        configured_handler(cls, settings)

@@ -22,6 +22,7 @@ from dagster import (
     sensor,
 )
 
+from batch_pipeline.enabled_integrations import IntegrationError
 from batch_pipeline.settings import Settings
 from integrations.webhooks.deliveries import DeliveryLog, deliver_due, endpoints_from
 from integrations.webhooks.events import (
@@ -88,9 +89,18 @@ def webhook_tick(instance, settings: Settings, cursor: str | None, log=None) -> 
     return json.dumps({"since": now}), observations
 
 
+def check_webhook_settings(settings: Settings) -> None:
+    """Endpoints and secrets pair up (checked at start-up and when the code location loads, not at a tick)."""
+    try:
+        if not endpoints_from(settings):
+            raise ValueError("set VBATCH_WEBHOOK_URL (and VBATCH_WEBHOOK_SECRET)")
+    except ValueError as exc:
+        raise IntegrationError(f"the webhooks integration is not configured: {exc}") from None
+
+
 def build_webhook_sensor(settings: Settings) -> SensorDefinition:
     """The `batch_webhooks` sensor for these settings (running by default)."""
-    endpoints_from(settings)  # a bad URL/secret pairing fails when the code location loads, not at the first tick
+    check_webhook_settings(settings)
 
     @sensor(name="batch_webhooks", minimum_interval_seconds=settings.webhook_interval_seconds,
             default_status=DefaultSensorStatus.RUNNING,

@@ -102,3 +102,11 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "boto3" else real(name, *a))
     with pytest.raises(IntegrationError, match=r"needs the 's3' extra \(missing boto3\).*vllm-batch-pipeline\[s3\]"):
         check_integrations(Settings(home=Path.cwd(), result_handlers="s3", s3_bucket="b"))
+
+
+def test_a_handler_without_its_bucket_setting_is_one_line():
+    from batch_pipeline.enabled_integrations import IntegrationError, check_integrations
+    from batch_pipeline.settings import Settings
+
+    with pytest.raises(IntegrationError, match="the s3 result handler is not configured: .*VBATCH_S3_BUCKET"):
+        check_integrations(Settings(home=Path.cwd(), result_handlers="s3"))

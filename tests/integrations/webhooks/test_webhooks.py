@@ -259,3 +259,13 @@ def test_webhooks_alone_add_a_sensor_and_no_integrations_job(webhook_settings):
     repository = build_definitions(webhook_settings).get_repository_def()
     assert repository.has_sensor_def("batch_webhooks")
     assert not repository.has_job("batch_integrations")
+
+
+def test_webhooks_without_an_endpoint_or_secret_are_one_line(settings):
+    from batch_pipeline.definitions import build_definitions
+    from batch_pipeline.enabled_integrations import IntegrationError, check_integrations
+
+    with pytest.raises(IntegrationError, match="webhooks integration is not configured: set VBATCH_WEBHOOK_URL"):
+        check_integrations(settings.model_copy(update={"enable_webhooks": True}))
+    with pytest.raises(IntegrationError, match="VBATCH_WEBHOOK_SECRET is required"):
+        build_definitions(settings.model_copy(update={"enable_webhooks": True, "webhook_url": ["http://x/"]}))
