@@ -46,6 +46,8 @@ def test_daemon_killed_between_attempts_resends_the_same_event(tmp_path, finishe
     with DagsterInstance.from_ref(sqlite_instance.get_ref()) as instance:
         instance.add_run(DagsterRun(job_name="batch_job", status=DagsterRunStatus.SUCCESS,
                                     tags={"dagster/partition": "daemon-1"}))
+    # The project's instance configuration (threaded sensors, run queue, ...), as `vllm-batch start` installs it.
+    (home / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
     log = tmp_path / "daemon.log"
     events = data_dir / "webhooks" / "events"
 
