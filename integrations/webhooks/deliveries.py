@@ -87,13 +87,26 @@ class DeliveryLog:
         return json.loads(self.path(event_id).read_text())
 
     def write(self, record: dict[str, Any]) -> None:
-        with atomic_path(self.path(record["event"]["id"])) as tmp:
+        """Write an event's record; a marker in pending/ lists it while any delivery is unfinished."""
+        event_id = record["event"]["id"]
+        marker = self.root / "pending" / event_id
+        unfinished = any(s["delivered_at"] is None and s["dead_at"] is None for s in record["deliveries"].values())
+        if unfinished:  # marker first: a crash in between leaves a marker too many, never one too few
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        with atomic_path(self.path(event_id)) as tmp:
             tmp.write_text(json.dumps(record, indent=1))
+        if not unfinished:
+            marker.unlink(missing_ok=True)
 
-    def records(self) -> list[dict[str, Any]]:
-        if not self.events_dir.is_dir():
-            return []
-        return sorted((json.loads(p.read_text()) for p in self.events_dir.glob("evt_*.json")),
+    def records(self, pending: bool = False) -> list[dict[str, Any]]:
+        """Every event's record (or only those with an unfinished delivery), oldest first."""
+        if pending:
+            folder = self.root / "pending"
+            paths = [self.path(p.name) for p in folder.glob("evt_*")] if folder.is_dir() else []
+        else:
+            paths = list(self.events_dir.glob("evt_*.json")) if self.events_dir.is_dir() else []
+        return sorted((json.loads(p.read_text()) for p in paths if p.is_file()),
                       key=lambda r: (r["event"]["created_at"], r["event"]["id"]))
 
     def record(self, event: dict[str, Any], endpoints: list[Endpoint], now: float) -> dict[str, Any]:
@@ -161,7 +174,8 @@ def deliver_due(log: DeliveryLog, endpoints: list[Endpoint], settings: Settings,
     now = time.time() if now is None else now
     by_key = {endpoint.key: endpoint for endpoint in endpoints}
     due: list[tuple[dict[str, Any], Endpoint]] = []
-    for record in log.records():
+    # Only events with an unfinished delivery are read: a tick costs the same after a year of batches.
+    for record in log.records(pending=True):
         if only is not None and record["event"]["id"] not in only:
             continue
         for key, state in record["deliveries"].items():

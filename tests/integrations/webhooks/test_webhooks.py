@@ -59,6 +59,9 @@ def test_completed_batch_sends_openai_event_to_every_endpoint_once(webhook_setti
     assert {o.metadata["webhook_delivery"].value for o in result.asset_events} == {"delivered"}
     assert {o.partition for o in result.asset_events} == {"done-1"}
 
+    pending = webhook_settings.resolved_data_dir / "webhooks" / "pending"
+    assert pending.is_dir() and not list(pending.iterdir()), "a delivered event is no longer read by each tick"
+
     # Later ticks (and a tick with no cursor, as after a lost cursor) send nothing new.
     sensor(build_sensor_context(instance=sqlite_instance, cursor=result.cursor))
     tick(webhook_settings, sqlite_instance)
