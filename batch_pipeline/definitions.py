@@ -68,8 +68,9 @@ def build_definitions(settings: Settings) -> Definitions:
         resources=build_resources(settings),
     )
     integrations = integration_definitions(settings)
-    if not integrations:
-        return core
+    if not any(integration.assets for integration in integrations):
+        # No integration assets (none enabled, or only sensors such as webhooks): no job to run after a batch.
+        return Definitions.merge(core, *integrations)
     automation = Definitions(
         jobs=[integrations_job],
         sensors=[AutomationConditionSensorDefinition(

@@ -18,8 +18,9 @@ import importlib
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from batch_pipeline.settings import Settings
 
@@ -39,18 +40,25 @@ class Integration:
     module: str
     extra: str | None = None
     requires: tuple[str, ...] = ()
+    # "module:function(settings)" that checks what the settings switch on inside the integration (e.g. which
+    # result handlers, each with its own extra); importable without any extra, raises IntegrationError.
+    check: str | None = None
+    # "module:attribute" of a click command group it adds to `vllm-batch` (its name is the group's name).
+    cli: str | None = None
 
-    def check_installed(self) -> None:
+    def check_installed(self, settings: Settings | None = None) -> None:
         """Raise IntegrationError naming the extra when a package it needs is not importable."""
         missing = [name for name in self.requires if not _importable(name)]
         if missing:
             raise IntegrationError(
                 f"the {self.name} integration is enabled but needs the '{self.extra}' extra "
                 f"(missing {', '.join(missing)}): pip install 'vllm-batch-pipeline[{self.extra}]'")
+        if self.check is not None and settings is not None:
+            load_attribute(self.check)(settings)
 
-    def import_module(self) -> ModuleType:
+    def import_module(self, settings: Settings | None = None) -> ModuleType:
         """The integration's module, or IntegrationError."""
-        self.check_installed()
+        self.check_installed(settings)
         try:
             return importlib.import_module(self.module)
         except ImportError as exc:
@@ -58,7 +66,7 @@ class Integration:
 
     def load(self, settings: Settings) -> Definitions:
         """Import the module and build its definitions."""
-        module = self.import_module()
+        module = self.import_module(settings)
         build = getattr(module, "build_definitions", None)
         if build is None:
             raise IntegrationError(f"integration module {self.module} has no build_definitions(settings)")
@@ -77,9 +85,23 @@ BUILT_IN: dict[str, Integration] = {
     "monitoring": Integration("monitoring", "integrations.monitoring.definitions", "monitoring",
                               ("prometheus_client",)),
     "curation": Integration("curation", "integrations.curation.definitions", "curation", ("label_studio_sdk",)),
-    "webhooks": Integration("webhooks", "integrations.webhooks.definitions", "webhooks", ("standardwebhooks",)),
-    "result_handlers": Integration("result_handlers", "integrations.result_handlers.definitions"),
+    "webhooks": Integration("webhooks", "integrations.webhooks.definitions", "webhooks", ("standardwebhooks", "httpx"),
+                            check="integrations.webhooks.sensors:check_webhook_settings",
+                            cli="integrations.webhooks.cli:webhooks"),
+    "result_handlers": Integration("result_handlers", "integrations.result_handlers.definitions",
+                                   check="integrations.result_handlers.registry:check_handlers"),
 }
+
+
+def load_attribute(reference: str) -> Any:
+    """`package.module:attribute`, imported."""
+    module, _, attribute = reference.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def integration_commands() -> dict[str, str]:
+    """The `vllm-batch` command groups integrations add: name -> "module:attribute" (imported on use)."""
+    return {integration.name: integration.cli for integration in BUILT_IN.values() if integration.cli}
 
 
 def enabled_integrations(settings: Settings) -> list[Integration]:
@@ -100,7 +122,7 @@ def _name_of(module_path: str) -> str:
 def check_integrations(settings: Settings) -> None:
     """Fail fast, with one line, when an enabled integration's extra is missing."""
     for integration in enabled_integrations(settings):
-        integration.check_installed()
+        integration.check_installed(settings)
 
 
 def start_integration_services(settings: Settings, echo: Callable[[str], object]) -> list[Callable[[], object]]:
@@ -108,11 +130,27 @@ def start_integration_services(settings: Settings, echo: Callable[[str], object]
     e.g. the metrics endpoint); returns the functions that stop them."""
     stops = []
     for integration in enabled_integrations(settings):
-        start = getattr(integration.import_module(), "start_service", None)
+        start = getattr(integration.import_module(settings), "start_service", None)
         handle = start(settings, echo) if start is not None else None
         if handle is not None:
             stops.append(handle.stop)
     return stops
+
+
+def input_path(settings: Settings, value: str) -> Path:
+    """A batch input as given on the command line: a local path, or an s3:// or gs:// URI, which the
+    object-storage part of the result_handlers integration streams into DATA_DIR/inputs/ (needs the
+    `s3` or `gcs` extra)."""
+    if not value.startswith(OBJECT_URI_SCHEMES):
+        return Path(value)
+    module = importlib.import_module("integrations.result_handlers.object_inputs")
+    try:
+        return module.fetch_object(settings, value)
+    except module.ObjectInputError as exc:
+        raise IntegrationError(str(exc)) from None
+
+
+OBJECT_URI_SCHEMES = ("s3://", "gs://")
 
 
 def integration_definitions(settings: Settings) -> list[Definitions]:

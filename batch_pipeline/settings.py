@@ -112,7 +112,26 @@ class Settings(BaseSettings):
     curation_page_size: int = Field(default=500, ge=1, le=10_000, description="Tasks per Label Studio import request.")
     curation_sensor_interval_seconds: int = Field(default=300, ge=10, description="How often new annotations are looked for.")
 
-    @field_validator("result_handlers", "integrations", "curation_custom_ids", mode="before")
+    # result handlers / webhooks (integrations/result_handlers, integrations/webhooks; credentials from the usual
+    # AWS / Google chains). Several webhook endpoints: comma-separated URLs, one secret for all or one per URL.
+    s3_bucket: str | None = Field(default=None, description="Bucket the S3 result handler writes to.")
+    s3_prefix: str = Field(default="", description="Key prefix: objects go under PREFIX/BATCH_ID/.")
+    s3_endpoint_url: str | None = Field(default=None, description="An S3-compatible endpoint (default: AWS).")
+    s3_region: str | None = Field(default=None, description="Region (default: the AWS chain's).")
+    gcs_bucket: str | None = Field(default=None, description="Bucket the GCS result handler writes to.")
+    gcs_prefix: str = Field(default="", description="Object prefix: objects go under PREFIX/BATCH_ID/.")
+    gcs_project: str | None = Field(default=None, description="Google Cloud project (default: from credentials).")
+    gcs_endpoint_url: str | None = Field(default=None, description="A GCS emulator's URL (anonymous credentials).")
+    webhook_url: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Webhook endpoints, comma-separated.")
+    webhook_secret: SecretStr | None = Field(
+        default=None, description="whsec_... signing secret(s): one for every endpoint, or one per URL.")
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, description="One delivery attempt's limit.")
+    webhook_retry_seconds: float = Field(default=24 * 3600, ge=0, description="How long failed deliveries are retried.")
+    webhook_backoff_seconds: float = Field(default=5.0, gt=0, description="First retry delay; doubles each attempt.")
+    webhook_interval_seconds: int = Field(default=10, ge=1, description="How often the webhook sensor looks.")
+
+    @field_validator("result_handlers", "integrations", "curation_custom_ids", "webhook_url", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):

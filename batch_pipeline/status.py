@@ -22,7 +22,7 @@ from dagster import DagsterEvent, DagsterEventType, DagsterInstance, DagsterRunS
 
 from batch_pipeline.batch_object import Batch, BatchErrorItem, BatchErrors, RequestCounts, Usage
 from batch_pipeline.batches import BatchSpec, Submission, load_spec, load_submission
-from batch_pipeline.constants import ACTIVE_RUN_STATUSES, PARTITION_TAG, RUN_KEY_TAG
+from batch_pipeline.constants import ACTIVE_RUN_STATUSES, PARTITION_TAG, RUN_KEY_TAG, WILL_RETRY_TAG
 from batch_pipeline.intake import survey
 from batch_pipeline.queue_tickets import ticket_exists
 from batch_pipeline.records import CHAT_URL
@@ -41,6 +41,11 @@ class RunState:
     ended_at: float | None
     step_starts: dict[str, float]  # step key -> first start; CANCELING_STEP -> when cancelling began
     failure: BatchErrorItem | None = None
+    will_retry: bool = False  # a failed run the run-retry daemon is about to launch again
+
+    @property
+    def failed_for_good(self) -> bool:
+        return self.status == DagsterRunStatus.FAILURE and not self.will_retry
 
     @property
     def active(self) -> bool:
@@ -64,7 +69,7 @@ class BatchFacts:
     @property
     def finished(self) -> bool:
         """The batch reached an end of its own: results written, or its run failed or was cancelled."""
-        if self.run is not None and self.run.active:
+        if self.run is not None and (self.run.active or self.run.will_retry):
             return False
         if self.run is None and self.submission is not None and self.submission.launch_error:
             return True
@@ -122,7 +127,9 @@ def derive_batch(facts: BatchFacts, now: float) -> Batch:
     elif sub.launch_error and run is None:
         batch.status, batch.failed_at = "failed", int(facts.submission_mtime or now)
         batch.errors = BatchErrors(data=[BatchErrorItem(code="batch_not_launched", message=sub.launch_error)])
-    elif run is not None and run.status == DagsterRunStatus.FAILURE:
+    elif run is not None and run.status == DagsterRunStatus.FAILURE and run.will_retry:
+        batch.status = "in_progress"  # the retry resumes from the finished chunks
+    elif run is not None and run.failed_for_good:
         batch.status, batch.failed_at = "failed", _int(run.ended_at)
         batch.errors = BatchErrors(data=[run.failure or BatchErrorItem(code="batch_failed")])
     elif facts.summary is not None:
@@ -214,7 +221,8 @@ def latest_run(instance: DagsterInstance, batch_id: str) -> RunState | None:
         step = events[0].step_key if events else None
         failure = BatchErrorItem(code="invalid_file" if step == "batch_input" else "batch_failed",
                                  message=failure_message(events))
-    return RunState(run.run_id, run.status, record.end_time, starts, failure)
+    will_retry = run.tags.get(WILL_RETRY_TAG) == "true"
+    return RunState(run.run_id, run.status, record.end_time, starts, failure, will_retry)
 
 
 def read_facts(instance: DagsterInstance, paths: BatchPaths, data_dir: Path, stats: ChunkStats) -> BatchFacts:

@@ -1,0 +1,1 @@
+"""An example result handler: a summary of each finished batch posted to a Slack incoming webhook."""
