@@ -204,7 +204,8 @@ def _service() -> BatchService:
 
 def _call(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a service call; its known errors become one line and exit code 1."""
-    from batch_pipeline.api.service import BatchNotFound, BatchRequestError
+    from batch_pipeline.api.service import BatchRequestError
+    from batch_pipeline.batches import BatchNotFound
 
     try:
         return function(*args, **kwargs)

@@ -45,6 +45,9 @@ class Integration:
     check: str | None = None
     # "module:attribute" of a click command group it adds to `vllm-batch` (its name is the group's name).
     cli: str | None = None
+    # "module:function(settings) -> fastapi.APIRouter" of routes it adds to the Batch API server (`vllm-batch
+    # serve`) when it is enabled; they sit behind the server's API keys.
+    api: str | None = None
 
     def check_installed(self, settings: Settings | None = None) -> None:
         """Raise IntegrationError naming the extra when a package it needs is not importable."""
@@ -84,7 +87,8 @@ def _importable(module: str) -> bool:
 BUILT_IN: dict[str, Integration] = {
     "monitoring": Integration("monitoring", "integrations.monitoring.definitions", "monitoring",
                               ("prometheus_client",)),
-    "curation": Integration("curation", "integrations.curation.definitions", "curation", ("label_studio_sdk",)),
+    "curation": Integration("curation", "integrations.curation.definitions", "curation", ("label_studio_sdk",),
+                            cli="integrations.curation.cli:curation", api="integrations.curation.api:build_router"),
     "webhooks": Integration("webhooks", "integrations.webhooks.definitions", "webhooks", ("standardwebhooks", "httpx"),
                             check="integrations.webhooks.sensors:check_webhook_settings",
                             cli="integrations.webhooks.cli:webhooks"),
@@ -102,6 +106,16 @@ def load_attribute(reference: str) -> Any:
 def integration_commands() -> dict[str, str]:
     """The `vllm-batch` command groups integrations add: name -> "module:attribute" (imported on use)."""
     return {integration.name: integration.cli for integration in BUILT_IN.values() if integration.cli}
+
+
+def integration_routers(settings: Settings) -> list[Any]:
+    """The API routers (`fastapi.APIRouter`) of the enabled integrations that add routes to `vllm-batch serve`."""
+    routers = []
+    for integration in enabled_integrations(settings):
+        if integration.api is not None:
+            integration.check_installed(settings)
+            routers.append(load_attribute(integration.api)(settings))
+    return routers
 
 
 def enabled_integrations(settings: Settings) -> list[Integration]:
