@@ -35,7 +35,7 @@ from batch_pipeline.api.schemas import (
 from batch_pipeline.api.service import BatchRequestError, BatchService
 from batch_pipeline.api.uploads import UploadError, UploadTooLarge, read_form
 from batch_pipeline.batches import BatchNotFound
-from batch_pipeline.enabled_integrations import integration_routers
+from batch_pipeline.enabled_integrations import integration_middleware, integration_routers
 from batch_pipeline.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="vllm-batch", version="1", lifespan=lifespan, responses=_ERROR_RESPONSES,
                   description="OpenAI-compatible Batch API: files, batches and models, run by vLLM through Dagster.")
     app.add_middleware(BearerAuth, keys=settings.api_key_set())
+    for middleware in integration_middleware(settings):  # added later, so they run before the key check
+        app.add_middleware(middleware, settings=settings)
     _add_error_handlers(app)
 
     def service(request: Request) -> BatchService:
