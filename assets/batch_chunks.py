@@ -68,7 +68,8 @@ def batch_chunks(context: AssetExecutionContext, storage: BatchStorage, engine: 
             # A progress report only: the chunk is safe on disk, and a database blip (e.g. a
             # PostgreSQL restart) must not fail a batch that is generating fine.
             context.log.warning(f"could not record progress of chunk {report.index}: {type(exc).__name__}")
-        context.log.info(f"chunk {report.index} written ({done}/{num_chunks} chunks, {report.rows} requests)")
+        context.log.info(f"chunk {report.index} written ({done}/{num_chunks} chunks, {report.rows} requests)",
+                         extra={"chunk": report.index})
 
     generation_seconds = 0.0
     if todo:

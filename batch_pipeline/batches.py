@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 
 from batch_pipeline.constants import BATCHES_PARTITIONS
 from batch_pipeline.records import CHAT_URL
-from resources.storage import BatchPaths, atomic_path
+from resources.storage import BatchPaths, BatchStorage, atomic_path
 
 batches_partitions = DynamicPartitionsDefinition(name=BATCHES_PARTITIONS)
 
@@ -38,6 +38,20 @@ class BatchSpec(BaseModel):
 def valid_batch_id(batch_id: str) -> bool:
     """Batch ids are partition keys and folder names: letters, digits, '_', '-', '.'."""
     return bool(_ID_RE.match(batch_id)) and ".." not in batch_id
+
+
+class BatchNotFound(Exception):
+    """No batch has this id (or the id is not a batch id at all); the API answers it with its 404."""
+
+
+def existing_batch(data_dir: Path, batch_id: str) -> BatchPaths:
+    """The paths of a registered batch, or BatchNotFound (also for ids that could escape DATA_DIR)."""
+    if not valid_batch_id(batch_id):
+        raise BatchNotFound(batch_id)
+    paths = BatchStorage(data_dir=str(data_dir)).batch(batch_id)
+    if not paths.spec.is_file():
+        raise BatchNotFound(batch_id)
+    return paths
 
 
 def file_digest(path: Path) -> str:

@@ -160,8 +160,15 @@ def start(host: str, port: int) -> None:
     from batch_pipeline.instance import InstanceConfigError
     from batch_pipeline.supervisor import AlreadyRunning, run_service
 
+    settings = _settings()
+    echo = click.echo
+    if settings.log_format == "json":
+        from batch_pipeline.log_format import json_echo, use_json_logging
+
+        use_json_logging("supervisor", "WARNING")
+        echo = json_echo("supervisor")
     try:
-        sys.exit(run_service(_settings(), host, port, echo=click.echo))
+        sys.exit(run_service(settings, host, port, echo=echo))
     except (InstanceConfigError, AlreadyRunning) as exc:
         _fail(str(exc))
 
@@ -204,7 +211,8 @@ def _service() -> BatchService:
 
 def _call(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a service call; its known errors become one line and exit code 1."""
-    from batch_pipeline.api.service import BatchNotFound, BatchRequestError
+    from batch_pipeline.api.service import BatchRequestError
+    from batch_pipeline.batches import BatchNotFound
 
     try:
         return function(*args, **kwargs)
@@ -368,11 +376,19 @@ def serve(host: str | None, port: int | None, as_json: bool) -> None:
     if not keys:
         _fail("no API keys configured: set VBATCH_API_KEYS (comma-separated) or VBATCH_API_KEYS_FILE")
     host, port = host or settings.api_host, port or settings.api_port
+    log_config: dict[str, Any] | None = None
+    if settings.log_format == "json":
+        from batch_pipeline.log_format import json_echo, logging_config, use_json_logging
+
+        use_json_logging("api", "WARNING")
+        log_config = logging_config("api", "WARNING")
+        json_echo("api")(f"serving the Batch API on http://{host}:{port}/v1")
     if as_json:
         click.echo(json.dumps({"url": f"http://{host}:{port}/v1"}))
-    else:
+    elif log_config is None:
         click.echo(f"serving the Batch API on http://{host}:{port}/v1", err=True)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning",
+                log_config=log_config or uvicorn.config.LOGGING_CONFIG)
 
 if __name__ == "__main__":
     main()

@@ -45,6 +45,12 @@ class Integration:
     check: str | None = None
     # "module:attribute" of a click command group it adds to `vllm-batch` (its name is the group's name).
     cli: str | None = None
+    # "module:function(settings) -> fastapi.APIRouter" of routes it adds to the Batch API server (`vllm-batch
+    # serve`) when it is enabled; they sit behind the server's API keys.
+    api: str | None = None
+    # "module:Class" of a pure ASGI middleware, `Class(app, settings=settings)`, that the server wraps around
+    # everything (outside the API-key check) when the integration is enabled, e.g. to measure requests.
+    api_middleware: str | None = None
 
     def check_installed(self, settings: Settings | None = None) -> None:
         """Raise IntegrationError naming the extra when a package it needs is not importable."""
@@ -83,8 +89,10 @@ def _importable(module: str) -> bool:
 # The built-in integrations, in the order their definitions are merged.
 BUILT_IN: dict[str, Integration] = {
     "monitoring": Integration("monitoring", "integrations.monitoring.definitions", "monitoring",
-                              ("prometheus_client",)),
-    "curation": Integration("curation", "integrations.curation.definitions", "curation", ("label_studio_sdk",)),
+                              ("prometheus_client",), api="integrations.monitoring.api_metrics:build_router",
+                              api_middleware="integrations.monitoring.api_metrics:RequestMetrics"),
+    "curation": Integration("curation", "integrations.curation.definitions", "curation", ("label_studio_sdk",),
+                            cli="integrations.curation.cli:curation", api="integrations.curation.api:build_router"),
     "webhooks": Integration("webhooks", "integrations.webhooks.definitions", "webhooks", ("standardwebhooks", "httpx"),
                             check="integrations.webhooks.sensors:check_webhook_settings",
                             cli="integrations.webhooks.cli:webhooks"),
@@ -102,6 +110,26 @@ def load_attribute(reference: str) -> Any:
 def integration_commands() -> dict[str, str]:
     """The `vllm-batch` command groups integrations add: name -> "module:attribute" (imported on use)."""
     return {integration.name: integration.cli for integration in BUILT_IN.values() if integration.cli}
+
+
+def integration_routers(settings: Settings) -> list[Any]:
+    """The API routers (`fastapi.APIRouter`) of the enabled integrations that add routes to `vllm-batch serve`."""
+    routers = []
+    for integration in enabled_integrations(settings):
+        if integration.api is not None:
+            integration.check_installed(settings)
+            routers.append(load_attribute(integration.api)(settings))
+    return routers
+
+
+def integration_middleware(settings: Settings) -> list[Any]:
+    """The ASGI middleware classes of the enabled integrations, for `vllm-batch serve`."""
+    classes = []
+    for integration in enabled_integrations(settings):
+        if integration.api_middleware is not None:
+            integration.check_installed(settings)
+            classes.append(load_attribute(integration.api_middleware))
+    return classes
 
 
 def enabled_integrations(settings: Settings) -> list[Integration]:

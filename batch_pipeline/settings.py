@@ -17,7 +17,7 @@ import os
 from collections.abc import MutableMapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     api_keys: SecretStr | None = Field(default=None, description="Bearer keys the API accepts, comma-separated.")
     api_keys_file: Path | None = Field(default=None, description="A file of API keys, one per line.")
     api_host: str = Field(default="127.0.0.1", description="Address `vllm-batch serve` binds.")
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="`json`: every log line of runs, daemon, webserver and API as one JSON object.")
     api_port: int = Field(default=8000, ge=1, le=65535)
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1, description="Largest file POST /v1/files takes.")
 

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import IO
 
 from batch_pipeline.enabled_integrations import start_integration_services
 from batch_pipeline.instance import prepare_instance
+from batch_pipeline.log_format import relay_json_lines
 from batch_pipeline.settings import Settings
 
 _MAX_BACKOFF_S = 30.0
@@ -46,9 +48,11 @@ def _bin(name: str) -> str:
 def service_commands(settings: Settings, host: str, port: int) -> dict[str, list[str]]:
     """The webserver and daemon command lines."""
     workspace = str(settings.home / "workspace.yaml")
+    # Dagster's own JSON lines (the daemon passes the format on to its code servers); relayed and normalised below.
+    log_format = ["--log-format", "json"] if settings.log_format == "json" else []
     return {
-        "webserver": [_bin("dagster-webserver"), "-w", workspace, "-h", host, "-p", str(port)],
-        "daemon": [_bin("dagster-daemon"), "run", "-w", workspace],
+        "webserver": [_bin("dagster-webserver"), "-w", workspace, "-h", host, "-p", str(port), *log_format],
+        "daemon": [_bin("dagster-daemon"), "run", "-w", workspace, *log_format],
     }
 
 
@@ -119,8 +123,15 @@ def run_service(settings: Settings, host: str, port: int, echo=print) -> int:
 
     def start(child: _Child) -> None:
         # Each in its own process group, so stopping it also stops its code server and run workers.
+        # With JSON logs, what the child and everything under it prints (run workers, vLLM, tracebacks) comes
+        # through a pipe and leaves as JSON lines on stderr.
+        relay = settings.log_format == "json"
         child.process = subprocess.Popen(child.argv, cwd=settings.home, start_new_session=True,
-                                         preexec_fn=_die_with_parent)
+                                         preexec_fn=_die_with_parent, stdout=subprocess.PIPE if relay else None,
+                                         stderr=subprocess.STDOUT if relay else None)
+        if relay:
+            threading.Thread(target=relay_json_lines, args=(child.process.stdout, child.name, sys.stderr),
+                             name=f"{child.name}-log-relay", daemon=True).start()
         child.started_at = time.monotonic()
         child.groups.append(child.process.pid)
         echo(f"{child.name} started (pid {child.process.pid})")

@@ -32,8 +32,10 @@ from batch_pipeline.api.schemas import (
     ListPage,
     Model,
 )
-from batch_pipeline.api.service import BatchNotFound, BatchRequestError, BatchService
+from batch_pipeline.api.service import BatchRequestError, BatchService
 from batch_pipeline.api.uploads import UploadError, UploadTooLarge, read_form
+from batch_pipeline.batches import BatchNotFound
+from batch_pipeline.enabled_integrations import integration_middleware, integration_routers
 from batch_pipeline.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -104,6 +106,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="vllm-batch", version="1", lifespan=lifespan, responses=_ERROR_RESPONSES,
                   description="OpenAI-compatible Batch API: files, batches and models, run by vLLM through Dagster.")
     app.add_middleware(BearerAuth, keys=settings.api_key_set())
+    for middleware in integration_middleware(settings):  # added later, so they run before the key check
+        app.add_middleware(middleware, settings=settings)
     _add_error_handlers(app)
 
     def service(request: Request) -> BatchService:
@@ -206,6 +210,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         data = [Model(id=name, created=int(time.time())) for name in sorted(registry.models)]
         return ListPage[Model](data=data, first_id=data[0].id if data else None,
                                last_id=data[-1].id if data else None)
+
+    # ---- integrations --------------------------------------------------------------------------
+    # Routes of the enabled integrations (`vllm-batch curation`'s status and training file, the
+    # monitoring's /metrics): behind the same keys, with the same error shapes (an integration raises
+    # batch_pipeline.batches.BatchNotFound for an unknown batch).
+    for router in integration_routers(settings):
+        app.include_router(router)
 
     return app
 

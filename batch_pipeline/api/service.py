@@ -22,6 +22,7 @@ from batch_pipeline.batches import (
     BatchSpec,
     Submission,
     default_batch_id,
+    existing_batch,
     load_spec,
     save_submission,
     valid_batch_id,
@@ -37,10 +38,6 @@ from batch_pipeline.stopping import enforce_stop, enforce_stops, request_cancel
 from resources.storage import BatchPaths, BatchStorage
 
 _BUSY = {"validating", "in_progress", "finalizing", "cancelling"}
-
-
-class BatchNotFound(Exception):
-    """No batch has this id (or the id is not a batch id at all)."""
 
 
 class BatchRequestError(Exception):
@@ -142,12 +139,7 @@ class BatchService:
     # ---- reading --------------------------------------------------------------------------------
 
     def _paths(self, batch_id: str) -> BatchPaths:
-        if not valid_batch_id(batch_id):
-            raise BatchNotFound(batch_id)
-        paths = self.storage.batch(batch_id)
-        if not paths.spec.is_file():
-            raise BatchNotFound(batch_id)
-        return paths
+        return existing_batch(self.data_dir, batch_id)
 
     def describe(self, batch_id: str) -> Batch:
         """The Batch object as of now, derived from the instance and the files (nothing is written)."""

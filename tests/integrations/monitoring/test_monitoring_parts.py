@@ -32,6 +32,16 @@ def test_with_the_flag_off_prometheus_client_is_never_imported(tmp_path: Path):
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def test_with_the_flag_off_the_api_server_imports_no_prometheus_client_and_serves_no_metrics(tmp_path: Path):
+    code = ("import sys; from fastapi.testclient import TestClient; from batch_pipeline.api.app import create_app;"
+            "from batch_pipeline.settings import Settings; app = create_app(Settings(api_keys='k'));"
+            "assert 'prometheus_client' not in sys.modules, 'imported';"
+            "assert TestClient(app).get('/metrics', headers={'Authorization': 'Bearer k'}).status_code == 404")
+    env = {"PATH": "/usr/bin:/bin", "VBATCH_HOME": str(REPO), "VBATCH_DATA_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_with_the_flag_on_the_definitions_still_import_no_prometheus_client(tmp_path: Path):
     # The code server and run workers load the definitions: they must not start metrics of their own.
     code = ("import sys; from batch_pipeline.definitions import defs;"

@@ -32,6 +32,9 @@ DASHBOARDS = sorted((REPO / "integrations" / "monitoring" / "grafana_dashboards"
 GOOD_REQUESTS, BAD_LINES = 240, 2
 
 
+API_KEY = "monitoring-api-key-93c1"
+
+
 @dataclass
 class Service:
     process: subprocess.Popen
@@ -40,6 +43,8 @@ class Service:
     metrics_url: str
     started: float
     log: Path
+    api_url: str = ""
+    api_log: Path | None = None
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
@@ -95,6 +100,8 @@ def service(tmp_path_factory, tiny_model: Path, prometheus: Prometheus) -> Itera
         "VBATCH_MAX_NUM_SEQS": "4",
         "VBATCH_METRICS_PORT": str(metrics_port), "VBATCH_METRICS_POLL_SECONDS": "1",
         "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING",
+        # Every line of the supervisor, webserver, daemon, runs and API server as JSON (checked below).
+        "VBATCH_LOG_FORMAT": "json", "VBATCH_API_KEYS": API_KEY,
     })
     log = root / "service.log"
     started = time.time()
@@ -103,6 +110,11 @@ def service(tmp_path_factory, tiny_model: Path, prometheus: Prometheus) -> Itera
         env=env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     svc = Service(process, env, root, metrics_url, started, log)
+    # The Batch API server beside it, with monitoring on (its own /metrics) on the same instance.
+    api_port = free_port()
+    svc.api_url, svc.api_log = f"http://127.0.0.1:{api_port}", root / "serve.log"
+    api = subprocess.Popen([*VLLM_BATCH, "serve", "--port", str(api_port)], env={**env, "VBATCH_ENABLE_MONITORING": "true"},
+                           cwd=REPO, stdout=svc.api_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         def up() -> bool:
             assert process.poll() is None, f"vllm-batch start exited:\n{log.read_text()[-3000:]}"
@@ -122,6 +134,9 @@ def service(tmp_path_factory, tiny_model: Path, prometheus: Prometheus) -> Itera
         time.sleep(3)  # a few more scrapes after the end
         yield svc
     finally:
+        if api.poll() is None:
+            os.killpg(api.pid, signal.SIGTERM)
+            api.wait(30)
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
             try:
@@ -239,3 +254,71 @@ def test_the_daemon_materialises_the_integration_asset_after_each_batch(service:
         # The failed batch has no results, so nothing downstream of them runs for it.
         assert not instance.fetch_materializations(AssetRecordsFilter(
             asset_key=AssetKey("batch_run_stats"), asset_partitions=["broken"]), limit=1).records
+
+
+def api_get(service: Service, path: str, key: str | None = API_KEY):
+    import httpx
+
+    return httpx.get(f"{service.api_url}{path}", headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=30)
+
+
+def test_the_api_server_serves_its_request_metrics(service: Service):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wait_for(lambda: api_get(service, "/health").status_code == 200, 120, "the API server")
+    assert api_get(service, "/v1/batches/good").status_code == 200
+    assert api_get(service, "/v1/batches/good").status_code == 200
+    assert api_get(service, "/v1/batches/no-such-batch").status_code == 404
+    assert api_get(service, "/v1/batches/good", key="wrong").status_code == 401
+    assert api_get(service, "/metrics", key=None).status_code == 401  # behind the keys like every route
+    scraped = api_get(service, "/metrics")
+    assert scraped.status_code == 200 and scraped.headers["content-type"].startswith("text/plain")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(scraped.text) for s in family.samples}
+
+    def requests(route: str, status: str) -> float:
+        return samples.get(("vbatch_api_requests_total",
+                            (("method", "GET"), ("route", route), ("status", status))), 0)
+
+    assert requests("/v1/batches/{batch_id}", "200") == 2
+    assert requests("/v1/batches/{batch_id}", "404") == 1
+    assert requests("/v1/batches/{batch_id}", "401") == 1
+    assert requests("/metrics", "401") == 1
+    assert samples[("vbatch_api_request_duration_seconds_count",
+                    (("method", "GET"), ("route", "/v1/batches/{batch_id}")))] == 4
+    assert not any(labels and dict(labels).get("route", "").endswith("no-such-batch") for _, labels in samples)
+
+
+def json_lines(path: Path) -> list[dict]:
+    """Every non-empty line of a log, parsed; fails on the first line that is not one JSON object."""
+    parsed = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                parsed.append(json.loads(line))
+            except ValueError:
+                pytest.fail(f"{path.name} line {number} is not JSON: {line[:300]}")
+            assert isinstance(parsed[-1], dict) and {"time", "level", "process", "message"} <= parsed[-1].keys(), line
+    return parsed
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: runs launched by the daemon still log through Dagster's default "
+                   "console logger (their lines arrive wrapped, as process 'daemon', without batch_id/run_id), although "
+                   "the Definitions carry the JSON logger and an in-process run uses it; not diagnosed yet")
+def test_with_json_logs_every_line_is_a_json_object_with_batch_and_run(service: Service):
+    from dagster import DagsterInstance
+
+    lines = json_lines(service.log)
+    assert {"supervisor", "webserver", "daemon", "run"} <= {line["process"] for line in lines}
+    assert {line["level"] for line in lines} <= {"debug", "info", "warning", "error", "critical"}
+    with DagsterInstance.from_config(service.env["DAGSTER_HOME"]) as instance:
+        runs = {run.run_id: run.tags.get("dagster/partition") for run in instance.get_runs()
+                if run.job_name == "batch_job"}
+    run_lines = [line for line in lines if line["process"] == "run" and line.get("run_id") in runs]
+    assert {line["batch_id"] for line in run_lines} == {"good", "broken"}
+    assert all(line["batch_id"] == runs[line["run_id"]] for line in run_lines)
+    chunks = {line["chunk"] for line in run_lines if line["batch_id"] == "good" and "chunk" in line}
+    assert chunks == set(range(-(-GOOD_REQUESTS // 16)))  # each chunk's observation and its "written" line
+    assert any(line["level"] == "error" and line["batch_id"] == "broken" for line in run_lines)
+    wait_for(lambda: service.api_log.stat().st_size > 0, 30, "the API server's first line")
+    assert {line["process"] for line in json_lines(service.api_log)} == {"api"}
