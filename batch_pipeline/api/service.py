@@ -104,7 +104,8 @@ class BatchService:
         except IntakeError as exc:
             raise BatchRequestError.from_intake(exc) from None
         submission = Submission(endpoint=endpoint, input_file_id=input_file_id, completion_window=completion_window,
-                                expires_at=spec.created_at + window_seconds(completion_window))
+                                # Whole seconds, as the Batch object shows it: the window closes when it says.
+                                expires_at=float(int(spec.created_at) + window_seconds(completion_window)))
         return self._queue(spec, submission, "api")
 
     def submit_file(self, input_file: Path, model: str, batch_id: str | None = None,
