@@ -242,8 +242,11 @@ def response_body(request: EngineRequest, output: RequestOutput, model_name: str
     choices = sorted(output.outputs, key=lambda c: c.index)
     completion_tokens = sum(len(c.token_ids) for c in choices)
     prompt_tokens = len(request.prompt_token_ids)
+    # Prompt tokens found in vLLM's prefix cache, reported where OpenAI reports its own cache hits.
+    cached_tokens = min(int(getattr(output, "num_cached_tokens", None) or 0), prompt_tokens)
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-             "total_tokens": prompt_tokens + completion_tokens}
+             "total_tokens": prompt_tokens + completion_tokens,
+             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
     if request.url == CHAT_URL:
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -284,8 +287,10 @@ def merge_completion_bodies(bodies: list[dict[str, Any]], n: int) -> dict[str, A
     merged = dict(bodies[0])
     merged["choices"] = [dict(choice, index=prompt * n + choice["index"])
                          for prompt, body in enumerate(bodies) for choice in body["choices"]]
-    usage = {key: sum(body["usage"][key] for body in bodies)
-             for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    usage: dict[str, Any] = {key: sum(body["usage"][key] for body in bodies)
+                             for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    usage["prompt_tokens_details"] = {
+        "cached_tokens": sum(body["usage"]["prompt_tokens_details"]["cached_tokens"] for body in bodies)}
     merged["usage"] = usage
     return merged
 

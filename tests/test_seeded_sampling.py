@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from openai.types.chat import ChatCompletion
+
 from tests.test_pipeline_e2e import chat, run
 
 
@@ -31,3 +33,8 @@ def test_five_hundred_seeded_requests_complete_and_each_seed_reproduces(settings
         {k: text[k] for k in ("seeded-0", "seeded-1", "seeded-249", "seeded-499")}
     distinct = Counter(text2[f"seed-{s}"] for s in range(8))
     assert len(distinct) > 1, distinct
+
+    # The repeated prompts were in vLLM's prefix cache (the engine stayed loaded): usage says how much.
+    bodies = [ChatCompletion.model_validate(o["response"]["body"]) for o in outputs2]
+    assert all(0 <= b.usage.prompt_tokens_details.cached_tokens <= b.usage.prompt_tokens for b in bodies)
+    assert any(b.usage.prompt_tokens_details.cached_tokens > 0 for b in bodies[:4])
