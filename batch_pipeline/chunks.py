@@ -8,11 +8,12 @@ skips it and only the missing chunks are computed again.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypedDict, cast
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,13 +22,17 @@ from batch_pipeline.openai_bodies import (
     RequestRejected,
     embedding_body,
     error_json,
+    merge_completion_bodies,
     prepare_embedding,
-    prepare_request,
+    prepare_requests,
     response_body,
 )
 from batch_pipeline.records import EMBEDDINGS_URL, BatchError, ErrorCode
 from resources.storage import BatchPaths, atomic_path
 from resources.vllm_engine import EngineFailure, EngineRequest, LoadedEngine
+
+if TYPE_CHECKING:
+    from vllm import RequestOutput
 
 CHUNK_SCHEMA = pa.schema([
     ("line", pa.int64()),
@@ -146,16 +151,25 @@ def run_chunks(
         return {"line": row["line"], "custom_id": row["custom_id"], "id": output_line_id(batch_id, row["line"]),
                 "response": None, "error": error_json(error), "prompt_tokens": 0, "completion_tokens": 0}
 
+    # A completions body with several prompts is one engine request per prompt; its row is written
+    # once every part has finished (or as an error as soon as one part fails).
+    part_of: dict[int, tuple[int, int]] = {}  # engine key -> (position, prompt index)
+    parts: dict[int, list[tuple[EngineRequest, RequestOutput] | None]] = {}
+    keys = itertools.count()
+
     def engine_requests() -> Iterator[EngineRequest]:
         for position, row in iter_requests(paths, chunk_size, skip):
             try:
-                request = prepare_request(position, row["url"], row["body"], engine.tokenizer,
-                                          engine.max_model_len, engine.runner)
+                requests = prepare_requests(keys, row["url"], row["body"], engine.tokenizer, engine.max_model_len,
+                                            engine.runner)
             except RequestRejected as exc:
                 assembler.add(position, failed_row(row, exc.code, str(exc)))
                 continue
             positions[position] = row
-            yield request
+            parts[position] = [None] * len(requests)
+            for index, request in enumerate(requests):
+                part_of[request.key] = (position, index)
+            yield from requests
 
     def succeeded_row(row: RequestRow, body: dict[str, Any]) -> ChunkRow:
         return {
@@ -171,11 +185,21 @@ def run_chunks(
         _run_embedding_chunks(engine, paths, chunk_size, skip, assembler, failed_row, succeeded_row, model_name)
     else:
         for request, output in engine.stream(engine_requests(), in_flight=in_flight):
-            row = positions.pop(request.key)
-            if isinstance(output, EngineFailure):
-                assembler.add(request.key, failed_row(row, ErrorCode.ENGINE_ERROR, output.message))
+            position, index = part_of.pop(request.key)
+            if position not in positions:  # another prompt of this row already failed it
                 continue
-            assembler.add(request.key, succeeded_row(row, response_body(request, output, model_name)))
+            if isinstance(output, EngineFailure):
+                parts.pop(position)
+                assembler.add(position, failed_row(positions.pop(position), ErrorCode.ENGINE_ERROR, output.message))
+                continue
+            finished = parts[position]
+            finished[index] = (request, output)
+            if any(part is None for part in finished):
+                continue
+            bodies = [response_body(part[0], part[1], model_name) for part in finished if part is not None]
+            body = bodies[0] if len(bodies) == 1 else merge_completion_bodies(bodies, request.params.n)
+            del parts[position]
+            assembler.add(position, succeeded_row(positions.pop(position), body))
     if assembler.open:
         missing = sorted(assembler.open)
         raise RuntimeError(f"chunks {missing} did not receive all their rows; this is a bug")
@@ -195,7 +219,7 @@ def _run_embedding_chunks(engine: LoadedEngine, paths: BatchPaths, chunk_size: i
                     raise RequestRejected(ErrorCode.UNSUPPORTED_ENDPOINT, "this batch runs an embedding (pooling) "
                                           f"engine; {row['url']} needs a generative one")
                 prepared.append((position, row, prepare_embedding(position, row["body"], engine.tokenizer,
-                                                                  engine.max_model_len)))
+                                                                  engine.max_model_len, engine.matryoshka)))
             except RequestRejected as exc:
                 assembler.add(position, failed_row(row, exc.code, str(exc)))
         vectors = engine.embed([ids for _, _, request in prepared for ids in request.inputs])

@@ -6,9 +6,13 @@ without paying for the engine import.
 
 from __future__ import annotations
 
+import base64
 import json
+import math
+import struct
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -56,10 +60,10 @@ def _tokenize_chat(tokenizer: Any, body: ChatCompletionBody) -> list[int]:
     return list(tokenizer.encode(rendered, add_special_tokens=False))
 
 
-def prepare_request(
-    key: int, url: str, body_json: str, tokenizer: Any, max_model_len: int, runner: str = "generate"
-) -> EngineRequest:
-    """Turn a validated body into an EngineRequest, or raise RequestRejected."""
+def prepare_requests(
+    keys: Iterator[int], url: str, body_json: str, tokenizer: Any, max_model_len: int, runner: str = "generate"
+) -> list[EngineRequest]:
+    """Turn a validated body into one EngineRequest per prompt (each keyed by next(keys)), or raise RequestRejected."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -76,49 +80,54 @@ def prepare_request(
     top_logprobs = 0
     if url == CHAT_URL:
         body = ChatCompletionBody.model_validate_json(body_json)
-        prompt_ids = _tokenize_chat(tokenizer, body)
+        prompts = [_tokenize_chat(tokenizer, body)]
         wants_logprobs = body.logprobs
         top_logprobs = body.top_logprobs or 0
         if body.top_logprobs and not body.logprobs:
             raise RequestRejected(ErrorCode.INVALID_BODY, "top_logprobs needs logprobs=true")
     else:
         body = CompletionBody.model_validate_json(body_json)
-        prompt = body.prompt_value()
-        prompt_ids = list(tokenizer.encode(prompt)) if isinstance(prompt, str) else list(prompt)
+        prompts = [list(tokenizer.encode(prompt)) if isinstance(prompt, str) else list(prompt)
+                   for prompt in body.prompt_values()]
         wants_logprobs = body.logprobs is not None
         top_logprobs = body.logprobs or 0
-    prompt_len = len(prompt_ids)
-    if prompt_len == 0:
-        raise RequestRejected(ErrorCode.INVALID_BODY, "the prompt is empty")
     limit = body.output_limit
-    if prompt_len >= max_model_len or (limit is not None and prompt_len + limit > max_model_len):
-        requested = prompt_len + (limit or 0)
-        raise RequestRejected(
-            ErrorCode.CONTEXT_LENGTH,
-            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{requested} tokens ({prompt_len} in the prompt, {limit or 0} for the completion).",
-        )
-    try:
-        params = SamplingParams(
-            n=body.n,
-            temperature=1.0 if body.temperature is None else float(body.temperature),
-            top_p=1.0 if body.top_p is None else float(body.top_p),
-            seed=body.seed,
-            stop=body.stop,
-            presence_penalty=float(body.presence_penalty or 0.0),
-            frequency_penalty=float(body.frequency_penalty or 0.0),
-            max_tokens=limit if limit is not None else max_model_len - prompt_len,
-            logprobs=top_logprobs if wants_logprobs else None,
-            structured_outputs=_structured_outputs(body.response_format),
-            top_k=body.top_k or 0,
-            min_tokens=body.min_tokens or 0,
-            repetition_penalty=float(body.repetition_penalty or 1.0),
-            ignore_eos=bool(body.ignore_eos),
-            output_kind=RequestOutputKind.FINAL_ONLY,
-        )
-    except ValueError as exc:  # vLLM's own checks, e.g. n > 1 with temperature 0
-        raise RequestRejected(ErrorCode.INVALID_BODY, f"invalid sampling parameters: {exc}") from None
-    return EngineRequest(key, prompt_ids, params, url, wants_logprobs, top_logprobs)
+    for index, prompt_ids in enumerate(prompts):
+        where = f"prompt {index}" if len(prompts) > 1 else "the prompt"
+        prompt_len = len(prompt_ids)
+        if prompt_len == 0:
+            raise RequestRejected(ErrorCode.INVALID_BODY, f"{where} is empty")
+        if prompt_len >= max_model_len or (limit is not None and prompt_len + limit > max_model_len):
+            requested = prompt_len + (limit or 0)
+            raise RequestRejected(
+                ErrorCode.CONTEXT_LENGTH,
+                f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                f"{requested} tokens ({prompt_len} in {where}, {limit or 0} for the completion).",
+            )
+    requests = []
+    for prompt_ids in prompts:
+        try:
+            params = SamplingParams(
+                n=body.n,
+                temperature=1.0 if body.temperature is None else float(body.temperature),
+                top_p=1.0 if body.top_p is None else float(body.top_p),
+                seed=body.seed,
+                stop=body.stop,
+                presence_penalty=float(body.presence_penalty or 0.0),
+                frequency_penalty=float(body.frequency_penalty or 0.0),
+                max_tokens=limit if limit is not None else max_model_len - len(prompt_ids),
+                logprobs=top_logprobs if wants_logprobs else None,
+                structured_outputs=_structured_outputs(body.response_format),
+                top_k=body.top_k or 0,
+                min_tokens=body.min_tokens or 0,
+                repetition_penalty=float(body.repetition_penalty or 1.0),
+                ignore_eos=bool(body.ignore_eos),
+                output_kind=RequestOutputKind.FINAL_ONLY,
+            )
+        except ValueError as exc:  # vLLM's own checks, e.g. n > 1 with temperature 0
+            raise RequestRejected(ErrorCode.INVALID_BODY, f"invalid sampling parameters: {exc}") from None
+        requests.append(EngineRequest(next(keys), prompt_ids, params, url, wants_logprobs, top_logprobs))
+    return requests
 
 
 @dataclass(slots=True)
@@ -127,13 +136,21 @@ class EmbeddingRequest:
 
     key: int
     inputs: list[list[int]]
+    encoding_format: str = "float"
+    dimensions: int | None = None
 
 
-def prepare_embedding(key: int, body_json: str, tokenizer: Any, max_model_len: int) -> EmbeddingRequest:
-    """Tokenise an embeddings body and check every input's length, or raise RequestRejected."""
+def prepare_embedding(key: int, body_json: str, tokenizer: Any, max_model_len: int,
+                      matryoshka: bool = False) -> EmbeddingRequest:
+    """Tokenise an embeddings body and check every input's length, or raise RequestRejected.
+
+    `dimensions` shortens the vector the way OpenAI's text-embedding-3 models do (keep the first N
+    values, renormalise), which is only meaningful for a model trained for it (matryoshka).
+    """
     body = EmbeddingBody.model_validate_json(body_json)
-    if body.dimensions is not None:
-        raise RequestRejected(ErrorCode.INVALID_BODY, "dimensions is not supported by this deployment")
+    if body.dimensions is not None and not matryoshka:
+        raise RequestRejected(ErrorCode.INVALID_BODY, "dimensions needs a model trained for shortened embeddings "
+                              "(matryoshka); this model has a fixed size: leave dimensions out")
     raw = body.input
     if isinstance(raw, str):
         items: list = [raw]
@@ -148,7 +165,17 @@ def prepare_embedding(key: int, body_json: str, tokenizer: Any, max_model_len: i
         if len(ids) > max_model_len:
             raise RequestRejected(ErrorCode.CONTEXT_LENGTH, f"This model's maximum context length is {max_model_len} "
                                   f"tokens. However, input {index} has {len(ids)} tokens.")
-    return EmbeddingRequest(key, inputs)
+    return EmbeddingRequest(key, inputs, body.encoding_format, body.dimensions)
+
+
+def _shape_vector(vector: list[float], request: EmbeddingRequest) -> list[float] | str:
+    if request.dimensions is not None and request.dimensions < len(vector):
+        vector = vector[:request.dimensions]
+        norm = math.sqrt(sum(value * value for value in vector)) or 1.0
+        vector = [value / norm for value in vector]
+    if request.encoding_format == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+    return vector
 
 
 def embedding_body(request: EmbeddingRequest, vectors: list[list[float]], model_name: str) -> dict[str, Any]:
@@ -156,7 +183,8 @@ def embedding_body(request: EmbeddingRequest, vectors: list[list[float]], model_
     tokens = sum(len(ids) for ids in request.inputs)
     return {
         "object": "list",
-        "data": [{"object": "embedding", "index": i, "embedding": vector} for i, vector in enumerate(vectors)],
+        "data": [{"object": "embedding", "index": i, "embedding": _shape_vector(vector, request)}
+                 for i, vector in enumerate(vectors)],
         "model": model_name,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }
@@ -214,8 +242,11 @@ def response_body(request: EngineRequest, output: RequestOutput, model_name: str
     choices = sorted(output.outputs, key=lambda c: c.index)
     completion_tokens = sum(len(c.token_ids) for c in choices)
     prompt_tokens = len(request.prompt_token_ids)
+    # Prompt tokens found in vLLM's prefix cache, reported where OpenAI reports its own cache hits.
+    cached_tokens = min(int(getattr(output, "num_cached_tokens", None) or 0), prompt_tokens)
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-             "total_tokens": prompt_tokens + completion_tokens}
+             "total_tokens": prompt_tokens + completion_tokens,
+             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
     if request.url == CHAT_URL:
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -249,6 +280,19 @@ def response_body(request: EngineRequest, output: RequestOutput, model_name: str
         ],
         "usage": usage,
     }
+
+
+def merge_completion_bodies(bodies: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    """One `text_completion` for several prompts: prompt i's choices get indices i*n .. i*n+n-1, as OpenAI numbers them."""
+    merged = dict(bodies[0])
+    merged["choices"] = [dict(choice, index=prompt * n + choice["index"])
+                         for prompt, body in enumerate(bodies) for choice in body["choices"]]
+    usage: dict[str, Any] = {key: sum(body["usage"][key] for body in bodies)
+                             for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    usage["prompt_tokens_details"] = {
+        "cached_tokens": sum(body["usage"]["prompt_tokens_details"]["cached_tokens"] for body in bodies)}
+    merged["usage"] = usage
+    return merged
 
 
 def error_json(error: BatchError) -> str:

@@ -114,7 +114,9 @@ class ChatCompletionBody(_Body):
 class CompletionBody(_Body):
     """The body of a `/v1/completions` request."""
 
-    prompt: str | Annotated[list[StrictInt], Field(min_length=1)] | Annotated[list[str], Field(min_length=1, max_length=1)]
+    # Every form OpenAI accepts: a string, a list of strings, token ids, a list of token-id lists.
+    prompt: (str | Annotated[list[StrictInt], Field(min_length=1)] | Annotated[list[str], Field(min_length=1)]
+             | Annotated[list[Annotated[list[StrictInt], Field(min_length=1)]], Field(min_length=1)])
     logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
 
@@ -123,11 +125,11 @@ class CompletionBody(_Body):
         """max_tokens (OpenAI's default for completions is 16)."""
         return self.max_tokens if self.max_tokens is not None else 16
 
-    def prompt_value(self) -> str | list[int]:
-        """The single prompt, as text or token ids."""
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
-            return self.prompt[0]
-        return cast("str | list[int]", self.prompt)
+    def prompt_values(self) -> list[str | list[int]]:
+        """Each prompt, as text or token ids, in the order OpenAI numbers their choices."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [cast("str | list[int]", self.prompt)]
+        return list(cast("list[str] | list[list[int]]", self.prompt))
 
 
 class EmbeddingBody(BaseModel):
@@ -136,8 +138,9 @@ class EmbeddingBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
     input: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[StrictInt], Field(min_length=1)]
-    encoding_format: Literal["float"] = "float"
-    dimensions: StrictInt | None = None
+    # "base64" is the official Python client's default: little-endian float32 bytes, base64-encoded.
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
     user: str | None = None
 
 

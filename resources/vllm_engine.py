@@ -64,6 +64,8 @@ class LoadedEngine:
         self.max_model_len: int = config.model_config.max_model_len
         self.max_num_seqs: int = config.scheduler_config.max_num_seqs
         self.runner: str = getattr(config.model_config, "runner_type", "generate")
+        # Trained for shortened embeddings (OpenAI's `dimensions`).
+        self.matryoshka: bool = bool(getattr(config.model_config, "is_matryoshka", False))
         self.requests_run = 0
         self.record_dir: Path | None = None
 
@@ -186,6 +188,13 @@ class VLLMEngine(ConfigurableResource):
             kwargs["max_num_seqs"] = self.max_num_seqs
         if self.compact_json:
             kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
+        if _on_cpu():
+            # After a partial (chunked) prefill step vLLM discards the sampled token and rewinds a seeded
+            # request's generator offset, which CPU generators lack: "CPU Generator does not use offset"
+            # kills the engine core as soon as a batch of seeded requests fills a step. Whole prefills
+            # never discard a token, so `seed` works and reproduces (max_num_batched_tokens then covers
+            # max_model_len; vLLM sets that itself).
+            kwargs["enable_chunked_prefill"] = False
         kwargs.update(json.loads(self.engine_args or "{}"))
         kwargs.update(extra or {})
         return kwargs

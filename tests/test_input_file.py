@@ -47,7 +47,11 @@ def test_valid_lines_keep_their_line_numbers_and_blank_lines_are_skipped(tmp_pat
     ({**CHAT, "body": {**CHAT["body"], "tools": []}}, "invalid_body"),
     ({**CHAT, "body": {**CHAT["body"], "stop": ["a", "b", "c", "d", "e"]}}, "invalid_body"),
     ({**CHAT, "body": {**CHAT["body"], "model": "other"}}, "model_mismatch"),
-    ({"custom_id": "c", "method": "POST", "url": "/v1/completions", "body": {"prompt": ["a", "b"]}}, "invalid_body"),
+    ({"custom_id": "c", "method": "POST", "url": "/v1/completions", "body": {"prompt": ["a", 1]}}, "invalid_body"),
+    ({"custom_id": "c", "method": "POST", "url": "/v1/completions", "body": {"prompt": [[1, 2], []]}}, "invalid_body"),
+    ({"custom_id": "c", "method": "POST", "url": "/v1/completions", "body": {"prompt": []}}, "invalid_body"),
+    ({"custom_id": "e", "method": "POST", "url": "/v1/embeddings",
+      "body": {"input": "x", "encoding_format": "hex"}}, "invalid_body"),
 ])
 def test_each_kind_of_bad_line_gets_its_own_code(tmp_path, line, code):
     if isinstance(line, dict) and line.get("custom_id") == "a":
@@ -56,6 +60,18 @@ def test_each_kind_of_bad_line_gets_its_own_code(tmp_path, line, code):
     items = scan(path)
     assert codes(items) == [(2, code)]
     assert [i.custom_id for i in items if isinstance(i, ValidRequest)] == ["a", "last"]
+
+
+@pytest.mark.parametrize("prompt", ["a", ["a", "b"], [1, 2, 3], [[1, 2], [3]]])
+def test_completions_take_every_prompt_form_openai_accepts(tmp_path, prompt):
+    line = {"custom_id": "c", "method": "POST", "url": "/v1/completions", "body": {"prompt": prompt}}
+    assert codes(scan(write_jsonl(tmp_path / "in.jsonl", [line]))) == []
+
+
+def test_embeddings_take_base64_encoding_and_dimensions(tmp_path):
+    line = {"custom_id": "e", "method": "POST", "url": "/v1/embeddings",
+            "body": {"input": "x", "encoding_format": "base64", "dimensions": 8}}
+    assert codes(scan(write_jsonl(tmp_path / "in.jsonl", [line]))) == []
 
 
 def test_later_duplicates_are_rejected_and_the_first_kept(tmp_path):

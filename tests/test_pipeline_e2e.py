@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
@@ -115,6 +117,33 @@ def test_sampling_parameters_are_honoured(settings, sqlite_instance, tiny_model,
         assert cut["text"] == full[: full.index(stop)] and cut["finish_reason"] == "stop"
 
 
+def test_completions_take_every_prompt_form_with_openai_choice_order(settings, sqlite_instance, tiny_model,
+                                                                     loaded_engine):
+    first, second = "Item 1 is", "Item 2 is"
+    ids = [list(loaded_engine.tokenizer.encode(text)) for text in (first, second)]
+    lines = [
+        completion("first", first), completion("second", second),
+        completion("strings", [first, second]), completion("ids", ids[0]), completion("id-lists", ids),
+        completion("n2-first", first, n=2, temperature=0.9, seed=5),
+        completion("n2-second", second, n=2, temperature=0.9, seed=5),
+        completion("n2-both", [first, second], n=2, temperature=0.9, seed=5),
+    ]
+    _, outputs, errors = run(settings, sqlite_instance, tiny_model, lines, batch_id="prompts")
+    assert errors == []
+    out = {k: Completion.model_validate(v["response"]["body"]) for k, v in by_id(outputs).items()}
+
+    def texts(key: str) -> list[str]:
+        assert [c.index for c in out[key].choices] == list(range(len(out[key].choices)))
+        return [c.text for c in out[key].choices]
+
+    assert texts("strings") == texts("first") + texts("second")  # one choice per prompt, in prompt order
+    assert texts("ids") == texts("first") and texts("id-lists") == texts("strings")
+    assert texts("n2-both") == texts("n2-first") + texts("n2-second")  # prompt i has indices i*n .. i*n+n-1
+    usage = out["strings"].usage
+    assert usage.prompt_tokens == out["first"].usage.prompt_tokens + out["second"].usage.prompt_tokens
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
 def test_bad_lines_become_error_records_and_valid_lines_still_run(settings, sqlite_instance, tiny_model, loaded_engine):
     good = [chat(f"ok-{i}", "Hello") for i in range(5)]
     lines = [
@@ -183,9 +212,17 @@ def test_an_embeddings_batch_runs_on_a_pooling_engine(settings, sqlite_instance,
 
     lines = [embed("one", "the quick brown fox"), embed("two", ["the quick brown fox", "a lazy dog"]),
              embed("ids", [5, 6, 7, 8]), chat("chat", "Hello"), embed("long", "word " * 2000),
-             embed("dims", "x") | {"body": {"input": "x", "dimensions": 8}}]
+             embed("dims", "x") | {"body": {"input": "x", "dimensions": 8}},
+             embed("b64", "the quick brown fox") | {"body": {"input": "the quick brown fox",
+                                                             "encoding_format": "base64"}}]
     _, outputs, errors = run(settings, sqlite_instance, tiny_model, lines, batch_id="emb")
-    out = {o["custom_id"]: CreateEmbeddingResponse.model_validate(o["response"]["body"]) for o in outputs}
+    bodies = {o["custom_id"]: o["response"]["body"] for o in outputs}
+    # base64 (the official client's default): little-endian float32, which the client decodes the same way.
+    encoded = bodies.pop("b64")["data"][0]["embedding"]
+    assert isinstance(encoded, str)
+    decoded = np.frombuffer(base64.b64decode(encoded), dtype="<f4").tolist()
+    out = {k: CreateEmbeddingResponse.model_validate(body) for k, body in bodies.items()}
+    assert decoded == pytest.approx(out["one"].data[0].embedding, rel=1e-6)
     assert sorted(out) == ["ids", "one", "two"]
     assert [len(out[k].data) for k in ("one", "two", "ids")] == [1, 2, 1]
     assert all(len(d.embedding) == 256 for r in out.values() for d in r.data)  # the tiny model's hidden size
