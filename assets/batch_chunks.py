@@ -9,20 +9,9 @@ from sqlalchemy.exc import DBAPIError
 
 from assets.batch_input import batch_input
 from batch_pipeline.batches import batches_partitions, load_spec
-from batch_pipeline.chunks import ChunkReport, run_chunks
-from batch_pipeline.records import EMBEDDINGS_URL
+from batch_pipeline.chunks import ChunkReport, engine_args_for, run_chunks
 from resources.storage import BatchStorage
-from resources.vllm_engine import EngineLoadError, VLLMEngine
-
-
-def engine_args_for(engine_args: dict, endpoints: dict[str, int]) -> dict:
-    """The kind of request most of the batch asks for decides the engine (one engine per batch, as
-    OpenAI has one endpoint per batch): mostly /v1/embeddings runs a pooling engine, else a generative
-    one; requests of the other kind then fail with `unsupported_endpoint`."""
-    embeddings = endpoints.get(EMBEDDINGS_URL, 0)
-    if embeddings and embeddings >= sum(endpoints.values()) - embeddings:
-        return {"runner": "pooling", **engine_args}
-    return engine_args
+from resources.vllm_engine import EngineLoadError, VLLMEngine, engines_loaded
 
 
 @asset(
@@ -102,6 +91,7 @@ def batch_chunks(context: AssetExecutionContext, storage: BatchStorage, engine: 
         "generation_seconds": round(generation_seconds, 3),
         "engine_load_seconds": round(load_seconds, 3),
         "engine_release_seconds": round(release_seconds, 3),
+        "engines_loaded_in_process": engines_loaded(),
         "step_seconds": round(time.perf_counter() - started, 3),
         "completion_tokens_per_second": round(tokens_per_second, 1),
         "chunks_path": MetadataValue.path(str(paths.chunks_dir)),

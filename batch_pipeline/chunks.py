@@ -125,6 +125,20 @@ def iter_requests(paths: BatchPaths, chunk_size: int, skip: set[int]) -> Iterato
             position += 1
 
 
+def engine_args_for(engine_args: dict, endpoints: dict[str, int]) -> dict:
+    """The kind of request most of the batch asks for decides the engine (one engine per batch, as
+    OpenAI has one endpoint per batch): mostly /v1/embeddings runs a pooling engine, else a generative
+    one; requests of the other kind then fail with `unsupported_endpoint`.
+
+    `batch_chunks` passes the manifest's counts of valid requests; `vllm-batch run` passes the counts
+    of the file's first lines (intake.survey) to prefetch the same engine before validation ends.
+    """
+    embeddings = endpoints.get(EMBEDDINGS_URL, 0)
+    if embeddings and embeddings >= sum(endpoints.values()) - embeddings:
+        return {"runner": "pooling", **engine_args}
+    return engine_args
+
+
 def run_chunks(
     engine: LoadedEngine,
     paths: BatchPaths,

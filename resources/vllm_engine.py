@@ -242,6 +242,7 @@ class VLLMEngine(ConfigurableResource):
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EngineLoadError(f"could not load model {model!r}: {reason}") from exc
         loaded = LoadedEngine(model, kwargs, llm, time.perf_counter() - started)
+        _slot.loads += 1
         if self.state_dir:
             loaded.record_dir = Path(self.state_dir)
             started_processes = engine_processes.child_processes() - children_before
@@ -263,9 +264,15 @@ class _EngineSlot:
 
     loaded: LoadedEngine | None = None
     prefetch: Future | None = None
+    loads: int = 0  # engines this process has loaded (a batch should load one)
 
 
 _slot = _EngineSlot()
+
+
+def engines_loaded() -> int:
+    """How many engines this process has loaded so far."""
+    return _slot.loads
 
 
 def release_engine() -> None:

@@ -83,6 +83,20 @@ def test_killed_run_resumes_without_redoing_finished_chunks(tmp_path, tiny_model
     assert "Traceback" not in result.stderr
 
 
+def test_an_embeddings_batch_loads_exactly_one_engine(tmp_path, tiny_model):
+    # The prefetch reads the file's first lines and loads the pooling engine batch_chunks asks for;
+    # before, it loaded a generative engine that batch_chunks then swapped for a pooling one.
+    lines = [{"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
+              "body": {"model": "tiny", "input": f"sentence number {i}"}} for i in range(120)]
+    batch = write_jsonl(tmp_path / "emb.jsonl", lines)
+    result = run_cli(["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny", "--json"],
+                     cli_env(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert summary["completed"] == 120
+    assert summary["engines_loaded_in_process"] == 1
+
+
 @pytest.mark.parametrize(("setup", "message"), [
     ("missing", "input file not found"),
     ("empty", "input file is empty"),
