@@ -14,6 +14,14 @@ from resources.storage import BatchStorage
 from resources.vllm_engine import EngineLoadError, VLLMEngine, engines_loaded
 
 
+def restart_engine(context: AssetExecutionContext, engine: VLLMEngine, model: str, engine_args: dict):
+    """A new engine after the current one died mid-batch: the step goes on instead of failing."""
+    context.log.warning("the engine died mid-batch; starting a new one (finished chunks are kept)")
+    loaded = engine.restart(model, engine_args)
+    context.log.info(f"new engine ready after {loaded.load_seconds:.1f}s")
+    return loaded
+
+
 @asset(
     partitions_def=batches_partitions,
     deps=[batch_input],
@@ -63,12 +71,14 @@ def batch_chunks(context: AssetExecutionContext, storage: BatchStorage, engine: 
     if todo:
         session_started = time.perf_counter()
         try:
-            with engine.session(spec.model, engine_args_for(spec.engine_args, manifest.get("endpoints", {}))) as loaded:
+            engine_args = engine_args_for(spec.engine_args, manifest.get("endpoints", {}))
+            with engine.session(spec.model, engine_args) as loaded:
                 load_seconds = loaded.load_seconds
                 context.log.info(f"engine for {spec.model_name} ready after {load_seconds:.1f}s")
                 generation_started = time.perf_counter()
                 run_chunks(loaded, paths, batch_id=spec.batch_id, model_name=spec.model_name, chunk_size=chunk_size,
-                           total=manifest["valid_requests"], skip=finished_before, on_written=on_written)
+                           total=manifest["valid_requests"], skip=finished_before, on_written=on_written,
+                           restart=lambda: restart_engine(context, engine, spec.model, engine_args))
                 generation_seconds = time.perf_counter() - generation_started
         except EngineLoadError as exc:
             raise Failure(str(exc), allow_retries=False) from None

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypedDict, cast
@@ -27,7 +29,9 @@ from batch_pipeline.openai_bodies import (
 )
 from batch_pipeline.records import EMBEDDINGS_URL, BatchError, ErrorCode
 from resources.storage import BatchPaths, atomic_path
-from resources.vllm_engine import EngineFailure, EngineRequest, LoadedEngine
+from resources.vllm_engine import EngineDied, EngineFailure, EngineRequest, LoadedEngine
+
+log = logging.getLogger(__name__)
 
 CHUNK_SCHEMA = pa.schema([
     ("line", pa.int64()),
@@ -150,8 +154,14 @@ def run_chunks(
     skip: set[int],
     on_written: Callable[[ChunkReport], None],
     in_flight: int | None = None,
+    restart: Callable[[], LoadedEngine] | None = None,
 ) -> None:
-    """Generate every request not in a finished chunk and write the missing chunks."""
+    """Generate every request not in a finished chunk and write the missing chunks.
+
+    If the engine dies mid-batch and `restart` is given, a new engine takes over: finished chunks
+    stay, the requests that were in flight are admitted again, and a request that was in flight
+    through two deaths becomes an `engine_error` line (it may be what kills the engine).
+    """
     assembler = ChunkAssembler(paths, chunk_size, total, on_written)
     positions: dict[int, RequestRow] = {}
 
@@ -184,12 +194,39 @@ def run_chunks(
     if engine.runner == "pooling":
         _run_embedding_chunks(engine, paths, chunk_size, skip, assembler, failed_row, succeeded_row, model_name)
     else:
-        for request, output in engine.stream(engine_requests(), in_flight=in_flight):
-            row = positions.pop(request.key)
-            if isinstance(output, EngineFailure):
-                assembler.add(request.key, failed_row(row, ErrorCode.ENGINE_ERROR, output.message))
-                continue
-            assembler.add(request.key, succeeded_row(row, response_body(request, output, model_name)))
+        source = engine_requests()
+        readmit: deque[EngineRequest] = deque()
+        deaths: dict[int, int] = {}
+
+        def admissions() -> Iterator[EngineRequest]:
+            while readmit:
+                yield readmit.popleft()
+            for request in source:  # noqa: UP028 (`yield from` would close `source` with this generator)
+                yield request
+
+        while True:
+            try:
+                for request, output in engine.stream(admissions(), in_flight=in_flight):
+                    row = positions.pop(request.key)
+                    if isinstance(output, EngineFailure):
+                        assembler.add(request.key, failed_row(row, ErrorCode.ENGINE_ERROR, output.message))
+                        continue
+                    assembler.add(request.key, succeeded_row(row, response_body(request, output, model_name)))
+                break
+            except EngineDied as died:
+                if restart is None:
+                    raise
+                log.warning("%s; finished chunks are kept, starting a new engine", died)
+                survivors = []
+                for request in died.in_flight:
+                    deaths[request.key] = deaths.get(request.key, 0) + 1
+                    if deaths[request.key] >= 2:
+                        assembler.add(request.key, failed_row(positions.pop(request.key), ErrorCode.ENGINE_ERROR,
+                                                              "the engine died twice while running this request"))
+                    else:
+                        survivors.append(request)
+                readmit.extendleft(reversed(survivors))
+                engine = restart()
     if assembler.open:
         missing = sorted(assembler.open)
         raise RuntimeError(f"chunks {missing} did not receive all their rows; this is a bug")

@@ -44,6 +44,14 @@ class EngineRequest:
     top_logprobs: int
 
 
+class EngineDied(Exception):
+    """The engine's core process died mid-stream; `in_flight` are the requests it had not finished."""
+
+    def __init__(self, in_flight: list[EngineRequest], reason: str):
+        super().__init__(f"the engine died with {len(in_flight)} requests in flight: {reason}")
+        self.in_flight = in_flight
+
+
 @dataclass(slots=True)
 class EngineFailure:
     """A request the engine refused at admission (e.g. vLLM's own parameter checks)."""
@@ -66,6 +74,7 @@ class LoadedEngine:
         self.runner: str = getattr(config.model_config, "runner_type", "generate")
         self.requests_run = 0
         self.record_dir: Path | None = None
+        self.dead = False
 
     def stream(self, requests: Iterable[EngineRequest],
                in_flight: int | None = None) -> Iterator[tuple[EngineRequest, RequestOutput | EngineFailure]]:
@@ -77,6 +86,7 @@ class LoadedEngine:
         requests still in the engine are aborted.
         """
         from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         engine = self.llm.llm_engine
         window = in_flight or max(2 * self.max_num_seqs, 512)
@@ -100,17 +110,30 @@ class LoadedEngine:
                     except ValueError as exc:  # vLLM's admission checks (VLLMValidationError is one)
                         yield request, EngineFailure(str(exc))
                         continue
+                    except EngineDeadError as exc:
+                        pending[request_id] = request
+                        raise self._died(pending, exc) from exc
                     pending[request_id] = request
                 if not pending:
                     if exhausted:
                         return
                     continue
-                for output in engine.step():
+                try:
+                    outputs = engine.step()
+                except EngineDeadError as exc:
+                    raise self._died(pending, exc) from exc
+                for output in outputs:
                     if output.finished:
                         yield pending.pop(output.request_id), cast("RequestOutput", output)
         finally:
             if pending:
                 engine.abort_request(list(pending))
+
+    def _died(self, pending: dict[str, EngineRequest], exc: Exception) -> EngineDied:
+        self.dead = True
+        died = EngineDied(list(pending.values()), str(exc) or type(exc).__name__)
+        pending.clear()  # nothing to abort in a dead engine
+        return died
 
     def embed(self, inputs: list[list[int]]) -> list[list[float]]:
         """Embedding vectors for token-id inputs (a pooling engine), in input order."""
@@ -215,6 +238,12 @@ class VLLMEngine(ConfigurableResource):
         finally:
             if not self.keep_loaded:
                 release_engine()
+
+    def restart(self, model: str, extra_args: dict[str, Any] | None = None) -> LoadedEngine:
+        """A new engine for `model` after the current one died (its processes are shut down first)."""
+        log.warning("the engine for %s died; starting a new one", model)
+        release_engine()
+        return self._load(model, extra_args)
 
     def load(self, model: str, extra_args: dict[str, Any] | None = None) -> LoadedEngine:
         """The engine for `model`, loading it (and first unloading another model or setting) if needed."""
