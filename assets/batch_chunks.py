@@ -68,6 +68,11 @@ def batch_chunks(context: AssetExecutionContext, storage: BatchStorage, engine: 
         context.log.info(f"chunk {report.index} written ({done}/{num_chunks} chunks, {report.rows} requests)")
 
     generation_seconds = 0.0
+    first_output: list[float] = []  # seconds from the step's start to the first finished request
+
+    def on_first_output() -> None:
+        first_output.append(time.perf_counter() - started)
+
     if todo:
         session_started = time.perf_counter()
         try:
@@ -78,7 +83,8 @@ def batch_chunks(context: AssetExecutionContext, storage: BatchStorage, engine: 
                 generation_started = time.perf_counter()
                 run_chunks(loaded, paths, batch_id=spec.batch_id, model_name=spec.model_name, chunk_size=chunk_size,
                            total=manifest["valid_requests"], skip=finished_before, on_written=on_written,
-                           restart=lambda: restart_engine(context, engine, spec.model, engine_args))
+                           restart=lambda: restart_engine(context, engine, spec.model, engine_args),
+                           on_first_output=on_first_output)
                 generation_seconds = time.perf_counter() - generation_started
         except EngineLoadError as exc:
             raise Failure(str(exc), allow_retries=False) from None
@@ -102,6 +108,7 @@ def batch_chunks(context: AssetExecutionContext, storage: BatchStorage, engine: 
         "engine_load_seconds": round(load_seconds, 3),
         "engine_release_seconds": round(release_seconds, 3),
         "engines_loaded_in_process": engines_loaded(),
+        "first_output_seconds": round(first_output[0], 3) if first_output else -1.0,
         "step_seconds": round(time.perf_counter() - started, 3),
         "completion_tokens_per_second": round(tokens_per_second, 1),
         "chunks_path": MetadataValue.path(str(paths.chunks_dir)),

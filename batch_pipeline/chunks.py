@@ -155,6 +155,7 @@ def run_chunks(
     on_written: Callable[[ChunkReport], None],
     in_flight: int | None = None,
     restart: Callable[[], LoadedEngine] | None = None,
+    on_first_output: Callable[[], None] | None = None,
 ) -> None:
     """Generate every request not in a finished chunk and write the missing chunks.
 
@@ -212,6 +213,9 @@ def run_chunks(
                         assembler.add(request.key, failed_row(row, ErrorCode.ENGINE_ERROR, output.message))
                         continue
                     assembler.add(request.key, succeeded_row(row, response_body(request, output, model_name)))
+                    if on_first_output is not None:
+                        on_first_output()
+                        on_first_output = None
                 break
             except EngineDied as died:
                 if restart is None:

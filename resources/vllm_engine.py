@@ -10,11 +10,12 @@ import gc
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -159,6 +160,11 @@ class LoadedEngine:
             pass
 
 
+def _import_vllm() -> None:
+    import vllm  # noqa: F401
+    import vllm.tokenizers  # noqa: F401
+
+
 def _on_cpu() -> bool:
     # vLLM's bfloat16 CPU kernels die with SIGILL on some batch shapes (seen on Sapphire Rapids);
     # float32 ran every shape tried, so "auto" means float32 on the CPU build.
@@ -181,11 +187,17 @@ class VLLMEngine(ConfigurableResource):
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
     max_num_seqs: int | None = None
-    enforce_eager: bool = False
+    # None: eager on the CPU build, where torch.compile made the load ~8x slower and generation no
+    # faster (docs/BENCHMARKS.md); CUDA graphs and torch.compile on a GPU.
+    enforce_eager: bool | None = None
     seed: int = 0
     engine_args: str = "{}"
 
     keep_loaded: bool = False
+    # The warm engine (resources/engine_host.py): a host process keeps the engine between runs and
+    # run workers drive it over a local socket. Needs state_dir. Off: the engine lives in the worker.
+    engine_host: bool = False
+    idle_seconds: int = 600
     # Where each loaded engine records its processes, so the next load can kill those of a worker
     # that was SIGKILLed (see resources/engine_processes.py). None: no record is kept.
     state_dir: str | None = None
@@ -200,7 +212,7 @@ class VLLMEngine(ConfigurableResource):
             "dtype": self.dtype if self.dtype != "auto" or not _on_cpu() else "float32",
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "tensor_parallel_size": self.tensor_parallel_size,
-            "enforce_eager": self.enforce_eager,
+            "enforce_eager": self.enforce_eager if self.enforce_eager is not None else _on_cpu(),
             "seed": self.seed,
         }
         if self.max_model_len:
@@ -254,12 +266,25 @@ class VLLMEngine(ConfigurableResource):
 
     def _load(self, model: str, extra_args: dict[str, Any] | None) -> LoadedEngine:
         kwargs = self.engine_kwargs(model, extra_args)
-        if _slot.loaded is not None and _slot.loaded.kwargs == kwargs:
+        if _slot.loaded is not None and _slot.loaded.kwargs == kwargs and not _slot.loaded.dead:
             return _slot.loaded
         if model.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(model)):
             raise EngineLoadError(f"could not load model {model!r}: no such directory")
         release_engine()
+        if self.engine_host and self.state_dir:
+            from resources import engine_host
+
+            hosted = engine_host.attach(Path(self.state_dir), kwargs, self.idle_seconds)
+            if hosted.host_pid not in _slot.hosts:
+                _slot.loads += 1
+                _slot.hosts.add(hosted.host_pid)
+            _slot.loaded = cast("LoadedEngine", hosted)
+            return _slot.loaded
         if self.state_dir:
+            from resources import engine_host
+
+            # Never two engines on one GPU: a warm host (of any model) goes before this one loads.
+            engine_host.stop_host(Path(self.state_dir))
             engine_processes.reap_orphaned_engines(Path(self.state_dir))
         children_before = engine_processes.child_processes()
         started = time.perf_counter()
@@ -279,6 +304,13 @@ class VLLMEngine(ConfigurableResource):
         _slot.loaded = loaded
         return loaded
 
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        if self.engine_host:
+            # A run worker attaching to a warm host still imports vLLM (sampling parameters, the
+            # tokenizer): started with the run, the import overlaps batch_input instead of delaying
+            # batch_chunks' first token.
+            threading.Thread(target=_import_vllm, name="vllm-import", daemon=True).start()
+
     def teardown_after_execution(self, context: InitResourceContext) -> None:
         # A step that failed before its session began may still have a prefetched engine.
         if not self.keep_loaded:
@@ -293,7 +325,8 @@ class _EngineSlot:
 
     loaded: LoadedEngine | None = None
     prefetch: Future | None = None
-    loads: int = 0  # engines this process has loaded (a batch should load one)
+    loads: int = 0  # engines this process has loaded or attached to (a batch should need one)
+    hosts: set[int] = field(default_factory=set)  # engine host pids this process attached to
 
 
 _slot = _EngineSlot()
