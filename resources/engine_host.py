@@ -153,9 +153,18 @@ class HostedEngine:
         return vectors
 
     def shutdown(self) -> None:
-        """Detach: the host and its engine stay loaded for the next batch."""
+        """Detach: the host and its engine stay loaded for the next batch (a dead host is waited
+        for, so that the next attach starts a new one instead of finding the dying one)."""
         with contextlib.suppress(OSError):
             self.conn.close()
+        if self.dead:
+            with contextlib.suppress(psutil.Error):
+                host = psutil.Process(self.host_pid)
+                try:
+                    host.wait(timeout=30)
+                except psutil.TimeoutExpired:
+                    host.kill()
+                    host.wait(timeout=10)
 
 
 def attach(state_dir: Path, kwargs: dict[str, Any], idle_seconds: int, start_timeout: float = 1800.0) -> HostedEngine:

@@ -83,10 +83,11 @@ def test_killed_run_resumes_without_redoing_finished_chunks(tmp_path, tiny_model
     assert "Traceback" not in result.stderr
 
 
-def test_a_killed_engine_core_is_replaced_and_the_batch_completes(tmp_path, tiny_model):
+@pytest.mark.parametrize("host", [False, True], ids=["in-process", "engine-host"])
+def test_a_killed_engine_core_is_replaced_and_the_batch_completes(tmp_path, tiny_model, host):
     import psutil
 
-    env = cli_env(tmp_path, VBATCH_CHUNK_SIZE="50")
+    env = cli_env(tmp_path, VBATCH_CHUNK_SIZE="50", VBATCH_ENGINE_HOST=str(host).lower())
     batch = write_jsonl(tmp_path / "big.jsonl", chat_lines(1000))
     chunks = tmp_path / "data" / "batches" / "dies" / "chunks"
     proc = subprocess.Popen(CLI + ["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny",
@@ -99,7 +100,11 @@ def test_a_killed_engine_core_is_replaced_and_the_batch_completes(tmp_path, tiny
                 break
             time.sleep(0.1)
         assert proc.poll() is None, "the run ended before its engine could be killed; make the batch bigger"
-        cores = [p for p in psutil.Process(proc.pid).children(recursive=True) if "EngineCore" in p.name()]
+        if host:
+            record = json.loads((tmp_path / "data" / "engines" / "host.json").read_text())
+            cores = [psutil.Process(pid) for pid in record["engine_pids"]]
+        else:
+            cores = [p for p in psutil.Process(proc.pid).children(recursive=True) if "EngineCore" in p.name()]
         assert cores, "no EngineCore process found"
         kept = {p.name: p.stat().st_mtime_ns for p in chunks.glob("chunk-*.parquet")}
         for core in cores:
@@ -110,6 +115,10 @@ def test_a_killed_engine_core_is_replaced_and_the_batch_completes(tmp_path, tiny
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        if host:  # the host outlives the run by design
+            from resources.engine_host import stop_host
+
+            stop_host(tmp_path / "data" / "engines")
     assert proc.returncode == 0, err[-3000:]
     summary = json.loads(out[out.index("{"):])
     assert summary["completed"] == 1000 and summary["failed"] == 0
