@@ -9,20 +9,17 @@ from sqlalchemy.exc import DBAPIError
 
 from assets.batch_input import batch_input
 from batch_pipeline.batches import batches_partitions, load_spec
-from batch_pipeline.chunks import ChunkReport, run_chunks
-from batch_pipeline.records import EMBEDDINGS_URL
+from batch_pipeline.chunks import ChunkReport, engine_args_for, run_chunks
 from resources.storage import BatchStorage
-from resources.vllm_engine import EngineLoadError, VLLMEngine
+from resources.vllm_engine import EngineLoadError, VLLMEngine, engines_loaded
 
 
-def engine_args_for(engine_args: dict, endpoints: dict[str, int]) -> dict:
-    """The kind of request most of the batch asks for decides the engine (one engine per batch, as
-    OpenAI has one endpoint per batch): mostly /v1/embeddings runs a pooling engine, else a generative
-    one; requests of the other kind then fail with `unsupported_endpoint`."""
-    embeddings = endpoints.get(EMBEDDINGS_URL, 0)
-    if embeddings and embeddings >= sum(endpoints.values()) - embeddings:
-        return {"runner": "pooling", **engine_args}
-    return engine_args
+def restart_engine(context: AssetExecutionContext, engine: VLLMEngine, model: str, engine_args: dict):
+    """A new engine after the current one died mid-batch: the step goes on instead of failing."""
+    context.log.warning("the engine died mid-batch; starting a new one (finished chunks are kept)")
+    loaded = engine.restart(model, engine_args)
+    context.log.info(f"new engine ready after {loaded.load_seconds:.1f}s")
+    return loaded
 
 
 @asset(
@@ -72,15 +69,23 @@ def batch_chunks(context: AssetExecutionContext, storage: BatchStorage, engine: 
                          extra={"chunk": report.index})
 
     generation_seconds = 0.0
+    first_output: list[float] = []  # seconds from the step's start to the first finished request
+
+    def on_first_output() -> None:
+        first_output.append(time.perf_counter() - started)
+
     if todo:
         session_started = time.perf_counter()
         try:
-            with engine.session(spec.model, engine_args_for(spec.engine_args, manifest.get("endpoints", {}))) as loaded:
+            engine_args = engine_args_for(spec.engine_args, manifest.get("endpoints", {}))
+            with engine.session(spec.model, engine_args) as loaded:
                 load_seconds = loaded.load_seconds
                 context.log.info(f"engine for {spec.model_name} ready after {load_seconds:.1f}s")
                 generation_started = time.perf_counter()
                 run_chunks(loaded, paths, batch_id=spec.batch_id, model_name=spec.model_name, chunk_size=chunk_size,
-                           total=manifest["valid_requests"], skip=finished_before, on_written=on_written)
+                           total=manifest["valid_requests"], skip=finished_before, on_written=on_written,
+                           restart=lambda: restart_engine(context, engine, spec.model, engine_args),
+                           on_first_output=on_first_output)
                 generation_seconds = time.perf_counter() - generation_started
         except EngineLoadError as exc:
             raise Failure(str(exc), allow_retries=False) from None
@@ -103,6 +108,8 @@ def batch_chunks(context: AssetExecutionContext, storage: BatchStorage, engine: 
         "generation_seconds": round(generation_seconds, 3),
         "engine_load_seconds": round(load_seconds, 3),
         "engine_release_seconds": round(release_seconds, 3),
+        "engines_loaded_in_process": engines_loaded(),
+        "first_output_seconds": round(first_output[0], 3) if first_output else -1.0,
         "step_seconds": round(time.perf_counter() - started, 3),
         "completion_tokens_per_second": round(tokens_per_second, 1),
         "chunks_path": MetadataValue.path(str(paths.chunks_dir)),

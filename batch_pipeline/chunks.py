@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypedDict, cast
@@ -29,7 +31,9 @@ from batch_pipeline.openai_bodies import (
 )
 from batch_pipeline.records import EMBEDDINGS_URL, BatchError, ErrorCode
 from resources.storage import BatchPaths, atomic_path
-from resources.vllm_engine import EngineFailure, EngineRequest, LoadedEngine
+from resources.vllm_engine import EngineDied, EngineFailure, EngineRequest, LoadedEngine
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from vllm import RequestOutput
@@ -130,6 +134,20 @@ def iter_requests(paths: BatchPaths, chunk_size: int, skip: set[int]) -> Iterato
             position += 1
 
 
+def engine_args_for(engine_args: dict, endpoints: dict[str, int]) -> dict:
+    """The kind of request most of the batch asks for decides the engine (one engine per batch, as
+    OpenAI has one endpoint per batch): mostly /v1/embeddings runs a pooling engine, else a generative
+    one; requests of the other kind then fail with `unsupported_endpoint`.
+
+    `batch_chunks` passes the manifest's counts of valid requests; `vllm-batch run` passes the counts
+    of the file's first lines (intake.survey) to prefetch the same engine before validation ends.
+    """
+    embeddings = endpoints.get(EMBEDDINGS_URL, 0)
+    if embeddings and embeddings >= sum(endpoints.values()) - embeddings:
+        return {"runner": "pooling", **engine_args}
+    return engine_args
+
+
 def run_chunks(
     engine: LoadedEngine,
     paths: BatchPaths,
@@ -141,8 +159,15 @@ def run_chunks(
     skip: set[int],
     on_written: Callable[[ChunkReport], None],
     in_flight: int | None = None,
+    restart: Callable[[], LoadedEngine] | None = None,
+    on_first_output: Callable[[], None] | None = None,
 ) -> None:
-    """Generate every request not in a finished chunk and write the missing chunks."""
+    """Generate every request not in a finished chunk and write the missing chunks.
+
+    If the engine dies mid-batch and `restart` is given, a new engine takes over: finished chunks
+    stay, the requests that were in flight are admitted again, and a request that was in flight
+    through two deaths becomes an `engine_error` line (it may be what kills the engine).
+    """
     assembler = ChunkAssembler(paths, chunk_size, total, on_written)
     positions: dict[int, RequestRow] = {}
 
@@ -184,22 +209,58 @@ def run_chunks(
     if engine.runner == "pooling":
         _run_embedding_chunks(engine, paths, chunk_size, skip, assembler, failed_row, succeeded_row, model_name)
     else:
-        for request, output in engine.stream(engine_requests(), in_flight=in_flight):
-            position, index = part_of.pop(request.key)
-            if position not in positions:  # another prompt of this row already failed it
-                continue
-            if isinstance(output, EngineFailure):
-                parts.pop(position)
-                assembler.add(position, failed_row(positions.pop(position), ErrorCode.ENGINE_ERROR, output.message))
-                continue
-            finished = parts[position]
-            finished[index] = (request, output)
-            if any(part is None for part in finished):
-                continue
-            bodies = [response_body(part[0], part[1], model_name) for part in finished if part is not None]
-            body = bodies[0] if len(bodies) == 1 else merge_completion_bodies(bodies, request.params.n)
-            del parts[position]
-            assembler.add(position, succeeded_row(positions.pop(position), body))
+        source = engine_requests()
+        readmit: deque[EngineRequest] = deque()
+        deaths: dict[int, int] = {}
+
+        def admissions() -> Iterator[EngineRequest]:
+            while readmit:
+                yield readmit.popleft()
+            for request in source:  # noqa: UP028 (`yield from` would close `source` with this generator)
+                yield request
+
+        def fail(position: int, message: str) -> None:
+            parts.pop(position, None)
+            assembler.add(position, failed_row(positions.pop(position), ErrorCode.ENGINE_ERROR, message))
+
+        while True:
+            try:
+                for request, output in engine.stream(admissions(), in_flight=in_flight):
+                    position, index = part_of.pop(request.key)
+                    if position not in positions:  # another prompt of this row already failed it
+                        continue
+                    if isinstance(output, EngineFailure):
+                        fail(position, output.message)
+                        continue
+                    finished = parts[position]
+                    finished[index] = (request, output)
+                    if any(part is None for part in finished):
+                        continue
+                    bodies = [response_body(part[0], part[1], model_name) for part in finished if part is not None]
+                    body = bodies[0] if len(bodies) == 1 else merge_completion_bodies(bodies, request.params.n)
+                    del parts[position]
+                    assembler.add(position, succeeded_row(positions.pop(position), body))
+                    if on_first_output is not None:
+                        on_first_output()
+                        on_first_output = None
+                break
+            except EngineDied as died:
+                if restart is None:
+                    raise
+                log.warning("%s; finished chunks are kept, starting a new engine", died)
+                survivors = []
+                for request in died.in_flight:
+                    position, _ = part_of[request.key]
+                    deaths[request.key] = deaths.get(request.key, 0) + 1
+                    if position not in positions:  # its row already failed
+                        part_of.pop(request.key)
+                    elif deaths[request.key] >= 2:
+                        part_of.pop(request.key)
+                        fail(position, "the engine died twice while running this request")
+                    else:
+                        survivors.append(request)
+                readmit.extendleft(reversed(survivors))
+                engine = restart()
     if assembler.open:
         missing = sorted(assembler.open)
         raise RuntimeError(f"chunks {missing} did not receive all their rows; this is a bug")

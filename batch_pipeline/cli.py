@@ -108,12 +108,19 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
         spec = register_local_batch(settings, instance, local_input, model, model_name, batch_id, chunk_size)
     except (InstanceConfigError, BatchRunError) as exc:
         _fail(str(exc))
+    from batch_pipeline.chunks import engine_args_for
     from batch_pipeline.console import ProgressDisplay, ProgressWatcher, Snapshot
     from batch_pipeline.definitions import build_resources
+    from batch_pipeline.intake import HEAD_LINES, survey
     from batch_pipeline.status import ChunkStats
     from resources.storage import BatchStorage
+    from resources.vllm_engine import discard_engine
 
-    build_resources(settings)["engine"].prefetch(spec.model, spec.engine_args)  # overlaps validation
+    # The file's first lines tell the engine kind (pooling or generative), so the prefetched engine
+    # is the one batch_chunks asks for and the batch loads exactly one engine.
+    head = survey(local_input, settings.max_line_bytes, HEAD_LINES)
+    engine = build_resources(settings)["engine"]
+    engine.prefetch(spec.model, engine_args_for(spec.engine_args, head.url_counts))  # overlaps validation
     display = ProgressDisplay(spec.batch_id)
     paths = BatchStorage(data_dir=str(settings.resolved_data_dir)).batch(spec.batch_id)
     stats = ChunkStats()
@@ -128,6 +135,8 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
     with ProgressWatcher(display, snapshot):
         result = run_batch_in_process(settings, instance, spec.batch_id, log_level=log_level)
     if not result.success:
+        # The batch may have failed before its engine was used (a bad file): stop the load first.
+        discard_engine()
         _fail(f"batch {spec.batch_id} failed: {result.error}")
     if result.integration_error:
         click.echo(f"warning: an integration failed (the batch's results are complete): {result.integration_error}",

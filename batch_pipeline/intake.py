@@ -36,6 +36,8 @@ def checked_input(path: Path) -> Path:
         raise IntakeError(f"input file not found: {path}", "input_file", "file_not_found")
     if path.stat().st_size == 0:
         raise IntakeError(f"input file is empty: {path}", "input_file", "invalid_file")
+    if survey(path, 1 << 20, max_lines=1).lines == 0:
+        raise IntakeError(f"input file {path} is empty: it has no request lines", "input_file", "invalid_file")
     return path
 
 
@@ -47,6 +49,7 @@ class FileSurvey:
     objects: int = 0
     models: dict[str, int] = field(default_factory=dict)  # body.model -> first line naming it, in file order
     urls: dict[str, int] = field(default_factory=dict)  # url -> first line using it
+    url_counts: dict[str, int] = field(default_factory=dict)  # url -> lines using it
 
     @property
     def first_url(self) -> str | None:
@@ -72,6 +75,7 @@ def survey(path: Path, max_line_bytes: int, max_lines: int | None = None) -> Fil
             found.objects += 1
             if isinstance(obj.get("url"), str):
                 found.urls.setdefault(obj["url"], number)
+                found.url_counts[obj["url"]] = found.url_counts.get(obj["url"], 0) + 1
             body = obj.get("body")
             if isinstance(body, dict) and isinstance(body.get("model"), str):
                 found.models.setdefault(body["model"], number)

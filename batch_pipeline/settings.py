@@ -73,11 +73,14 @@ class Settings(BaseSettings):
     gpu_memory_utilization: float = Field(default=0.90, gt=0, le=1)
     tensor_parallel_size: int = Field(default=1, ge=1)
     max_num_seqs: int | None = None
-    enforce_eager: bool = False
+    # None: the platform's default (eager on the CPU build, CUDA graphs + torch.compile on a GPU).
+    enforce_eager: bool | None = None
     seed: int = 0
     engine_args: str = Field(default="{}", description="Extra vLLM engine arguments as a JSON object.")
     compact_json: bool = Field(default=True, description="JSON response formats without free whitespace.")
     keep_engine_loaded: bool = Field(default=False, description="Keep the engine between runs in one process.")
+    engine_host: bool = Field(default=False, description="Keep the engine warm in a host process between runs.")
+    engine_idle_seconds: int = Field(default=600, ge=1, description="An idle engine host releases the GPU after this.")
 
     # Operating with the daemon (docs/OPERATIONS.md): the inbox sensor and the catch-up schedule.
     inbox_dir: Path | None = Field(default=None, description="Folder the inbox sensor watches (default DATA_DIR/inbox).")

@@ -10,11 +10,12 @@ import gc
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -44,6 +45,14 @@ class EngineRequest:
     top_logprobs: int
 
 
+class EngineDied(Exception):
+    """The engine's core process died mid-stream; `in_flight` are the requests it had not finished."""
+
+    def __init__(self, in_flight: list[EngineRequest], reason: str):
+        super().__init__(f"the engine died with {len(in_flight)} requests in flight: {reason}")
+        self.in_flight = in_flight
+
+
 @dataclass(slots=True)
 class EngineFailure:
     """A request the engine refused at admission (e.g. vLLM's own parameter checks)."""
@@ -68,6 +77,7 @@ class LoadedEngine:
         self.matryoshka: bool = bool(getattr(config.model_config, "is_matryoshka", False))
         self.requests_run = 0
         self.record_dir: Path | None = None
+        self.dead = False
 
     def stream(self, requests: Iterable[EngineRequest],
                in_flight: int | None = None) -> Iterator[tuple[EngineRequest, RequestOutput | EngineFailure]]:
@@ -79,6 +89,7 @@ class LoadedEngine:
         requests still in the engine are aborted.
         """
         from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         engine = self.llm.llm_engine
         window = in_flight or max(2 * self.max_num_seqs, 512)
@@ -102,17 +113,30 @@ class LoadedEngine:
                     except ValueError as exc:  # vLLM's admission checks (VLLMValidationError is one)
                         yield request, EngineFailure(str(exc))
                         continue
+                    except EngineDeadError as exc:
+                        pending[request_id] = request
+                        raise self._died(pending, exc) from exc
                     pending[request_id] = request
                 if not pending:
                     if exhausted:
                         return
                     continue
-                for output in engine.step():
+                try:
+                    outputs = engine.step()
+                except EngineDeadError as exc:
+                    raise self._died(pending, exc) from exc
+                for output in outputs:
                     if output.finished:
                         yield pending.pop(output.request_id), cast("RequestOutput", output)
         finally:
             if pending:
                 engine.abort_request(list(pending))
+
+    def _died(self, pending: dict[str, EngineRequest], exc: Exception) -> EngineDied:
+        self.dead = True
+        died = EngineDied(list(pending.values()), str(exc) or type(exc).__name__)
+        pending.clear()  # nothing to abort in a dead engine
+        return died
 
     def embed(self, inputs: list[list[int]]) -> list[list[float]]:
         """Embedding vectors for token-id inputs (a pooling engine), in input order."""
@@ -138,6 +162,11 @@ class LoadedEngine:
             pass
 
 
+def _import_vllm() -> None:
+    import vllm  # noqa: F401
+    import vllm.tokenizers  # noqa: F401
+
+
 def _on_cpu() -> bool:
     # vLLM's bfloat16 CPU kernels die with SIGILL on some batch shapes (seen on Sapphire Rapids);
     # float32 ran every shape tried, so "auto" means float32 on the CPU build.
@@ -160,11 +189,17 @@ class VLLMEngine(ConfigurableResource):
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
     max_num_seqs: int | None = None
-    enforce_eager: bool = False
+    # None: eager on the CPU build, where torch.compile made the load ~8x slower and generation no
+    # faster (docs/BENCHMARKS.md); CUDA graphs and torch.compile on a GPU.
+    enforce_eager: bool | None = None
     seed: int = 0
     engine_args: str = "{}"
 
     keep_loaded: bool = False
+    # The warm engine (resources/engine_host.py): a host process keeps the engine between runs and
+    # run workers drive it over a local socket. Needs state_dir. Off: the engine lives in the worker.
+    engine_host: bool = False
+    idle_seconds: int = 600
     # Where each loaded engine records its processes, so the next load can kill those of a worker
     # that was SIGKILLed (see resources/engine_processes.py). None: no record is kept.
     state_dir: str | None = None
@@ -179,7 +214,7 @@ class VLLMEngine(ConfigurableResource):
             "dtype": self.dtype if self.dtype != "auto" or not _on_cpu() else "float32",
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "tensor_parallel_size": self.tensor_parallel_size,
-            "enforce_eager": self.enforce_eager,
+            "enforce_eager": self.enforce_eager if self.enforce_eager is not None else _on_cpu(),
             "seed": self.seed,
         }
         if self.max_model_len:
@@ -225,6 +260,12 @@ class VLLMEngine(ConfigurableResource):
             if not self.keep_loaded:
                 release_engine()
 
+    def restart(self, model: str, extra_args: dict[str, Any] | None = None) -> LoadedEngine:
+        """A new engine for `model` after the current one died (its processes are shut down first)."""
+        log.warning("the engine for %s died; starting a new one", model)
+        release_engine()
+        return self._load(model, extra_args)
+
     def load(self, model: str, extra_args: dict[str, Any] | None = None) -> LoadedEngine:
         """The engine for `model`, loading it (and first unloading another model or setting) if needed."""
         if _slot.prefetch is not None:
@@ -234,12 +275,25 @@ class VLLMEngine(ConfigurableResource):
 
     def _load(self, model: str, extra_args: dict[str, Any] | None) -> LoadedEngine:
         kwargs = self.engine_kwargs(model, extra_args)
-        if _slot.loaded is not None and _slot.loaded.kwargs == kwargs:
+        if _slot.loaded is not None and _slot.loaded.kwargs == kwargs and not _slot.loaded.dead:
             return _slot.loaded
         if model.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(model)):
             raise EngineLoadError(f"could not load model {model!r}: no such directory")
         release_engine()
+        if self.engine_host and self.state_dir:
+            from resources import engine_host
+
+            hosted = engine_host.attach(Path(self.state_dir), kwargs, self.idle_seconds)
+            if hosted.host_pid not in _slot.hosts:
+                _slot.loads += 1
+                _slot.hosts.add(hosted.host_pid)
+            _slot.loaded = cast("LoadedEngine", hosted)
+            return _slot.loaded
         if self.state_dir:
+            from resources import engine_host
+
+            # Never two engines on one GPU: a warm host (of any model) goes before this one loads.
+            engine_host.stop_host(Path(self.state_dir))
             engine_processes.reap_orphaned_engines(Path(self.state_dir))
         children_before = engine_processes.child_processes()
         started = time.perf_counter()
@@ -251,12 +305,20 @@ class VLLMEngine(ConfigurableResource):
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EngineLoadError(f"could not load model {model!r}: {reason}") from exc
         loaded = LoadedEngine(model, kwargs, llm, time.perf_counter() - started)
+        _slot.loads += 1
         if self.state_dir:
             loaded.record_dir = Path(self.state_dir)
             started_processes = engine_processes.child_processes() - children_before
             engine_processes.record_engine(loaded.record_dir, started_processes, model)
         _slot.loaded = loaded
         return loaded
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        if self.engine_host:
+            # A run worker attaching to a warm host still imports vLLM (sampling parameters, the
+            # tokenizer): started with the run, the import overlaps batch_input instead of delaying
+            # batch_chunks' first token.
+            threading.Thread(target=_import_vllm, name="vllm-import", daemon=True).start()
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:
         # A step that failed before its session began may still have a prefetched engine.
@@ -272,9 +334,28 @@ class _EngineSlot:
 
     loaded: LoadedEngine | None = None
     prefetch: Future | None = None
+    loads: int = 0  # engines this process has loaded or attached to (a batch should need one)
+    hosts: set[int] = field(default_factory=set)  # engine host pids this process attached to
 
 
 _slot = _EngineSlot()
+
+
+def engines_loaded() -> int:
+    """How many engines this process has loaded so far."""
+    return _slot.loads
+
+
+def discard_engine() -> None:
+    """For a process about to exit: wait for a load in progress (its errors no longer matter), then shut
+    the engine down, so no engine process outlives it and nothing prints after its last word."""
+    if _slot.prefetch is not None:
+        pending, _slot.prefetch = _slot.prefetch, None
+        try:
+            pending.result()
+        except Exception:  # noqa: BLE001 (the run's own failure is what gets reported)
+            pass
+    release_engine()
 
 
 def release_engine() -> None:

@@ -7,10 +7,12 @@ from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from assets.batch_input import REQUEST_SCHEMA
 from batch_pipeline.chunks import run_chunks
 from resources.storage import BatchPaths
+from resources.vllm_engine import EngineDied
 
 
 class FakeTokenizer:
@@ -30,11 +32,13 @@ class FakeEngine:
 
     def __init__(self):
         self.admitted = []
+        self.prompts = []
 
     def stream(self, requests, in_flight=None):
         window = []
         for request in requests:
             self.admitted.append(request.key)
+            self.prompts.append(request.prompt_token_ids)
             window.append(request)
             if len(window) == (in_flight or 4):
                 while window:
@@ -76,7 +80,8 @@ def test_finished_chunks_are_skipped_and_not_sent_to_the_engine(tmp_path):
     written = []
     run_chunks(engine, paths, batch_id="b", model_name="m", chunk_size=3, total=10, skip={0, 2},
                on_written=written.append)
-    assert sorted(engine.admitted) == [3, 4, 5, 9]
+    # Only the rows of chunks 1 and 3 reach the engine (engine keys are its own; the prompts tell the rows).
+    assert engine.prompts == [FakeTokenizer().encode(f"request {i}") for i in (3, 4, 5, 9)]
     assert sorted(r.index for r in written) == [1, 3]
 
 
@@ -88,3 +93,54 @@ def test_a_request_the_engine_cannot_take_is_an_error_row_in_its_chunk(tmp_path)
     rows = pq.read_table(paths.chunk(0)).to_pylist()
     assert rows[0]["error"] is None and json.loads(rows[0]["response"])["body"]["object"] == "chat.completion"
     assert json.loads(rows[1]["error"])["code"] == "context_length_exceeded" and rows[1]["response"] is None
+
+
+class DyingEngine(FakeEngine):
+    """Dies (as a killed EngineCore does) when a request in `poison` is in flight, every time."""
+
+    def __init__(self, poison: set[int]):
+        super().__init__()
+        self.poison = poison
+
+    def stream(self, requests, in_flight=None):
+        window = []
+        for request in requests:
+            self.admitted.append(request.key)
+            window.append(request)
+            if request.key in self.poison:
+                raise EngineDied(window, "killed")
+            if len(window) == (in_flight or 4):
+                while window:
+                    yield self._finish(window.pop())
+        while window:
+            yield self._finish(window.pop())
+
+
+def test_a_dead_engine_is_replaced_and_only_a_request_in_flight_through_two_deaths_fails(tmp_path):
+    paths = BatchPaths(tmp_path)
+    write_requests(paths, 10)
+    engines = [DyingEngine(poison={5})]
+
+    def restart():
+        engines.append(DyingEngine(poison={5} if len(engines) < 2 else set()))
+        return engines[-1]
+
+    written = []
+    run_chunks(engines[0], paths, batch_id="b", model_name="m", chunk_size=3, total=10, skip=set(),
+               on_written=written.append, in_flight=4, restart=restart)
+    assert len(engines) == 3  # died with 4 and 5 in flight, then again with 5 (re-admitted first)
+    assert engines[1].admitted[:2] == [4, 5] and 5 not in engines[2].admitted
+    assert sorted(r.index for r in written) == [0, 1, 2, 3]  # every chunk once, none lost
+    rows = {row["line"]: row for i in range(4) for row in pq.read_table(paths.chunk(i)).to_pylist()}
+    assert sorted(rows) == list(range(1, 11))
+    # Keys 4 and 5 (lines 5 and 6) were in flight through both deaths; every other line has its response.
+    assert {line for line in rows if rows[line]["error"]} == {5, 6}
+    assert json.loads(rows[6]["error"])["code"] == "engine_error"
+
+
+def test_without_a_restart_a_dead_engine_fails_the_step(tmp_path):
+    paths = BatchPaths(tmp_path)
+    write_requests(paths, 10)
+    with pytest.raises(EngineDied):
+        run_chunks(DyingEngine(poison={2}), paths, batch_id="b", model_name="m", chunk_size=3, total=10, skip=set(),
+                   on_written=lambda r: None)

@@ -83,6 +83,65 @@ def test_killed_run_resumes_without_redoing_finished_chunks(tmp_path, tiny_model
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("host", [False, True], ids=["in-process", "engine-host"])
+def test_a_killed_engine_core_is_replaced_and_the_batch_completes(tmp_path, tiny_model, host):
+    import psutil
+
+    env = cli_env(tmp_path, VBATCH_CHUNK_SIZE="50", VBATCH_ENGINE_HOST=str(host).lower())
+    batch = write_jsonl(tmp_path / "big.jsonl", chat_lines(1000))
+    chunks = tmp_path / "data" / "batches" / "dies" / "chunks"
+    proc = subprocess.Popen(CLI + ["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny",
+                                   "--batch-id", "dies", "--json"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and proc.poll() is None:
+            if chunks.is_dir() and len(list(chunks.glob("chunk-*.parquet"))) >= 3:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before its engine could be killed; make the batch bigger"
+        if host:
+            record = json.loads((tmp_path / "data" / "engines" / "host.json").read_text())
+            cores = [psutil.Process(pid) for pid in record["engine_pids"]]
+        else:
+            cores = [p for p in psutil.Process(proc.pid).children(recursive=True) if "EngineCore" in p.name()]
+        assert cores, "no EngineCore process found"
+        kept = {p.name: p.stat().st_mtime_ns for p in chunks.glob("chunk-*.parquet")}
+        for core in cores:
+            core.kill()
+        out, err = proc.communicate(timeout=600)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if host:  # the host outlives the run by design
+            from resources.engine_host import stop_host
+
+            stop_host(tmp_path / "data" / "engines")
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads(out[out.index("{"):])
+    assert summary["completed"] == 1000 and summary["failed"] == 0
+    assert summary["engines_loaded_in_process"] == 2
+    assert {p.name: p.stat().st_mtime_ns for p in chunks.glob("chunk-*.parquet") if p.name in kept} == kept
+    outputs = read_jsonl(Path(summary["output_file"]))
+    assert [o["custom_id"] for o in outputs] == [f"q{i}" for i in range(1000)]
+
+
+def test_an_embeddings_batch_loads_exactly_one_engine(tmp_path, tiny_model):
+    # The prefetch reads the file's first lines and loads the pooling engine batch_chunks asks for;
+    # before, it loaded a generative engine that batch_chunks then swapped for a pooling one.
+    lines = [{"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
+              "body": {"model": "tiny", "input": f"sentence number {i}"}} for i in range(120)]
+    batch = write_jsonl(tmp_path / "emb.jsonl", lines)
+    result = run_cli(["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny", "--json"],
+                     cli_env(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert summary["completed"] == 120
+    assert summary["engines_loaded_in_process"] == 1
+
+
 @pytest.mark.parametrize(("setup", "message"), [
     ("missing", "input file not found"),
     ("empty", "input file is empty"),

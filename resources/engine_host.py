@@ -1,0 +1,330 @@
+"""A warm engine: one host process per data folder keeps a vLLM engine loaded between runs.
+
+Every run the daemon launches is a new process, so an in-process engine is loaded again for every
+batch. With the host on (`VBATCH_ENGINE_HOST`), the `engine` resource attaches to a host process
+instead: the host owns `vllm.LLM`, the run worker drives its engine loop over a local socket (one
+round trip per engine step), and the host outlives the run. The next batch of the same model
+attaches in well under a second.
+
+Lifetime rules (docs/ARCHITECTURE.md):
+- one host per state folder, described by `host.json` (pid, start time, socket, engine kwargs); it
+  is started and replaced under `host.lock`, so two workers never start two engines;
+- a batch for another model (or other engine args) stops the host before the new engine loads, so
+  the GPU memory is free first; so does an in-process engine load;
+- an idle host (no client for `idle_seconds`) shuts its engine down and exits;
+- the host only steps the engine when a client asks, and clients are `batch_chunks` steps holding
+  the `gpu` pool, so GPU work still happens only inside the pool;
+- a host left behind by a killed supervisor is found through `host.json` and stopped by the next
+  load of another model, or exits when idle. If its engine core dies, the host exits and the
+  client sees `EngineDied`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from multiprocessing.connection import Client, Connection, Listener
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from resources.vllm_engine import EngineDied, EngineFailure, EngineLoadError, EngineRequest
+
+log = logging.getLogger(__name__)
+
+HOST_RECORD = "host.json"
+
+
+def _same_kwargs(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def read_host(state_dir: Path) -> dict | None:
+    """The running host's record, or None if there is none (or its process is gone)."""
+    try:
+        record = json.loads((state_dir / HOST_RECORD).read_text())
+        process = psutil.Process(record["pid"])
+        if abs(process.create_time() - record["started"]) < 1e-3 and process.status() != psutil.STATUS_ZOMBIE:
+            return record
+    except (OSError, ValueError, KeyError, psutil.Error):
+        pass
+    return None
+
+
+def stop_host(state_dir: Path, timeout: float = 60.0) -> bool:
+    """Stop the host of this state folder (engine included) and wait until its memory is free."""
+    record = read_host(state_dir)
+    stopped = False
+    if record is not None:
+        processes = []
+        for pid in [record["pid"], *record.get("engine_pids", [])]:
+            with contextlib.suppress(psutil.Error):
+                processes.append(psutil.Process(pid))
+        with contextlib.suppress(OSError, EOFError, ConnectionError):
+            with Client(record["address"], family="AF_UNIX", authkey=bytes.fromhex(record["authkey"])) as conn:
+                conn.send(("shutdown",))
+                conn.recv()
+        _, alive = psutil.wait_procs(processes, timeout=timeout)
+        for process in alive:  # a host that did not answer (hung, or busy with another client)
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(alive, timeout=10)
+        stopped = True
+        log.warning("stopped the engine host of %s (pid %s)", record.get("model"), record["pid"])
+    (state_dir / HOST_RECORD).unlink(missing_ok=True)
+    return stopped
+
+
+class HostedEngine:
+    """A run worker's handle on the host's engine: the same interface as `LoadedEngine`."""
+
+    def __init__(self, record: dict, conn: Connection, load_seconds: float, tokenizer: Any):
+        self.model: str = record["model"]
+        self.kwargs: dict[str, Any] = record["kwargs"]
+        self.host_pid: int = record["pid"]
+        self.max_model_len: int = record["max_model_len"]
+        self.max_num_seqs: int = record["max_num_seqs"]
+        self.runner: str = record["runner"]
+        self.load_seconds = load_seconds
+        self.tokenizer = tokenizer
+        self.conn = conn
+        self.record_dir: Path | None = None
+        self.requests_run = 0
+        self.dead = False
+
+    def _call(self, message: tuple, in_flight: dict[str, EngineRequest]) -> Any:
+        try:
+            self.conn.send(message)
+            reply = self.conn.recv()
+        except (OSError, EOFError) as exc:
+            self.dead = True
+            raise EngineDied(list(in_flight.values()), f"the engine host went away ({type(exc).__name__})") from exc
+        if reply[0] == "dead":
+            self.dead = True
+            raise EngineDied(list(in_flight.values()), reply[1])
+        return reply[1:]
+
+    def stream(self, requests: Iterable[EngineRequest],
+               in_flight: int | None = None) -> Iterator[tuple[EngineRequest, Any]]:
+        """As `LoadedEngine.stream`: requests are sent with each step, finished outputs come back."""
+        window = in_flight or max(2 * self.max_num_seqs, 512)
+        pending: dict[str, EngineRequest] = {}
+        source = iter(requests)
+        exhausted = False
+        try:
+            while True:
+                adds: list[tuple[str, list[int], Any]] = []
+                while not exhausted and len(pending) + len(adds) < window:
+                    request = next(source, None)
+                    if request is None:
+                        exhausted = True
+                        break
+                    request_id = f"r{request.key}-{self.requests_run}"
+                    self.requests_run += 1
+                    adds.append((request_id, request.prompt_token_ids, request.params))
+                    pending[request_id] = request
+                if not pending:
+                    return
+                outputs, failures = self._call(("step", adds), pending)
+                for request_id, message in failures:
+                    yield pending.pop(request_id), EngineFailure(message)
+                for output in outputs:
+                    yield pending.pop(output.request_id), output
+        finally:
+            if pending and not self.dead:
+                with contextlib.suppress(OSError, EOFError):
+                    self.conn.send(("abort", list(pending)))
+                    self.conn.recv()
+
+    def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        """Embedding vectors for token-id inputs (a pooling engine), in input order."""
+        (vectors,) = self._call(("embed", inputs), {})
+        return vectors
+
+    def shutdown(self) -> None:
+        """Detach: the host and its engine stay loaded for the next batch (a dead host is waited
+        for, so that the next attach starts a new one instead of finding the dying one)."""
+        with contextlib.suppress(OSError):
+            self.conn.close()
+        if self.dead:
+            with contextlib.suppress(psutil.Error):
+                host = psutil.Process(self.host_pid)
+                try:
+                    host.wait(timeout=30)
+                except psutil.TimeoutExpired:
+                    host.kill()
+                    host.wait(timeout=10)
+
+
+def attach(state_dir: Path, kwargs: dict[str, Any], idle_seconds: int, start_timeout: float = 1800.0) -> HostedEngine:
+    """The host's engine for `kwargs`: the running host if it has them, else a new host (after
+    stopping one that runs another model, so its memory is free before the new model loads)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with (state_dir / "host.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one worker at a time decides, and starts at most one host
+        record = read_host(state_dir)
+        if record is not None and not _same_kwargs(record["kwargs"], kwargs):
+            stop_host(state_dir)
+            record = None
+        if record is None:
+            (state_dir / HOST_RECORD).unlink(missing_ok=True)
+            from resources import engine_processes
+
+            engine_processes.reap_orphaned_engines(state_dir)
+            record = _start_host(state_dir, kwargs, idle_seconds, start_timeout)
+    try:
+        conn = Client(record["address"], family="AF_UNIX", authkey=bytes.fromhex(record["authkey"]))
+    except (OSError, EOFError) as exc:
+        raise EngineLoadError(f"could not reach the engine host of {kwargs['model']!r}: {exc}") from exc
+    from vllm.tokenizers import get_tokenizer
+
+    tokenizer = get_tokenizer(kwargs.get("tokenizer") or kwargs["model"],
+                              trust_remote_code=kwargs.get("trust_remote_code", False),
+                              revision=kwargs.get("tokenizer_revision") or kwargs.get("revision"))
+    return HostedEngine(record, conn, time.perf_counter() - started, tokenizer)
+
+
+def _start_host(state_dir: Path, kwargs: dict[str, Any], idle_seconds: int, timeout: float) -> dict:
+    authkey = secrets.token_hex(16)
+    address = str(state_dir / f"host-{os.getpid()}-{secrets.token_hex(4)}.sock")
+    log_path = state_dir / "host.log"
+    with log_path.open("ab") as log_file:
+        # Its own session: the host outlives the run worker that started it (and its process group).
+        process = subprocess.Popen([sys.executable, "-m", "resources.engine_host"], stdin=subprocess.PIPE,
+                                   stdout=log_file, stderr=log_file, start_new_session=True)
+    assert process.stdin is not None
+    process.stdin.write(json.dumps({"kwargs": kwargs, "idle_seconds": idle_seconds, "address": address,
+                                    "authkey": authkey, "state_dir": str(state_dir)}).encode())
+    process.stdin.close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = read_host(state_dir)
+        if record is not None and record["pid"] == process.pid:
+            return record
+        if process.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+            raise EngineLoadError(f"could not load model {kwargs['model']!r}: {tail[0]}")
+        time.sleep(0.2)
+    process.kill()
+    raise EngineLoadError(f"could not load model {kwargs['model']!r}: the engine host did not start in {timeout:.0f}s")
+
+
+# ---- the host process ---------------------------------------------------------------------------
+
+
+def _serve(config: dict) -> None:
+    from vllm import LLM
+    from vllm.inputs import TokensPrompt
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    state_dir = Path(config["state_dir"])
+    kwargs = config["kwargs"]
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    started = time.perf_counter()
+    try:
+        llm = LLM(**kwargs)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(reason, flush=True)
+        sys.exit(1)
+    engine = llm.llm_engine
+    vllm_config = engine.vllm_config
+    me = psutil.Process()
+    listener = Listener(config["address"], family="AF_UNIX", authkey=bytes.fromhex(config["authkey"]))
+    record = {"pid": me.pid, "started": me.create_time(), "address": config["address"], "authkey": config["authkey"],
+              "model": kwargs["model"], "kwargs": kwargs,
+              "engine_pids": sorted({p.pid for p in me.children(recursive=True)} - before),
+              "max_model_len": vllm_config.model_config.max_model_len,
+              "max_num_seqs": vllm_config.scheduler_config.max_num_seqs,
+              "runner": getattr(vllm_config.model_config, "runner_type", "generate"),
+              "load_seconds": time.perf_counter() - started}
+    target = state_dir / HOST_RECORD
+    tmp = target.with_suffix(f".{me.pid}.tmp")
+    tmp.write_text(json.dumps(record))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, target)
+
+    def exit_host(code: int = 0) -> None:
+        with contextlib.suppress(Exception):
+            engine.engine_core.shutdown()
+        with contextlib.suppress(OSError):
+            if json.loads(target.read_text()).get("pid") == me.pid:
+                target.unlink()
+        with contextlib.suppress(OSError):
+            os.unlink(config["address"])
+        os._exit(code)
+
+    signal.signal(signal.SIGTERM, lambda *_: exit_host(0))
+    last_active = [time.monotonic()]
+    busy = threading.Event()
+
+    def idle_watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if not busy.is_set() and time.monotonic() - last_active[0] > config["idle_seconds"]:
+                print(f"idle for {config['idle_seconds']}s; releasing the engine", flush=True)
+                exit_host(0)
+
+    threading.Thread(target=idle_watch, daemon=True).start()
+    print(f"engine host for {kwargs['model']} ready after {record['load_seconds']:.1f}s", flush=True)
+    while True:
+        conn = listener.accept()
+        busy.set()
+        mine: set[str] = set()
+        try:
+            while True:
+                message = conn.recv()
+                if message[0] == "step":
+                    failures = []
+                    for request_id, token_ids, params in message[1]:
+                        try:
+                            engine.add_request(request_id, TokensPrompt(prompt_token_ids=token_ids), params)
+                            mine.add(request_id)
+                        except ValueError as exc:
+                            failures.append((request_id, str(exc)))
+                    finished = []
+                    if mine:
+                        for output in engine.step():
+                            if output.finished:
+                                mine.discard(output.request_id)
+                                finished.append(output)
+                    conn.send(("ok", finished, failures))
+                elif message[0] == "abort":
+                    engine.abort_request(message[1])
+                    mine.difference_update(message[1])
+                    conn.send(("ok",))
+                elif message[0] == "embed":
+                    outputs = llm.embed([TokensPrompt(prompt_token_ids=ids) for ids in message[1]], use_tqdm=False)
+                    conn.send(("ok", [list(map(float, o.outputs.embedding)) for o in outputs]))
+                elif message[0] == "shutdown":
+                    conn.send(("ok",))
+                    exit_host(0)
+        except EngineDeadError as exc:
+            with contextlib.suppress(OSError):
+                conn.send(("dead", f"the engine core died: {exc or type(exc).__name__}"))
+            exit_host(1)
+        except (EOFError, OSError):
+            if mine:  # the client went away mid-batch (cancel, crash): its requests must not run on
+                with contextlib.suppress(EngineDeadError):
+                    engine.abort_request(list(mine))
+        finally:
+            with contextlib.suppress(OSError):
+                conn.close()
+            last_active[0] = time.monotonic()
+            busy.clear()
+
+
+if __name__ == "__main__":
+    _serve(json.loads(sys.stdin.read()))
