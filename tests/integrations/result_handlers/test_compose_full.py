@@ -30,4 +30,8 @@ def test_compose_full_references_files_that_exist_and_wires_the_s3_store():
     assert env["VBATCH_S3_ENDPOINT_URL"].startswith("http://seaweedfs:")
     assert services["api"]["environment"]["VBATCH_S3_BUCKET"] == env["VBATCH_S3_BUCKET"]
     assert "gpu,all" in services["dagster"]["build"]["args"]["EXTRAS"]
+    # Monitoring and curation beside the store: Prometheus scrapes the service, curation talks to Label Studio.
+    assert env["VBATCH_ENABLE_MONITORING"] == "true" and env["VBATCH_ENABLE_CURATION"] == "true"
+    assert {"prometheus", "grafana", "label-studio"} <= set(services)
+    assert env["VBATCH_LABEL_STUDIO_URL"].startswith("http://label-studio:")
     assert "ARG EXTRAS" in (DOCKER / "Dockerfile").read_text()

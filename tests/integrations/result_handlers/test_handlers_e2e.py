@@ -1,4 +1,5 @@
-"""A real batch on the real engine (CPU build, tiny model): it lands in SeaweedFS, and its webhook is sent."""
+"""A real batch on the real engine (CPU build, tiny model): it lands in SeaweedFS and in the GCS emulator,
+a re-run uploads nothing, and its webhook is sent."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ from pydantic import SecretStr
 
 from batch_pipeline.local_run import register_local_batch, run_batch_in_process
 from tests.conftest import write_jsonl
+from tests.integrations.result_handlers.test_gcs_handler import gcs_client
+from tests.integrations.result_handlers.test_s3_handler import delivered
 from tests.integrations.webhooks.conftest import SECRET, receiver, receiver_server  # noqa: F401 - fixtures
 
 MODEL_NAME = "tiny-llama"
 
 
-def test_a_real_batch_lands_in_s3_and_announces_itself(settings, sqlite_instance, tiny_model, loaded_engine,
-                                                       s3_env, receiver):  # noqa: F811 - the fixture
+def test_a_real_batch_lands_in_s3_and_gcs_and_announces_itself(settings, sqlite_instance, tiny_model, loaded_engine,
+                                                               s3_env, gcs_server, receiver,  # noqa: F811 - fixture
+                                                               materialize_handler):
     import boto3
     from openai.types.webhooks import BatchCompletedWebhookEvent
 
@@ -22,8 +26,11 @@ def test_a_real_batch_lands_in_s3_and_announces_itself(settings, sqlite_instance
 
     client = boto3.client("s3", endpoint_url=s3_env)
     client.create_bucket(Bucket="e2e-results")
+    gcs = gcs_client(gcs_server)
+    gcs.create_bucket("e2e-results-gcs")
     settings = settings.model_copy(update={
-        "result_handlers": ["s3"], "s3_bucket": "e2e-results", "s3_prefix": "batches", "s3_endpoint_url": s3_env,
+        "result_handlers": ["s3", "gcs"], "s3_bucket": "e2e-results", "s3_prefix": "batches", "s3_endpoint_url": s3_env,
+        "gcs_bucket": "e2e-results-gcs", "gcs_prefix": "batches", "gcs_endpoint_url": gcs_server,
         "enable_webhooks": True, "webhook_url": [f"{receiver.url}/hook"], "webhook_secret": SecretStr(SECRET)})
     lines = [{"custom_id": f"c-{i}", "method": "POST", "url": "/v1/chat/completions",
               "body": {"model": MODEL_NAME, "messages": [{"role": "user", "content": f"item {i}"}], "max_tokens": 8,
@@ -43,6 +50,17 @@ def test_a_real_batch_lands_in_s3_and_announces_itself(settings, sqlite_instance
     event = sqlite_instance.get_latest_materialization_event(AssetKey("deliver_s3"))
     assert event.dagster_event.partition == "e2e-1"
     assert event.asset_materialization.metadata["output.jsonl sha256"].value == local
+    blob = gcs.bucket("e2e-results-gcs").blob("batches/e2e-1/output.jsonl")
+    assert hashlib.sha256(blob.download_as_bytes()).hexdigest() == local
+    event = sqlite_instance.get_latest_materialization_event(AssetKey("deliver_gcs"))
+    assert event.dagster_event.partition == "e2e-1"
+    assert event.asset_materialization.metadata["output.jsonl sha256"].value == local
+
+    # Delivering the same batch again moves no bytes, to either store.
+    again = materialize_handler(settings, sqlite_instance, "e2e-1")
+    assert again.success
+    for asset in ("deliver_s3", "deliver_gcs"):
+        assert delivered(again, asset)["transferred_files"] == 0 and delivered(again, asset)["transferred_bytes"] == 0
 
     webhook_tick(sqlite_instance, settings, None)
     [delivery] = receiver.at("hook")
