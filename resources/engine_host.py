@@ -39,7 +39,7 @@ from typing import Any
 
 import psutil
 
-from resources.vllm_engine import EngineDied, EngineFailure, EngineLoadError, EngineRequest
+from resources.vllm_engine import EngineDied, EngineFailure, EngineLoadError, EngineRequest, watch_core_death
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +240,7 @@ def _serve(config: dict) -> None:
         print(reason, flush=True)
         sys.exit(1)
     engine = llm.llm_engine
+    watch_core_death(llm)  # a killed core must end a step with EngineDeadError, not hang it
     vllm_config = engine.vllm_config
     me = psutil.Process()
     listener = Listener(config["address"], family="AF_UNIX", authkey=bytes.fromhex(config["authkey"]))

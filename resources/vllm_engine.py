@@ -78,6 +78,7 @@ class LoadedEngine:
         self.requests_run = 0
         self.record_dir: Path | None = None
         self.dead = False
+        self._watching = watch_core_death(llm)
 
     def stream(self, requests: Iterable[EngineRequest],
                in_flight: int | None = None) -> Iterator[tuple[EngineRequest, RequestOutput | EngineFailure]]:
@@ -147,6 +148,7 @@ class LoadedEngine:
 
     def shutdown(self) -> None:
         """Stop the engine core processes and free the model's memory."""
+        self._watching.set()
         try:
             self.llm.llm_engine.engine_core.shutdown()
         except Exception as exc:  # shutting down must not mask the error that led here
@@ -160,6 +162,32 @@ class LoadedEngine:
                 torch.cuda.empty_cache()
         except ImportError:
             pass
+
+
+def watch_core_death(llm: LLM) -> threading.Event:
+    """Unblock a step waiting on an engine core process that died; set the returned event to stop watching.
+
+    vLLM's client notices a dead core (its monitor thread marks it dead and shuts the client down),
+    but its output thread may then exit without queueing an error, and `step()` waits forever for an
+    output that never comes (seen on the CPU build when EngineCore is killed mid-batch). Queueing the
+    error ourselves turns that into the EngineDeadError the stream handles.
+    """
+    stop = threading.Event()
+    core = llm.llm_engine.engine_core
+    resources, outputs = getattr(core, "resources", None), getattr(core, "outputs_queue", None)
+    if resources is None or outputs is None:
+        return stop  # an in-process core: nothing to watch
+
+    def watch() -> None:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        while not stop.wait(1.0):
+            if getattr(resources, "engine_dead", False):
+                outputs.put_nowait(EngineDeadError())
+                return
+
+    threading.Thread(target=watch, name="engine-core-watch", daemon=True).start()
+    return stop
 
 
 def _import_vllm() -> None:
