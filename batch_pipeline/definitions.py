@@ -13,7 +13,7 @@ from dagster import (
 
 from assets import batch_chunks, batch_input, batch_results
 from batch_pipeline.enabled_integrations import integration_definitions
-from batch_pipeline.log_format import json_console_logger
+from batch_pipeline.log_format import json_console_logger, json_logs_for_every_run
 from batch_pipeline.schedules import build_catch_up_schedule
 from batch_pipeline.sensors import batch_stops, build_inbox_sensor, queued_batches
 from batch_pipeline.settings import Settings, get_settings
@@ -72,6 +72,8 @@ def build_definitions(settings: Settings) -> Definitions:
         # VBATCH_LOG_FORMAT=json: every run's `console` logger writes JSON lines (with run id, batch id, chunk).
         loggers={"console": json_console_logger} if settings.log_format == "json" else None,
     )
+    if settings.log_format == "json":
+        json_logs_for_every_run()
     integrations = integration_definitions(settings)
     if not any(integration.assets for integration in integrations):
         # No integration assets (none enabled, or only sensors such as webhooks): no job to run after a batch.

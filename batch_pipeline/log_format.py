@@ -83,6 +83,29 @@ def json_console_logger(init_context: InitLoggerContext) -> logging.Logger:
     return run_logger
 
 
+def json_logs_for_every_run() -> None:
+    """Make JSON the fallback logger of every run this process executes, however it was launched.
+
+    Dagster builds a run's `console` logger from the job's loggers only when the run config names it
+    (`vllm-batch run` does); runs launched by the daemon (queued batches, automation, the UI) carry no
+    logger config and fall back to `default_system_loggers`, the coloured console logger. Dagster has no
+    setting for that fallback, so the run worker (which imports the definitions before it builds its
+    loggers) swaps it here; the swap is skipped, with a warning, if a Dagster release moves it.
+    """
+    from dagster._core.execution import context_creation_job
+
+    if not hasattr(context_creation_job, "default_system_loggers"):
+        logging.getLogger(__name__).warning("VBATCH_LOG_FORMAT=json: this Dagster version's default run logger "
+                                            "could not be replaced; runs launched without logger config log as text")
+        return
+
+    def json_system_loggers(instance: Any) -> list[tuple[Any, dict[str, Any]]]:
+        level = getattr(instance, "python_log_level", None) or "INFO"
+        return [(json_console_logger, {"name": "dagster", "log_level": level})]
+
+    context_creation_job.default_system_loggers = json_system_loggers
+
+
 def logging_config(process: str, level: str = "INFO") -> dict[str, Any]:
     """A `logging.config.dictConfig` (uvicorn's `log_config`) that writes every record as JSON to stderr."""
     handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}

@@ -302,9 +302,6 @@ def json_lines(path: Path) -> list[dict]:
     return parsed
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: runs launched by the daemon still log through Dagster's default "
-                   "console logger (their lines arrive wrapped, as process 'daemon', without batch_id/run_id), although "
-                   "the Definitions carry the JSON logger and an in-process run uses it; not diagnosed yet")
 def test_with_json_logs_every_line_is_a_json_object_with_batch_and_run(service: Service):
     from dagster import DagsterInstance
 
