@@ -100,7 +100,11 @@ def main() -> None:
         big_row = run(warm, instance, big, "warm-big")
         small_rows = [run(warm, instance, path, "warm-small") for path in smalls]
         if args.swap_check:
-            results["swap"] = swap_check(args, work, warm, instance, model, warmup, run)
+            print(json.dumps({"warm_before_swap": [r["first_output_seconds"] for r in small_rows]}), flush=True)
+            try:
+                results["swap"] = swap_check(args, work, warm, instance, model, warmup, run)
+            except Exception as exc:  # the warm figures above still count
+                results["swap"] = {"error": repr(exc)}
         stop_host(work / "warm" / "engines")
     small_wall = sum(r["wall_seconds"] for r in small_rows)
     results["summary"] = {
@@ -137,7 +141,12 @@ def swap_check(args, work: Path, warm, instance, model: str, warmup: Path, run) 
     from resources.engine_host import read_host
 
     baseline = gpu_memory_mib()
-    other = write_shape(args.shape or "llama-1b", work / "other-model")
+    if args.shape:
+        other = write_shape(args.shape, work / "other-model")
+    else:  # the tiny model under another folder: another engine as far as the host can tell
+        import shutil
+
+        other = Path(shutil.copytree(model, work / "other-model"))
     # Another model is another engine (another folder): the host of A must stop before B loads.
     other_batch = work / "other.jsonl"
     other_batch.write_text(warmup.read_text().replace(json.dumps(model), json.dumps(str(other))))
