@@ -43,6 +43,8 @@ class EngineRequest:
     url: str
     wants_logprobs: bool
     top_logprobs: int
+    # Request fields the response object repeats (the Responses API echoes its parameters); never sent to vLLM.
+    echo: dict[str, Any] | None = None
 
 
 class EngineDied(Exception):
