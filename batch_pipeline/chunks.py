@@ -197,13 +197,15 @@ def run_chunks(
             yield from requests
 
     def succeeded_row(row: RequestRow, body: dict[str, Any]) -> ChunkRow:
+        usage = body["usage"]
         return {
             "line": row["line"], "custom_id": row["custom_id"], "id": output_line_id(batch_id, row["line"]),
             "response": json.dumps({"status_code": 200, "request_id": f"vllm-batch-{uuid.uuid4().hex}",
                                     "body": body}, separators=(",", ":")),
             "error": None,
-            "prompt_tokens": body["usage"]["prompt_tokens"],
-            "completion_tokens": body["usage"].get("completion_tokens", 0),
+            # `/v1/responses` counts input and output tokens; the other endpoints prompt and completion tokens.
+            "prompt_tokens": usage.get("prompt_tokens", usage.get("input_tokens", 0)),
+            "completion_tokens": usage.get("completion_tokens", usage.get("output_tokens", 0)),
         }
 
     if engine.runner == "pooling":

@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING, Any
 from batch_pipeline.records import (
     CHAT_URL,
     EMBEDDINGS_URL,
+    RESPONSES_URL,
     BatchError,
     ChatCompletionBody,
     CompletionBody,
     EmbeddingBody,
     ErrorCode,
     ResponseFormat,
+    ResponsesBody,
 )
 from resources.vllm_engine import EngineRequest
 
@@ -51,8 +53,7 @@ def _structured_outputs(response_format: ResponseFormat | None) -> Any:
     return StructuredOutputsParams(json=response_format.json_schema.json_schema)
 
 
-def _tokenize_chat(tokenizer: Any, body: ChatCompletionBody) -> list[int]:
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+def _tokenize_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     try:
         rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except Exception as exc:  # jinja errors from the model's own template
@@ -75,12 +76,14 @@ def prepare_requests(
     if runner != "generate":
         raise RequestRejected(ErrorCode.UNSUPPORTED_ENDPOINT,
                               f"this batch runs an embedding (pooling) engine; {url} needs a generative one")
+    if url == RESPONSES_URL:
+        return [_prepare_response(next(keys), body_json, tokenizer, max_model_len)]
     body: ChatCompletionBody | CompletionBody
     wants_logprobs = False
     top_logprobs = 0
     if url == CHAT_URL:
         body = ChatCompletionBody.model_validate_json(body_json)
-        prompts = [_tokenize_chat(tokenizer, body)]
+        prompts = [_tokenize_chat(tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])]
         wants_logprobs = body.logprobs
         top_logprobs = body.top_logprobs or 0
         if body.top_logprobs and not body.logprobs:
@@ -93,17 +96,7 @@ def prepare_requests(
         top_logprobs = body.logprobs or 0
     limit = body.output_limit
     for index, prompt_ids in enumerate(prompts):
-        where = f"prompt {index}" if len(prompts) > 1 else "the prompt"
-        prompt_len = len(prompt_ids)
-        if prompt_len == 0:
-            raise RequestRejected(ErrorCode.INVALID_BODY, f"{where} is empty")
-        if prompt_len >= max_model_len or (limit is not None and prompt_len + limit > max_model_len):
-            requested = prompt_len + (limit or 0)
-            raise RequestRejected(
-                ErrorCode.CONTEXT_LENGTH,
-                f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-                f"{requested} tokens ({prompt_len} in {where}, {limit or 0} for the completion).",
-            )
+        _check_length(prompt_ids, limit, max_model_len, f"prompt {index}" if len(prompts) > 1 else "the prompt")
     requests = []
     for prompt_ids in prompts:
         try:
@@ -128,6 +121,57 @@ def prepare_requests(
             raise RequestRejected(ErrorCode.INVALID_BODY, f"invalid sampling parameters: {exc}") from None
         requests.append(EngineRequest(next(keys), prompt_ids, params, url, wants_logprobs, top_logprobs))
     return requests
+
+
+def _check_length(prompt_ids: list[int], limit: int | None, max_model_len: int, where: str) -> None:
+    prompt_len = len(prompt_ids)
+    if prompt_len == 0:
+        raise RequestRejected(ErrorCode.INVALID_BODY, f"{where} is empty")
+    if prompt_len >= max_model_len or (limit is not None and prompt_len + limit > max_model_len):
+        requested = prompt_len + (limit or 0)
+        raise RequestRejected(
+            ErrorCode.CONTEXT_LENGTH,
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{requested} tokens ({prompt_len} in {where}, {limit or 0} for the completion).",
+        )
+
+
+def _prepare_response(key: int, body_json: str, tokenizer: Any, max_model_len: int) -> EngineRequest:
+    """A `/v1/responses` body as one engine request: its messages through the chat template, one output."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    body = ResponsesBody.model_validate_json(body_json)
+    prompt_ids = _tokenize_chat(tokenizer, body.messages())
+    limit = body.max_output_tokens
+    _check_length(prompt_ids, limit, max_model_len, "the input")
+    text_format = body.text.format if body.text and body.text.format else None
+    temperature = 1.0 if body.temperature is None else float(body.temperature)
+    top_p = 1.0 if body.top_p is None else float(body.top_p)
+    # What the response object repeats of the request, as OpenAI's does.
+    echo = {"instructions": body.instructions, "max_output_tokens": limit, "temperature": temperature, "top_p": top_p,
+            "text": {"format": (text_format.model_dump(exclude_none=True, by_alias=True) if text_format
+                                else {"type": "text"}),
+                     **({"verbosity": body.text.verbosity} if body.text and body.text.verbosity else {})}}
+    try:
+        params = SamplingParams(
+            temperature=temperature,
+            top_p=top_p,
+            seed=body.seed,
+            stop=body.stop,
+            presence_penalty=float(body.presence_penalty or 0.0),
+            frequency_penalty=float(body.frequency_penalty or 0.0),
+            max_tokens=limit if limit is not None else max_model_len - len(prompt_ids),
+            structured_outputs=_structured_outputs(body.response_format()),
+            top_k=body.top_k or 0,
+            min_tokens=body.min_tokens or 0,
+            repetition_penalty=float(body.repetition_penalty or 1.0),
+            ignore_eos=bool(body.ignore_eos),
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+    except ValueError as exc:
+        raise RequestRejected(ErrorCode.INVALID_BODY, f"invalid sampling parameters: {exc}") from None
+    return EngineRequest(key, prompt_ids, params, RESPONSES_URL, False, 0, echo)
 
 
 @dataclass(slots=True)
@@ -236,14 +280,59 @@ def _finish_reason(reason: str | None) -> str:
     return reason if reason in ("stop", "length") else "stop"
 
 
+def _response_object(request: EngineRequest, output: RequestOutput, model_name: str, created: int,
+                     cached_tokens: int) -> dict[str, Any]:
+    """The Responses API `response` object: one assistant message with one output_text part."""
+    choice = output.outputs[0]
+    input_tokens, output_tokens = len(request.prompt_token_ids), len(choice.token_ids)
+    # A length stop is the output limit (max_output_tokens, or the context left when none was given).
+    incomplete = choice.finish_reason == "length"
+    return {
+        "id": f"resp_{uuid.uuid4().hex}",
+        "object": "response",
+        "created_at": created,
+        "status": "incomplete" if incomplete else "completed",
+        "completed_at": None if incomplete else created,
+        "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+        "model": model_name,
+        "output": [{
+            "id": f"msg_{uuid.uuid4().hex}",
+            "type": "message",
+            "role": "assistant",
+            "status": "incomplete" if incomplete else "completed",
+            "content": [{"type": "output_text", "text": choice.text, "annotations": [], "logprobs": []}],
+        }],
+        "parallel_tool_calls": True,
+        "previous_response_id": None,
+        "reasoning": {"effort": None, "summary": None},
+        "store": False,
+        "tool_choice": "auto",
+        "tools": [],
+        "truncation": "disabled",
+        "metadata": {},
+        "user": None,
+        **(request.echo or {}),
+        "usage": {
+            "input_tokens": input_tokens,
+            "input_tokens_details": {"cached_tokens": cached_tokens, "cache_write_tokens": 0},
+            "output_tokens": output_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + output_tokens,
+        },
+    }
+
+
 def response_body(request: EngineRequest, output: RequestOutput, model_name: str) -> dict[str, Any]:
-    """The OpenAI `chat.completion` or `text_completion` object for a finished request."""
+    """The OpenAI `chat.completion`, `text_completion` or `response` object for a finished request."""
     created = int(time.time())
     choices = sorted(output.outputs, key=lambda c: c.index)
     completion_tokens = sum(len(c.token_ids) for c in choices)
     prompt_tokens = len(request.prompt_token_ids)
     # Prompt tokens found in vLLM's prefix cache, reported where OpenAI reports its own cache hits.
     cached_tokens = min(int(getattr(output, "num_cached_tokens", None) or 0), prompt_tokens)
+    if request.url == RESPONSES_URL:
+        return _response_object(request, output, model_name, created, cached_tokens)
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
              "total_tokens": prompt_tokens + completion_tokens,
              "prompt_tokens_details": {"cached_tokens": cached_tokens}}

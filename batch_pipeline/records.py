@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
 EMBEDDINGS_URL = "/v1/embeddings"
-SUPPORTED_URLS = (CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL)
+RESPONSES_URL = "/v1/responses"
+SUPPORTED_URLS = (CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL, RESPONSES_URL)
 
 Number = int | float
 # Fields that OpenAI clients commonly send and that do not change what a batch engine computes.
@@ -144,10 +145,159 @@ class EmbeddingBody(BaseModel):
     user: str | None = None
 
 
+class ResponseInputText(BaseModel):
+    """A text content part of a Responses API input message (`output_text` when a reply is sent back)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["input_text", "output_text"]
+    text: str
+
+
+class ResponseInputMessage(BaseModel):
+    """A message item of a Responses API `input` (`{"role", "content"}`, `type: "message"` optional)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["message"] = "message"
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ResponseInputText]
+    # Items copied from an earlier response's output carry these; they change nothing here.
+    id: str | None = None
+    status: str | None = None
+
+    def text(self) -> str:
+        """The message content as one string (text parts joined)."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ResponseTextFormat(BaseModel):
+    """`text.format` of a Responses request: plain text, any JSON object, or JSON matching a schema."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseTextFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("text.format.schema is required when type is 'json_schema'")
+        return self
+
+    def as_response_format(self) -> ResponseFormat:
+        """The same constraint in chat's `response_format` shape, which becomes vLLM structured outputs."""
+        if self.type != "json_schema":
+            return ResponseFormat(type=self.type)
+        spec = JSONSchemaSpec(name=self.name or "response", schema=self.json_schema or {}, strict=self.strict)
+        return ResponseFormat(type="json_schema", json_schema=spec)
+
+
+class ResponseTextConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: ResponseTextFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+
+# Responses API features a batch engine does not offer, with why; a line that uses one gets this error.
+_RESPONSES_UNSUPPORTED = {
+    "tools": "tool calling is not supported",
+    "tool_choice": "tool calling is not supported",
+    "max_tool_calls": "tool calling is not supported",
+    "previous_response_id": "responses are not stored; send the whole conversation in input",
+    "conversation": "responses are not stored; send the whole conversation in input",
+    "prompt": "stored prompt templates are not supported; put the text in input",
+    "reasoning": "reasoning options are not supported",
+    "stream": "stream=true is not supported in a batch",
+    "background": "background mode is not supported in a batch",
+    "include": "extra output (include) is not supported",
+    "top_logprobs": "logprobs are not supported for /v1/responses; use /v1/chat/completions",
+    "truncation": "truncation='auto' is not supported; an over-long input fails with context_length_exceeded",
+}
+# Values of those fields that ask for nothing unsupported.
+_RESPONSES_HARMLESS = {"tool_choice": ("auto", "none"), "truncation": ("disabled",)}
+_RESPONSES_IGNORED = {"user", "store", "metadata", "service_tier", "parallel_tool_calls", "safety_identifier",
+                      "prompt_cache_key", "prompt_cache_retention", "stream_options"}
+
+
+def _check_input_items(items: list) -> None:
+    # Checked here so that an unsupported item gets one clear message, not the union's every mismatch.
+    if not items:
+        raise ValueError("input is an empty list; give a string or at least one message")
+    for index, item in enumerate(items):
+        kind = item.get("type", "message") if isinstance(item, dict) else type(item).__name__
+        if kind != "message":
+            raise ValueError(f"input item {index} has type {kind!r}; only message items "
+                             "({\"role\", \"content\"}) are supported")
+        content = item.get("content")
+        for part in content if isinstance(content, list) else []:
+            part_kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if part_kind not in ("input_text", "output_text"):
+                raise ValueError(f"input item {index} has a content part of type {part_kind!r}; only text "
+                                 "parts (input_text, output_text) are supported")
+
+
+def _asks_for_nothing(value: Any) -> bool:
+    if value is None or value is False or value == 0 or value == [] or value == {}:
+        return True
+    return isinstance(value, dict) and all(item is None for item in value.values())
+
+
+class ResponsesBody(BaseModel):
+    """The body of a `/v1/responses` request (text in, one text message out)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    input: str | Annotated[list[ResponseInputMessage], Field(min_length=1)]
+    instructions: str | None = None
+    max_output_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
+    text: ResponseTextConfig | None = None
+    # vLLM's extensions, as its own /v1/responses accepts them.
+    presence_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
+    seed: StrictInt | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    top_k: StrictInt | None = None
+    min_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
+    repetition_penalty: Annotated[Number, Field(gt=0)] | None = None
+    ignore_eos: StrictBool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _supported_features_only(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for name, why in _RESPONSES_UNSUPPORTED.items():
+            value = data.get(name)
+            if value in _RESPONSES_HARMLESS.get(name, ()) or _asks_for_nothing(value):
+                continue
+            raise ValueError(f"{name} is not supported in a batch /v1/responses request: {why}")
+        if isinstance(data.get("input"), list):
+            _check_input_items(data["input"])
+        return {k: v for k, v in data.items() if k not in _RESPONSES_IGNORED and k not in _RESPONSES_UNSUPPORTED}
+
+    def messages(self) -> list[dict[str, str]]:
+        """The conversation as chat messages: `instructions` first, as a system message."""
+        turns = [{"role": "system", "content": self.instructions}] if self.instructions is not None else []
+        if isinstance(self.input, str):
+            return [*turns, {"role": "user", "content": self.input}]
+        return turns + [{"role": item.role, "content": item.text()} for item in self.input]
+
+    def response_format(self) -> ResponseFormat | None:
+        """text.format as chat's response_format (None for plain text)."""
+        return self.text.format.as_response_format() if self.text and self.text.format else None
+
+
 BODY_MODELS: dict[str, type[BaseModel]] = {
     CHAT_URL: ChatCompletionBody,
     COMPLETIONS_URL: CompletionBody,
     EMBEDDINGS_URL: EmbeddingBody,
+    RESPONSES_URL: ResponsesBody,
 }
 
 

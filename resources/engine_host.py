@@ -39,7 +39,14 @@ from typing import Any
 
 import psutil
 
-from resources.vllm_engine import EngineDied, EngineFailure, EngineLoadError, EngineRequest, watch_core_death
+from resources.vllm_engine import (
+    EngineDied,
+    EngineFailure,
+    EngineLoadError,
+    EngineRequest,
+    admission_errors,
+    watch_core_death,
+)
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +300,7 @@ def _serve(config: dict) -> None:
                         try:
                             engine.add_request(request_id, TokensPrompt(prompt_token_ids=token_ids), params)
                             mine.add(request_id)
-                        except ValueError as exc:
+                        except admission_errors() as exc:
                             failures.append((request_id, str(exc)))
                     finished = []
                     if mine:

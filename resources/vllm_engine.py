@@ -43,6 +43,8 @@ class EngineRequest:
     url: str
     wants_logprobs: bool
     top_logprobs: int
+    # Request fields the response object repeats (the Responses API echoes its parameters); never sent to vLLM.
+    echo: dict[str, Any] | None = None
 
 
 class EngineDied(Exception):
@@ -111,7 +113,7 @@ class LoadedEngine:
                         engine.add_request(
                             request_id, TokensPrompt(prompt_token_ids=request.prompt_token_ids), request.params
                         )
-                    except ValueError as exc:  # vLLM's admission checks (VLLMValidationError is one)
+                    except admission_errors() as exc:  # vLLM's checks of this request's prompt and params
                         yield request, EngineFailure(str(exc))
                         continue
                     except EngineDeadError as exc:
@@ -162,6 +164,19 @@ class LoadedEngine:
                 torch.cuda.empty_cache()
         except ImportError:
             pass
+
+
+def admission_errors() -> tuple[type[Exception], ...]:
+    """What `add_request` raises for a request it refuses (too long, a token id out of the vocabulary, ...).
+
+    vLLM 0.32's VLLMValidationError is no ValueError (older vLLM raised ValueError): catching only
+    ValueError let one refused request fail the whole step.
+    """
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:
+        return (ValueError,)
+    return (ValueError, VLLMClientError)
 
 
 def watch_core_death(llm: LLM) -> threading.Event:

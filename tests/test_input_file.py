@@ -36,7 +36,7 @@ def test_valid_lines_keep_their_line_numbers_and_blank_lines_are_skipped(tmp_pat
     ({**CHAT, "custom_id": 7}, "missing_custom_id"),
     ({**CHAT, "custom_id": "x" * 513}, "missing_custom_id"),
     ({**CHAT, "method": "PUT"}, "invalid_method"),
-    ({**CHAT, "url": "/v1/responses"}, "invalid_url"),
+    ({**CHAT, "url": "/v1/images/generations"}, "invalid_url"),
     ({**CHAT, "extra": 1}, "invalid_body"),
     ({**CHAT, "body": []}, "invalid_body"),
     ({**CHAT, "body": {"messages": []}}, "invalid_body"),
