@@ -125,16 +125,13 @@ class ChunkAssembler:
 
 def iter_requests(paths: BatchPaths, chunk_size: int, skip: set[int]) -> Iterator[tuple[int, RequestRow]]:
     """(position, row) for every request whose chunk is not in `skip`, reading row groups lazily."""
-    source = parquet_file(paths.requests)
-    try:
+    with parquet_file(paths.requests) as source:
         position = 0
         for record_batch in source.iter_batches(batch_size=max(chunk_size, 1024)):
             for row in record_batch.to_pylist():
                 if position // chunk_size not in skip:
                     yield position, cast(RequestRow, row)
                 position += 1
-    finally:
-        source.close()
 
 
 def engine_args_for(engine_args: dict, endpoints: dict[str, int]) -> dict:

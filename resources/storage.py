@@ -163,11 +163,18 @@ def read_parquet(path: Location, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(handle, columns=columns)
 
 
-def parquet_file(path: Location) -> pq.ParquetFile:
-    """A parquet file opened for lazy reading of its row groups (closed with `.close()`)."""
+@contextmanager
+def parquet_file(path: Location) -> Iterator[pq.ParquetFile]:
+    """A parquet file opened for lazy reading of its row groups (ranged reads on an object store)."""
     if isinstance(path, Path):
-        return pq.ParquetFile(path)
-    return pq.ParquetFile(path.open("rb"), close_fd=True)
+        source = pq.ParquetFile(path)
+        try:
+            yield source
+        finally:
+            source.close()
+        return
+    with path.open("rb") as handle:
+        yield pq.ParquetFile(handle)
 
 
 class BatchPaths:
