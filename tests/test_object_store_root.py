@@ -202,3 +202,14 @@ def test_a_uri_data_root_is_checked_and_keeps_host_state_local(tmp_path):
     assert local.data_root == str(tmp_path / "d") and isinstance(location(local.data_root), Path)
     with pytest.raises(ValidationError, match="s3://bucket/prefix or gs://bucket/prefix"):
         Settings(home=tmp_path, data_dir="ftp://host/x")
+
+
+def test_integrations_that_read_local_result_files_refuse_a_uri_data_root(tmp_path):
+    from batch_pipeline.enabled_integrations import IntegrationError, check_integrations
+    from batch_pipeline.settings import Settings
+
+    for flags in ({"enable_curation": True}, {"result_handlers": ["s3"], "s3_bucket": "b"}):
+        with pytest.raises(IntegrationError, match="does not work with VBATCH_DATA_DIR=s3://bucket/prefix"):
+            check_integrations(Settings(home=tmp_path, data_dir="s3://bucket/prefix", **flags))
+    check_integrations(Settings(home=tmp_path, data_dir="s3://bucket/prefix"))
+    check_integrations(Settings(home=tmp_path, data_dir=tmp_path / "data", enable_curation=True))
