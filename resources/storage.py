@@ -120,8 +120,11 @@ def local_copy(path: Location) -> Iterator[Path]:
 
 def upload(source: Path, target: Location) -> None:
     """Copy a local file to `target`, whole or not at all."""
-    with atomic_path(target) as tmp:
-        shutil.copyfile(source, tmp)
+    if isinstance(target, Path):
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
+    else:  # one upload of a finished file is already all-or-nothing
+        target.fs.put_file(str(source), target.path)
 
 
 def download(source: Location, target: Path) -> None:
