@@ -2,18 +2,19 @@
 
 
 import json
-import shutil
+from contextlib import ExitStack
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataValue, asset
 
-from batch_pipeline.batches import batches_partitions, file_digest, load_spec
+from batch_pipeline.batches import BatchSpec, batches_partitions, file_digest, load_spec
 from batch_pipeline.chunks import output_line_id
 from batch_pipeline.input_file import BatchFileError, InvalidLine, scan_batch_file
 from batch_pipeline.results import error_line
 from batch_pipeline.settings import get_settings
-from resources.storage import BatchPaths, BatchStorage, atomic_path
+from resources.storage import BatchPaths, BatchStorage, Location, atomic_path, local_copy, remove_tree
 
 REQUEST_SCHEMA = pa.schema([("line", pa.int64()), ("custom_id", pa.string()), ("url", pa.string()), ("body", pa.string())])
 _ROW_GROUP = 8192
@@ -29,8 +30,8 @@ def _drop_stale_outputs(paths: BatchPaths, fingerprint: str) -> bool:
         return False
     if json.loads(paths.manifest.read_text()).get("fingerprint") == fingerprint:
         return False
-    shutil.rmtree(paths.chunks_dir, ignore_errors=True)
-    shutil.rmtree(paths.results_dir, ignore_errors=True)
+    remove_tree(paths.chunks_dir)
+    remove_tree(paths.results_dir)
     return True
 
 
@@ -43,9 +44,20 @@ def batch_input(context: AssetExecutionContext, storage: BatchStorage) -> Materi
         # A file the inbox refused (not JSONL, empty, unknown or mixed models): the run fails with the
         # reason, so it shows in the UI, the run's logs and `vllm-batch status`.
         raise Failure(f"batch rejected: {spec.rejected}", allow_retries=False)
-    input_path = paths.root.joinpath(spec.input_path)  # absolute paths stay absolute
+    # Absolute paths stay absolute; on an object-store data root, intake copied the file beside the batch.
+    input_path = paths.root.joinpath(spec.input_path)
+    with ExitStack() as stack:
+        try:
+            local_input = stack.enter_context(local_copy(input_path))
+        except OSError as exc:
+            raise Failure(f"cannot read input file {input_path}: {exc.strerror or exc}", allow_retries=False) from None
+        return _validate(context, spec, paths, input_path, local_input)
+
+
+def _validate(context: AssetExecutionContext, spec: BatchSpec, paths: BatchPaths, input_path: Location,
+              local_input: Path) -> MaterializeResult:
     try:
-        digest = file_digest(input_path)
+        digest = file_digest(local_input)
     except OSError as exc:
         raise Failure(f"cannot read input file {input_path}: {exc.strerror or exc}", allow_retries=False) from None
     fingerprint = _fingerprint(digest, spec.model, spec.chunk_size)
@@ -55,7 +67,7 @@ def batch_input(context: AssetExecutionContext, storage: BatchStorage) -> Materi
     valid = invalid = 0
     endpoints: dict[str, int] = {}
     try:
-        lines = scan_batch_file(input_path, frozenset({spec.model, spec.model_name}), get_settings().max_line_bytes)
+        lines = scan_batch_file(local_input, frozenset({spec.model, spec.model_name}), get_settings().max_line_bytes)
         with atomic_path(paths.requests) as requests_tmp, atomic_path(paths.invalid) as invalid_tmp:
             with pq.ParquetWriter(requests_tmp, REQUEST_SCHEMA) as writer, invalid_tmp.open("w") as errors:
                 buffer: list[dict] = []

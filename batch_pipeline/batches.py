@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 
 from batch_pipeline.constants import BATCHES_PARTITIONS
 from batch_pipeline.records import CHAT_URL
-from resources.storage import BatchPaths, BatchStorage, atomic_path
+from resources.storage import BatchPaths, BatchStorage, Location, atomic_path
 
 batches_partitions = DynamicPartitionsDefinition(name=BATCHES_PARTITIONS)
 
@@ -44,7 +44,7 @@ class BatchNotFound(Exception):
     """No batch has this id (or the id is not a batch id at all); the API answers it with its 404."""
 
 
-def existing_batch(data_dir: Path, batch_id: str) -> BatchPaths:
+def existing_batch(data_dir: Location, batch_id: str) -> BatchPaths:
     """The paths of a registered batch, or BatchNotFound (also for ids that could escape DATA_DIR)."""
     if not valid_batch_id(batch_id):
         raise BatchNotFound(batch_id)
@@ -54,7 +54,7 @@ def existing_batch(data_dir: Path, batch_id: str) -> BatchPaths:
     return paths
 
 
-def file_digest(path: Path) -> str:
+def file_digest(path: Location) -> str:
     """sha256 of a file, read in blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:

@@ -30,7 +30,7 @@ from batch_pipeline.openai_bodies import (
     response_body,
 )
 from batch_pipeline.records import EMBEDDINGS_URL, BatchError, ErrorCode
-from resources.storage import BatchPaths, atomic_path
+from resources.storage import BatchPaths, atomic_path, parquet_file
 from resources.vllm_engine import EngineDied, EngineFailure, EngineRequest, LoadedEngine
 
 log = logging.getLogger(__name__)
@@ -125,13 +125,13 @@ class ChunkAssembler:
 
 def iter_requests(paths: BatchPaths, chunk_size: int, skip: set[int]) -> Iterator[tuple[int, RequestRow]]:
     """(position, row) for every request whose chunk is not in `skip`, reading row groups lazily."""
-    source = pq.ParquetFile(paths.requests)
-    position = 0
-    for record_batch in source.iter_batches(batch_size=max(chunk_size, 1024)):
-        for row in record_batch.to_pylist():
-            if position // chunk_size not in skip:
-                yield position, cast(RequestRow, row)
-            position += 1
+    with parquet_file(paths.requests) as source:
+        position = 0
+        for record_batch in source.iter_batches(batch_size=max(chunk_size, 1024)):
+            for row in record_batch.to_pylist():
+                if position // chunk_size not in skip:
+                    yield position, cast(RequestRow, row)
+                position += 1
 
 
 def engine_args_for(engine_args: dict, endpoints: dict[str, int]) -> dict:

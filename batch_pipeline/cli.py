@@ -113,7 +113,7 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
     from batch_pipeline.definitions import build_resources
     from batch_pipeline.intake import HEAD_LINES, survey
     from batch_pipeline.status import ChunkStats
-    from resources.storage import BatchStorage
+    from resources.storage import BatchStorage, download
     from resources.vllm_engine import discard_engine
 
     # The file's first lines tell the engine kind (pooling or generative), so the prefetched engine
@@ -122,7 +122,7 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
     engine = build_resources(settings)["engine"]
     engine.prefetch(spec.model, engine_args_for(spec.engine_args, head.url_counts))  # overlaps validation
     display = ProgressDisplay(spec.batch_id)
-    paths = BatchStorage(data_dir=str(settings.resolved_data_dir)).batch(spec.batch_id)
+    paths = BatchStorage(data_dir=settings.data_root).batch(spec.batch_id)
     stats = ChunkStats()
 
     def snapshot() -> Snapshot | None:
@@ -143,11 +143,9 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
                    err=True)
     summary = dict(result.summary, run_id=result.run_id, seconds=round(result.seconds, 2))
     if output:
-        import shutil
-
         output.mkdir(parents=True, exist_ok=True)
         for name, source in (("output.jsonl", result.paths.output), ("errors.jsonl", result.paths.errors)):
-            shutil.copyfile(source, output / name)
+            download(source, output / name)
         summary["output_file"] = str(output / "output.jsonl")
         summary["error_file"] = str(output / "errors.jsonl")
     if as_json:

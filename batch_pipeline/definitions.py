@@ -42,7 +42,7 @@ integrations_job = define_asset_job(
 def build_resources(settings: Settings) -> dict:
     """The resources, configured from the settings object."""
     return {
-        "storage": BatchStorage(data_dir=str(settings.resolved_data_dir)),
+        "storage": BatchStorage(data_dir=settings.data_root),
         "engine": VLLMEngine(
             dtype=settings.dtype,
             max_model_len=settings.max_model_len,

@@ -147,10 +147,17 @@ def _name_of(module_path: str) -> str:
     return parts[-2] if parts[-1] == "definitions" and len(parts) > 1 else parts[-1]
 
 
+# Integrations that read a batch's files from the local disk (not yet from an object-store data root).
+_LOCAL_DATA_ONLY = ("curation", "result_handlers")
+
+
 def check_integrations(settings: Settings) -> None:
-    """Fail fast, with one line, when an enabled integration's extra is missing."""
+    """Fail fast, with one line, when an enabled integration's extra is missing (or it needs a local data folder)."""
     for integration in enabled_integrations(settings):
         integration.check_installed(settings)
+        if integration.name in _LOCAL_DATA_ONLY and isinstance(settings.data_dir, str):
+            raise IntegrationError(f"the {integration.name} integration reads batch files from a local folder: "
+                                   f"it does not work with VBATCH_DATA_DIR={settings.data_dir} yet")
 
 
 def start_integration_services(settings: Settings, echo: Callable[[str], object]) -> list[Callable[[], object]]:

@@ -17,7 +17,7 @@ from batch_pipeline.batches import BatchSpec, default_batch_id, load_spec, save_
 from batch_pipeline.constants import BATCHES_PARTITIONS
 from batch_pipeline.models import ModelConfigError, ModelRegistry, ServedModel, UnknownModelError
 from batch_pipeline.settings import Settings
-from resources.storage import BatchStorage
+from resources.storage import BatchStorage, is_local, upload
 
 
 class IntakeError(Exception):
@@ -119,8 +119,14 @@ def register(settings: Settings, instance: DagsterInstance, input_path: Path, se
     batch_id = batch_id or default_batch_id(input_path, served.model)
     if not valid_batch_id(batch_id):
         raise IntakeError(f"invalid batch id {batch_id!r}: use letters, digits, '_', '-' and '.'", "batch_id")
-    paths = BatchStorage(data_dir=str(settings.resolved_data_dir)).batch(batch_id)
-    spec = BatchSpec(batch_id=batch_id, input_path=str(input_path), model=served.model, model_name=served.name,
+    paths = BatchStorage(data_dir=settings.data_root).batch(batch_id)
+    stored_input = str(input_path)
+    if not is_local(paths.root) and input_path.is_file():
+        # Runs on other hosts read the batch from the object store: the file goes beside the batch
+        # (relative paths are read relative to the batch's folder).
+        stored_input = "input/source.jsonl"
+        upload(input_path, paths.source)
+    spec = BatchSpec(batch_id=batch_id, input_path=stored_input, model=served.model, model_name=served.name,
                      engine_args=served.engine_args, chunk_size=chunk_size or settings.chunk_size, source=source,
                      metadata=metadata or {}, rejected=rejected)
     if paths.spec.exists():

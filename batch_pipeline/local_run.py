@@ -84,7 +84,7 @@ def run_batch_in_process(settings: Settings, instance: DagsterInstance, batch_id
     from batch_pipeline.definitions import build_definitions
 
     reap_dead_local_runs(instance)
-    paths = BatchStorage(data_dir=str(settings.resolved_data_dir)).batch(batch_id)
+    paths = BatchStorage(data_dir=settings.data_root).batch(batch_id)
     defs = build_definitions(settings)
     job = defs.resolve_job_def("batch_job")
     me = psutil.Process()

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from batch_pipeline.chunks import CHUNK_COLUMNS, CHUNK_SCHEMA, iter_requests, output_line_id
 from batch_pipeline.records import BatchError
-from resources.storage import BatchPaths, atomic_path
+from resources.storage import BatchPaths, atomic_path, read_parquet
 
 
 def error_line(request_id: str, custom_id: str | None, error: BatchError | str) -> str:
@@ -58,7 +58,7 @@ class ResultCounts:
 
 def _read_chunk(paths: BatchPaths, index: int) -> pa.Table:
     # Only the columns this version writes: chunks left by an older version may carry more.
-    return pq.read_table(paths.chunk(index), columns=CHUNK_COLUMNS).cast(CHUNK_SCHEMA)
+    return read_parquet(paths.chunk(index), columns=CHUNK_COLUMNS).cast(CHUNK_SCHEMA)
 
 
 def _write(paths: BatchPaths, manifest: dict, chunks: Iterable[int], not_run: BatchError | None,
@@ -84,7 +84,7 @@ def _write(paths: BatchPaths, manifest: dict, chunks: Iterable[int], not_run: Ba
     def chunk_errors() -> Iterator[tuple[int, str]]:
         # Read again, error rows only, so that memory stays bounded however many requests failed.
         for index in chunks:
-            table = pq.read_table(paths.chunk(index), columns=["line", "id", "custom_id", "error"])
+            table = read_parquet(paths.chunk(index), columns=["line", "id", "custom_id", "error"])
             for row in table.filter(pa.compute.is_valid(table["error"])).to_pylist():
                 yield row["line"], error_line(row["id"], row["custom_id"], row["error"])
 

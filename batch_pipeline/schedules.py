@@ -65,7 +65,7 @@ def build_catch_up_schedule(settings: Settings) -> ScheduleDefinition:
     )
     def unmaterialised_batches(context: ScheduleEvaluationContext):
         """One RunRequest per batch to catch up; the run key carries the tick time, so a tick runs once."""
-        todo = batches_to_catch_up(context.instance, str(get_settings().resolved_data_dir))
+        todo = batches_to_catch_up(context.instance, get_settings().data_root)
         if not todo:
             return SkipReason("every batch is materialised or has a run in flight")
         tick = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "now"

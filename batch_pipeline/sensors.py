@@ -21,7 +21,7 @@ from batch_pipeline.inbox import list_inbox, settle, take
 from batch_pipeline.queue_tickets import clear_ticket, pending_tickets, set_aside
 from batch_pipeline.settings import Settings, get_settings
 from batch_pipeline.stopping import enforce_stops
-from resources.storage import BatchStorage
+from resources.storage import BatchStorage, location
 
 QUEUE_SENSOR_INTERVAL_S = 5
 STOPS_SENSOR_INTERVAL_S = 10
@@ -35,8 +35,8 @@ STOPS_SENSOR_INTERVAL_S = 10
 )
 def queued_batches(context: SensorEvaluationContext) -> SensorResult:
     """One RunRequest per queue ticket; the ticket id is the run key, so each ticket runs once."""
-    data_dir = get_settings().resolved_data_dir
-    storage = BatchStorage(data_dir=str(data_dir))
+    data_dir = location(get_settings().data_root)
+    storage = BatchStorage(data_dir=get_settings().data_root)
     requests = []
     for ticket in pending_tickets(data_dir):
         runs = context.instance.get_run_records(
@@ -72,7 +72,7 @@ def queued_batches(context: SensorEvaluationContext) -> SensorResult:
 )
 def batch_stops(context: SensorEvaluationContext) -> SkipReason:
     """Enforce every due stop (batch_pipeline/stopping.py); launches nothing itself."""
-    acted = enforce_stops(context.instance, get_settings().resolved_data_dir)
+    acted = enforce_stops(context.instance, location(get_settings().data_root))
     return SkipReason(f"stopped or settled: {', '.join(acted)}" if acted else "no stop due")
 
 

@@ -47,7 +47,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     home: Path = Field(default_factory=Path.cwd, description="Project folder; data/ and .dagster/ live here.")
-    data_dir: Path | None = Field(default=None, description="Where batch files live (default: HOME/data).")
+    # A local folder, or an object-store URI (s3://bucket/prefix, gs://bucket/prefix; the objectstore extra)
+    # that hosts share. With a URI, the host-local state (engine host, metrics, inbox, API uploads) stays
+    # under HOME/data.
+    data_dir: Path | str | None = Field(default=None, description="Where batch files live (default: HOME/data).")
     dagster_home: Path | None = Field(default=None, description="DAGSTER_HOME (default: HOME/.dagster).")
     postgres_url: SecretStr | None = Field(default=None, description="Use dagster-postgres when set.")
 
@@ -143,6 +146,18 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _local_path_or_uri(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip()
+            if "://" not in value:
+                return Path(value)
+            if not value.startswith(("s3://", "gs://", "gcs://")):
+                raise ValueError(f"VBATCH_DATA_DIR {value!r}: use a local folder, s3://bucket/prefix or gs://bucket/prefix")
+            return value.rstrip("/")
+        return value
+
     @field_validator("engine_args")
     @classmethod
     def _engine_args_is_json_object(cls, value: str) -> str:
@@ -157,9 +172,18 @@ class Settings(BaseSettings):
         return value
 
     @property
+    def data_root(self) -> str:
+        """Where batch files (spec, input, chunks, results) and queue tickets live: a folder or a URI."""
+        if isinstance(self.data_dir, str):
+            return self.data_dir
+        return str(self.resolved_data_dir)
+
+    @property
     def resolved_data_dir(self) -> Path:
-        """The data folder, absolute."""
-        return (self.data_dir or self.home / "data").resolve()
+        """The local data folder, absolute (HOME/data when the data root is an object-store URI)."""
+        if isinstance(self.data_dir, Path):
+            return self.data_dir.resolve()
+        return (self.home / "data").resolve()
 
     @property
     def resolved_inbox_dir(self) -> Path:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from dagster import DagsterEvent, DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 
 from batch_pipeline.batch_object import Batch, BatchErrorItem, BatchErrors, RequestCounts, Usage
@@ -27,7 +26,7 @@ from batch_pipeline.intake import survey
 from batch_pipeline.queue_tickets import ticket_exists
 from batch_pipeline.records import CHAT_URL
 from batch_pipeline.results import ResultCounts
-from resources.storage import BatchPaths
+from resources.storage import BatchPaths, Location, read_parquet
 
 CANCELING_STEP = "__canceling__"
 
@@ -186,13 +185,13 @@ class ChunkStats:
                 counts.completion_tokens += chunk.completion_tokens
         return counts
 
-    def _chunk(self, path: Path) -> ResultCounts | None:
+    def _chunk(self, path: Location) -> ResultCounts | None:
         try:
             key = (str(path), path.stat().st_mtime_ns)
         except FileNotFoundError:
             return None
         if key not in self._cache:
-            table = pq.read_table(path, columns=["error", "prompt_tokens", "completion_tokens"])
+            table = read_parquet(path, columns=["error", "prompt_tokens", "completion_tokens"])
             failed = table.num_rows - table["error"].null_count
             self._cache[key] = ResultCounts(
                 total=table.num_rows, completed=table.num_rows - failed, failed=failed,
@@ -225,7 +224,7 @@ def latest_run(instance: DagsterInstance, batch_id: str) -> RunState | None:
     return RunState(run.run_id, run.status, record.end_time, starts, failure, will_retry)
 
 
-def read_facts(instance: DagsterInstance, paths: BatchPaths, data_dir: Path, stats: ChunkStats) -> BatchFacts:
+def read_facts(instance: DagsterInstance, paths: BatchPaths, data_dir: Location, stats: ChunkStats) -> BatchFacts:
     """What the instance and the files say about one batch, now."""
     spec = load_spec(paths)
     submission = load_submission(paths)
@@ -241,7 +240,7 @@ def read_facts(instance: DagsterInstance, paths: BatchPaths, data_dir: Path, sta
                       submission_mtime=paths.submission.stat().st_mtime if submission is not None else None)
 
 
-def _json_or_none(path: Path) -> dict | None:
+def _json_or_none(path: Location) -> dict | None:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 from dagster import DagsterInstance, DagsterRunStatus
 
@@ -20,7 +19,7 @@ from batch_pipeline.constants import BATCHES_PARTITIONS
 from batch_pipeline.queue_tickets import clear_ticket
 from batch_pipeline.results import write_stopped_results
 from batch_pipeline.status import BatchFacts, ChunkStats, read_facts, stop_reason
-from resources.storage import BatchPaths, BatchStorage
+from resources.storage import BatchPaths, BatchStorage, Location
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +30,7 @@ def request_cancel(paths: BatchPaths, facts: BatchFacts, now: float) -> None:
     save_submission(paths, submission)
 
 
-def enforce_stop(instance: DagsterInstance, paths: BatchPaths, data_dir: Path, facts: BatchFacts,
+def enforce_stop(instance: DagsterInstance, paths: BatchPaths, data_dir: Location, facts: BatchFacts,
                  now: float) -> bool:
     """Carry out a due stop, as far as it can go now; True if something was done."""
     reason = stop_reason(facts, now)
@@ -59,7 +58,7 @@ def _cancel_requested(paths: BatchPaths) -> bool:
     return submission is not None and submission.cancel_requested_at is not None
 
 
-def enforce_stops(instance: DagsterInstance, data_dir: Path, stats: ChunkStats | None = None) -> list[str]:
+def enforce_stops(instance: DagsterInstance, data_dir: Location, stats: ChunkStats | None = None) -> list[str]:
     """Enforce every due stop on the instance; returns the ids of the batches acted on."""
     storage = BatchStorage(data_dir=str(data_dir))
     stats = stats or ChunkStats()

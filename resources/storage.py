@@ -1,21 +1,76 @@
-"""Where a batch's files live, and how they are written so that a crash never leaves half a file."""
+"""Where a batch's files live, and how they are written so that a crash never leaves half a file.
+
+The data root is a local folder (the default) or an object-store URI (`s3://bucket/prefix`,
+`gs://bucket/prefix`; the `objectstore` extra), so that runs on different hosts share every batch's
+files. A local path stays a `pathlib.Path` and never goes through fsspec; a URI becomes a `UPath`
+(universal_pathlib), imported only then. Either way a file is published whole or not at all: locally
+by fsync + rename, on an object store by one PUT of the finished file (an object store shows an
+object only once its upload completes), so present means complete on both.
+"""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from dagster import ConfigurableResource
 
+if TYPE_CHECKING:
+    from upath import UPath
+
+# A batch file's location: a local path, or a path on an object store.
+Location = Union[Path, "UPath"]
+
 _CHUNK_RE = re.compile(r"^chunk-(\d{6})\.parquet$")
+OBJECT_STORE_EXTRA = "objectstore"
+
+
+class StorageConfigError(ValueError):
+    """The data root cannot be used (an unknown scheme, or the objectstore extra is missing)."""
+
+
+def is_uri(location: str) -> bool:
+    """True for an object-store URI (`s3://...`, `gs://...`), False for a local path."""
+    return "://" in location
+
+
+def location(root: str) -> Location:
+    """The data root as a path object: `Path` for a local folder, `UPath` for a URI."""
+    if not is_uri(root):
+        return Path(root)
+    try:
+        from upath import UPath
+    except ImportError:
+        raise StorageConfigError(f"the data root {root} is a URI: install the {OBJECT_STORE_EXTRA} extra "
+                                 f"(pip install 'vllm-batch-pipeline[{OBJECT_STORE_EXTRA}]')") from None
+    try:
+        # No listing cache: chunks written by other hosts must show up at the next listing.
+        return UPath(root, use_listings_cache=False)
+    except (ImportError, ValueError) as exc:
+        raise StorageConfigError(f"the data root {root} cannot be opened: {exc}") from None
+
+
+def is_local(path: Location) -> bool:
+    """True when `path` is on the local file system (the fast path that never touches fsspec)."""
+    return isinstance(path, Path)
 
 
 @contextmanager
-def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; on success it is fsynced and renamed onto `target`."""
+def atomic_path(target: Location) -> Iterator[Path]:
+    """Yield a temporary local path; on success its content appears at `target` whole (fsync + rename
+    locally, one upload on an object store), on failure nothing appears."""
+    if not isinstance(target, Path):
+        with _atomic_object(target) as tmp:
+            yield tmp
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
@@ -32,72 +87,169 @@ def atomic_path(target: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+@contextmanager
+def _atomic_object(target: UPath) -> Iterator[Path]:
+    # The file is written locally and uploaded once it is complete. S3 and GCS make an object visible
+    # only when its upload finishes (a multipart or resumable upload too), so a writer killed at any
+    # point leaves either the previous object or none: no temporary object, no server-side copy.
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp")
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        yield tmp
+        target.fs.put_file(str(tmp), target.path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def local_copy(path: Location) -> Iterator[Path]:
+    """The file as a local path: itself when local, else a downloaded temporary copy (removed after)."""
+    if isinstance(path, Path):
+        yield path
+        return
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".download")
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        path.fs.get_file(path.path, str(tmp))
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def upload(source: Path, target: Location) -> None:
+    """Copy a local file to `target`, whole or not at all."""
+    if isinstance(target, Path):
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
+    else:  # one upload of a finished file is already all-or-nothing
+        target.fs.put_file(str(source), target.path)
+
+
+def download(source: Location, target: Path) -> None:
+    """Copy `source` to a local file."""
+    if isinstance(source, Path):
+        shutil.copyfile(source, target)
+    else:
+        source.fs.get_file(source.path, str(target))
+
+
+def remove_tree(folder: Location) -> None:
+    """Remove a folder (or every object under a prefix) if it exists."""
+    if isinstance(folder, Path):
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    try:
+        folder.fs.rm(folder.path, recursive=True)
+    except FileNotFoundError:
+        pass
+
+
+def list_names(folder: Location) -> list[str]:
+    """The names of the entries in a folder (an empty list if it does not exist)."""
+    if isinstance(folder, Path):
+        if not folder.is_dir():
+            return []
+        return [entry.name for entry in os.scandir(folder)]
+    try:
+        return [name.rstrip("/").rsplit("/", 1)[-1] for name in folder.fs.ls(folder.path, detail=False)]
+    except FileNotFoundError:
+        return []
+
+
+def read_parquet(path: Location, columns: list[str] | None = None) -> pa.Table:
+    """A parquet file's table (the named columns only)."""
+    if isinstance(path, Path):
+        return pq.read_table(path, columns=columns)
+    with path.open("rb") as handle:
+        return pq.read_table(handle, columns=columns)
+
+
+@contextmanager
+def parquet_file(path: Location) -> Iterator[pq.ParquetFile]:
+    """A parquet file opened for lazy reading of its row groups (ranged reads on an object store)."""
+    if isinstance(path, Path):
+        source = pq.ParquetFile(path)
+        try:
+            yield source
+        finally:
+            source.close()
+        return
+    with path.open("rb") as handle:
+        yield pq.ParquetFile(handle)
+
+
 class BatchPaths:
     """The files of one batch under `DATA_DIR/batches/<batch_id>/`."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Location):
         self.root = root
 
     @property
-    def spec(self) -> Path:
+    def spec(self) -> Location:
         return self.root / "batch.json"
 
     @property
-    def submission(self) -> Path:
+    def submission(self) -> Location:
         return self.root / "submission.json"
 
     @property
-    def requests(self) -> Path:
+    def requests(self) -> Location:
         return self.root / "input" / "requests.parquet"
 
     @property
-    def invalid(self) -> Path:
+    def invalid(self) -> Location:
         return self.root / "input" / "invalid.jsonl"
 
     @property
-    def manifest(self) -> Path:
+    def source(self) -> Location:
+        """The input file copied beside the batch, when the data root is an object store."""
+        return self.root / "input" / "source.jsonl"
+
+    @property
+    def manifest(self) -> Location:
         return self.root / "input" / "manifest.json"
 
     @property
-    def chunks_dir(self) -> Path:
+    def chunks_dir(self) -> Location:
         return self.root / "chunks"
 
-    def chunk(self, index: int) -> Path:
+    def chunk(self, index: int) -> Location:
         return self.chunks_dir / f"chunk-{index:06d}.parquet"
 
     def finished_chunks(self) -> set[int]:
         """Indexes of the chunks already written (each write is atomic, so present means complete)."""
-        if not self.chunks_dir.is_dir():
-            return set()
+        # Only exact chunk names count: a writer's temporary file or object never matches.
         found = set()
-        for entry in os.scandir(self.chunks_dir):
-            match = _CHUNK_RE.match(entry.name)
+        for name in list_names(self.chunks_dir):
+            match = _CHUNK_RE.match(name)
             if match:
                 found.add(int(match.group(1)))
         return found
 
     @property
-    def results_dir(self) -> Path:
+    def results_dir(self) -> Location:
         return self.root / "results"
 
     @property
-    def output(self) -> Path:
+    def output(self) -> Location:
         return self.results_dir / "output.jsonl"
 
     @property
-    def errors(self) -> Path:
+    def errors(self) -> Location:
         return self.results_dir / "errors.jsonl"
 
     @property
-    def results_parquet(self) -> Path:
+    def results_parquet(self) -> Location:
         return self.results_dir / "results.parquet"
 
     @property
-    def summary(self) -> Path:
+    def summary(self) -> Location:
         return self.results_dir / "summary.json"
 
     @property
-    def stopped(self) -> Path:
+    def stopped(self) -> Location:
         """The counts of a batch stopped early (cancelled or expired), beside its partial results."""
         return self.results_dir / "stopped.json"
 
@@ -105,8 +257,8 @@ class BatchPaths:
 class BatchStorage(ConfigurableResource):
     """The data folder that holds every batch's input, chunks and results."""
 
-    data_dir: str
+    data_dir: str  # a local folder or an object-store URI (s3://bucket/prefix, gs://bucket/prefix)
 
     def batch(self, batch_id: str) -> BatchPaths:
         """The paths of one batch (the id is a validated partition key)."""
-        return BatchPaths(Path(self.data_dir) / "batches" / batch_id)
+        return BatchPaths(location(self.data_dir) / "batches" / batch_id)

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# SeaweedFS (S3) and fake-gcs-server fixtures, for the result handlers and the object-store data root.
+pytest_plugins = ["tests.object_stores"]
 
 # Settings for the CPU build of vLLM on small CI machines (see docs/ARCHITECTURE.md).
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

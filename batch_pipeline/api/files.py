@@ -20,7 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from batch_pipeline.api.schemas import Batch, FileObject
-from resources.storage import BatchPaths, atomic_path
+from resources.storage import BatchPaths, Location, atomic_path
 
 _FILE_ID_RE = re.compile(r"^file-[0-9a-f]{24,64}$")
 
@@ -95,7 +95,7 @@ class FileStore:
         self._save(StoredFile(file=file, path=str(folder / "content")))
         return file
 
-    def register_path(self, file_id: str, path: Path, filename: str, purpose: str, batch_id: str) -> str | None:
+    def register_path(self, file_id: str, path: Location, filename: str, purpose: str, batch_id: str) -> str | None:
         """Expose a file that lives elsewhere (a batch's input or results) under a derived id, unless deleted."""
         folder = self.root / file_id
         if (folder / "deleted").exists():
@@ -110,7 +110,7 @@ class FileStore:
         self._save(StoredFile(file=file, path=str(path), batch_id=batch_id))
         return file_id
 
-    def register_result(self, batch_id: str, kind: str, path: Path) -> str | None:
+    def register_result(self, batch_id: str, kind: str, path: Location) -> str | None:
         """Expose a batch's results file ('output' or 'errors') as a `batch_output` file; returns its id."""
         name = "output.jsonl" if kind == "output" else "errors.jsonl"
         return self.register_path(result_file_id(batch_id, kind), path, f"{batch_id}_{name}", "batch_output",

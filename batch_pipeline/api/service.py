@@ -35,7 +35,7 @@ from batch_pipeline.records import CHAT_URL, SUPPORTED_URLS
 from batch_pipeline.settings import Settings
 from batch_pipeline.status import ChunkStats, derive_batch, read_facts
 from batch_pipeline.stopping import enforce_stop, enforce_stops, request_cancel
-from resources.storage import BatchPaths, BatchStorage
+from resources.storage import BatchPaths, BatchStorage, location
 
 _BUSY = {"validating", "in_progress", "finalizing", "cancelling"}
 
@@ -70,9 +70,9 @@ class BatchService:
     def __init__(self, settings: Settings, instance: DagsterInstance):
         self.settings = settings
         self.instance = instance
-        self.data_dir = settings.resolved_data_dir
-        self.storage = BatchStorage(data_dir=str(self.data_dir))
-        self.files = FileStore(self.data_dir)
+        self.data_dir = location(settings.data_root)  # batches and queue tickets (maybe an object store)
+        self.storage = BatchStorage(data_dir=settings.data_root)
+        self.files = FileStore(settings.resolved_data_dir)  # uploads stay on this host's disk
         self._stats = ChunkStats()
         self._lock = threading.RLock()
 

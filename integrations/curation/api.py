@@ -15,6 +15,7 @@ from batch_pipeline.batches import existing_batch
 from batch_pipeline.settings import Settings
 from integrations.curation.records import CurationStatus
 from integrations.curation.status import read_status, training_file
+from resources.storage import location
 
 
 def _not_yet(batch_id: str, what: str) -> JSONResponse:
@@ -27,7 +28,7 @@ def _not_yet(batch_id: str, what: str) -> JSONResponse:
 def build_router(settings: Settings) -> APIRouter:
     """The curation routes for `vllm-batch serve` (behind its API keys)."""
     router = APIRouter(tags=["curation"])
-    data_dir = settings.resolved_data_dir
+    data_dir = location(settings.data_root)
 
     @router.get("/v1/batches/{batch_id}/curation", response_model=CurationStatus)
     def curation_status(batch_id: str) -> CurationStatus | JSONResponse:

@@ -13,9 +13,10 @@ import click
 def _batch_paths(batch_id: str):
     from batch_pipeline.batches import BatchNotFound, existing_batch
     from batch_pipeline.settings import get_settings
+    from resources.storage import location
 
     try:
-        return existing_batch(get_settings().resolved_data_dir, batch_id)
+        return existing_batch(location(get_settings().data_root), batch_id)
     except BatchNotFound:
         raise click.ClickException(f"no batch with id {batch_id!r}") from None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 from resources.storage import BatchPaths
 
@@ -12,7 +13,7 @@ class CurationPaths:
 
     def __init__(self, batch: BatchPaths):
         self.batch = batch
-        self.root: Path = batch.root / "curation"
+        self.root: Path = cast(Path, batch.root) / "curation"  # a local data folder (see enabled_integrations)
 
     @property
     def status(self) -> Path:

@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from dagster import ConfigurableResource
 
@@ -15,12 +15,13 @@ from batch_pipeline.batches import load_spec
 from batch_pipeline.settings import Settings
 from resources.storage import BatchPaths
 
-# The files a handler delivers, by the name they keep at the destination.
+# The files a handler delivers, by the name they keep at the destination. Handlers read them from a
+# local data folder (an object-store data root is refused when handlers are enabled).
 RESULT_FILES: dict[str, Callable[[BatchPaths], Path]] = {
-    "output.jsonl": lambda paths: paths.output,
-    "errors.jsonl": lambda paths: paths.errors,
-    "results.parquet": lambda paths: paths.results_parquet,
-    "summary.json": lambda paths: paths.summary,
+    "output.jsonl": lambda paths: cast(Path, paths.output),
+    "errors.jsonl": lambda paths: cast(Path, paths.errors),
+    "results.parquet": lambda paths: cast(Path, paths.results_parquet),
+    "summary.json": lambda paths: cast(Path, paths.summary),
 }
 
 
