@@ -102,18 +102,22 @@ def scan_batch_file(
             continue
         if not raw.strip():
             continue
-        fast = decode_line(raw)
-        # The checks across lines; a line failing one takes the pydantic path, which words the error.
-        if (fast is not None and 0 < len(fast[0]) <= 512 and fast[0] not in seen_ids
-                and (models is None or fast[3] is None or fast[3] in models)):
-            result: ValidRequest | InvalidLine = ValidRequest(number, *fast)
-        else:
-            result = _check_raw_line(number, raw, seen_ids, models)
+        result = _fast_request(number, raw, seen_ids, models) or _check_raw_line(number, raw, seen_ids, models)
         if isinstance(result, ValidRequest):
             seen_ids.add(result.custom_id)
             if models is None and result.model is not None:
                 models = frozenset({result.model})
         yield result
+
+
+def _fast_request(number: int, raw: bytes, seen_ids: set[str], models: frozenset[str] | None) -> ValidRequest | None:
+    """The request if the fast first pass accepts the line and it passes the checks across lines, else None."""
+    fast = decode_line(raw)
+    # A line failing a check here takes the pydantic path, which words the error.
+    if (fast is not None and 0 < len(fast[0]) <= 512 and fast[0] not in seen_ids
+            and (models is None or fast[3] is None or fast[3] in models)):
+        return ValidRequest(number, *fast)
+    return None
 
 
 class _NotJSON(ValueError):
@@ -173,8 +177,19 @@ def _check_raw_line(number: int, raw: bytes, seen_ids: set[str], models: frozens
     return _check_line(number, obj, seen_ids, models)
 
 
+_MAX_MESSAGE = 1000
+
+
+def _shown(value: object) -> str:
+    """repr(value), cut short so that a huge value cannot make a huge message."""
+    text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
 def _check_line(number: int, obj: object, seen_ids: set[str], models: frozenset[str] | None) -> ValidRequest | InvalidLine:
     def bad(code: str, message: str, custom_id: str | None = None) -> InvalidLine:
+        if len(message) > _MAX_MESSAGE:  # e.g. a megabyte-long field name in pydantic's error location
+            message = message[:_MAX_MESSAGE - 3] + "..."
         return InvalidLine(number, custom_id, BatchError(code=code, message=message, line=number))
 
     if not isinstance(obj, dict):
@@ -188,10 +203,10 @@ def _check_line(number: int, obj: object, seen_ids: set[str], models: frozenset[
         return bad(ErrorCode.DUPLICATE_CUSTOM_ID, f"custom_id {custom_id!r} was already used by an earlier line",
                    custom_id)
     if obj.get("method") != "POST":
-        return bad(ErrorCode.INVALID_METHOD, f"method must be 'POST', got {obj.get('method')!r}", custom_id)
+        return bad(ErrorCode.INVALID_METHOD, f"method must be 'POST', got {_shown(obj.get('method'))}", custom_id)
     url = obj.get("url")
     if url not in SUPPORTED_URLS:
-        return bad(ErrorCode.INVALID_URL, f"url must be one of {', '.join(SUPPORTED_URLS)}; got {url!r}", custom_id)
+        return bad(ErrorCode.INVALID_URL, f"url must be one of {', '.join(SUPPORTED_URLS)}; got {_shown(url)}", custom_id)
     extra = set(obj) - {"custom_id", "method", "url", "body"}
     if extra:
         return bad(ErrorCode.INVALID_BODY, f"unknown top-level field(s): {', '.join(sorted(extra))}", custom_id)
@@ -207,7 +222,7 @@ def _check_line(number: int, obj: object, seen_ids: set[str], models: frozenset[
     model = getattr(parsed, "model", None)
     if model is not None and models is not None and model not in models:
         return bad(ErrorCode.MODEL_MISMATCH,
-                   f"body.model {model!r} differs from the batch's model ({', '.join(sorted(models))})", custom_id)
+                   f"body.model {_shown(model)} differs from the batch's model ({', '.join(sorted(models))})", custom_id)
     return ValidRequest(
         line=number,
         custom_id=custom_id,
