@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from batch_pipeline.records import _IGNORED_FIELDS, CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL
+from batch_pipeline.records import CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL
 
 # A line nested deeper than this (arrays and objects, the line itself is level 1) is rejected: the
 # stored body is parsed again downstream by pydantic, whose JSON parser stops at 200 levels.
@@ -45,6 +45,11 @@ def nesting_depth(value: object, limit: int) -> int:
         depth += 1
         level = [child for item in containers for child in (item.values() if type(item) is dict else item)]
     return depth
+
+
+# The fields the pydantic bodies accept and drop (records._IGNORED_FIELDS; a test keeps this a subset,
+# so this pass never drops what pydantic keeps), as fields of _Body below.
+DROPPED_FIELDS = ("user", "store", "metadata", "service_tier", "stream", "stream_options", "parallel_tool_calls")
 
 
 class _Struct(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -100,7 +105,7 @@ class _Body(_Struct):
     min_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
     repetition_penalty: _number(msgspec.Meta(gt=0)) | None = None  # type: ignore[valid-type]
     ignore_eos: bool | None = None
-    # The fields records._IGNORED_FIELDS drops, in their usual (flat) shapes; dropped here too.
+    # DROPPED_FIELDS, in their usual (flat) shapes; other shapes take the pydantic path.
     user: str | None = None
     store: bool | None = None
     metadata: dict[str, _Scalar] | None = None
@@ -115,7 +120,7 @@ class _Body(_Struct):
             return  # the usual body: nothing to drop
         if self.stream is True:
             raise ValueError("stream")
-        for name in _IGNORED_FIELDS:
+        for name in DROPPED_FIELDS:
             setattr(self, name, None)
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import random
 
-from batch_pipeline.fast_lines import FAST_BODIES, decode_line, nesting_depth
+from batch_pipeline.fast_lines import DROPPED_FIELDS, FAST_BODIES, decode_line, nesting_depth
 from batch_pipeline.input_file import ValidRequest, _check_raw_line, _fast_request, raw_lines
-from batch_pipeline.records import BODY_MODELS, CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL
+from batch_pipeline.records import _IGNORED_FIELDS, BODY_MODELS, CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL
 from tests.fuzz_corpus import build_corpus
 
 BASES = {
@@ -92,6 +92,7 @@ def test_the_common_shapes_take_the_fast_pass():
                            if url != EMBEDDINGS_URL else body}).encode()
         assert decode_line(line) is not None, url
     assert set(FAST_BODIES) <= set(BODY_MODELS)
+    assert set(DROPPED_FIELDS) <= _IGNORED_FIELDS
 
 
 def test_nesting_depth_counts_levels_of_arrays_and_objects():
