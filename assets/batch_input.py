@@ -35,6 +35,13 @@ def _drop_stale_outputs(paths: BatchPaths, fingerprint: str) -> bool:
     return True
 
 
+def _write_rows(writer: pq.ParquetWriter, columns: tuple[list, list, list, list]) -> None:
+    writer.write_table(pa.Table.from_arrays([pa.array(values, type=field.type) for values, field in
+                                             zip(columns, REQUEST_SCHEMA, strict=True)], schema=REQUEST_SCHEMA))
+    for values in columns:
+        values.clear()
+
+
 @asset(partitions_def=batches_partitions, group_name="batch", kinds={"parquet"})
 def batch_input(context: AssetExecutionContext, storage: BatchStorage) -> MaterializeResult:
     """The batch's valid requests as parquet, plus one error record per bad line."""
@@ -70,7 +77,9 @@ def _validate(context: AssetExecutionContext, spec: BatchSpec, paths: BatchPaths
         lines = scan_batch_file(local_input, frozenset({spec.model, spec.model_name}), get_settings().max_line_bytes)
         with atomic_path(paths.requests) as requests_tmp, atomic_path(paths.invalid) as invalid_tmp:
             with pq.ParquetWriter(requests_tmp, REQUEST_SCHEMA) as writer, invalid_tmp.open("w") as errors:
-                buffer: list[dict] = []
+                # One list per column: building the table from columns is cheaper than from row dicts.
+                columns: tuple[list, list, list, list] = ([], [], [], [])
+                numbers, custom_ids, urls, bodies = columns
                 for item in lines:
                     if isinstance(item, InvalidLine):
                         invalid += 1
@@ -78,12 +87,14 @@ def _validate(context: AssetExecutionContext, spec: BatchSpec, paths: BatchPaths
                         continue
                     valid += 1
                     endpoints[item.url] = endpoints.get(item.url, 0) + 1
-                    buffer.append({"line": item.line, "custom_id": item.custom_id, "url": item.url, "body": item.body})
-                    if len(buffer) >= _ROW_GROUP:
-                        writer.write_table(pa.Table.from_pylist(buffer, schema=REQUEST_SCHEMA))
-                        buffer.clear()
-                if buffer:
-                    writer.write_table(pa.Table.from_pylist(buffer, schema=REQUEST_SCHEMA))
+                    numbers.append(item.line)
+                    custom_ids.append(item.custom_id)
+                    urls.append(item.url)
+                    bodies.append(item.body)
+                    if len(numbers) >= _ROW_GROUP:
+                        _write_rows(writer, columns)
+                if numbers:
+                    _write_rows(writer, columns)
     except BatchFileError as exc:
         raise Failure(str(exc), allow_retries=False) from None
     if valid + invalid == 0:

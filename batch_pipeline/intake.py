@@ -7,14 +7,15 @@ and a batch registered one way is the same batch registered another way.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 from dagster import DagsterInstance
 
 from batch_pipeline.batches import BatchSpec, default_batch_id, load_spec, save_spec, valid_batch_id
 from batch_pipeline.constants import BATCHES_PARTITIONS
+from batch_pipeline.input_file import raw_lines
 from batch_pipeline.models import ModelConfigError, ModelRegistry, ServedModel, UnknownModelError
 from batch_pipeline.settings import Settings
 from resources.storage import BatchStorage, is_local, upload
@@ -59,26 +60,26 @@ class FileSurvey:
 def survey(path: Path, max_line_bytes: int, max_lines: int | None = None) -> FileSurvey:
     """The models and endpoints a file names, reading at most `max_lines` non-blank lines."""
     found = FileSurvey()
-    with path.open("rb") as handle:
-        number = 0
-        while (max_lines is None or found.lines < max_lines) and (raw := handle.readline(max_line_bytes + 1)):
-            number += 1
-            if not raw.strip():
-                continue
-            found.lines += 1
-            try:
-                obj = json.loads(raw)
-            except (ValueError, UnicodeDecodeError):
-                continue  # a bad line is the pipeline's business: it becomes an error record
-            if not isinstance(obj, dict):
-                continue
-            found.objects += 1
-            if isinstance(obj.get("url"), str):
-                found.urls.setdefault(obj["url"], number)
-                found.url_counts[obj["url"]] = found.url_counts.get(obj["url"], 0) + 1
-            body = obj.get("body")
-            if isinstance(body, dict) and isinstance(body.get("model"), str):
-                found.models.setdefault(body["model"], number)
+    # The same line reader as the full validation (BOM, CRLF, over-long lines), and a C decoder.
+    for number, raw in raw_lines(path, max_line_bytes):
+        if max_lines is not None and found.lines >= max_lines:
+            break
+        if raw is not None and not raw.strip():
+            continue
+        found.lines += 1
+        try:
+            obj = msgspec.json.decode(raw) if raw is not None else None
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+            continue  # a bad line is the pipeline's business: it becomes an error record
+        if not isinstance(obj, dict):
+            continue
+        found.objects += 1
+        if isinstance(obj.get("url"), str):
+            found.urls.setdefault(obj["url"], number)
+            found.url_counts[obj["url"]] = found.url_counts.get(obj["url"], 0) + 1
+        body = obj.get("body")
+        if isinstance(body, dict) and isinstance(body.get("model"), str):
+            found.models.setdefault(body["model"], number)
     return found
 
 

@@ -99,3 +99,28 @@ def test_a_missing_file_is_one_clear_error(tmp_path):
         scan(tmp_path / "absent.jsonl")
     with pytest.raises(BatchFileError, match="not a file"):
         scan(tmp_path)
+
+
+def test_a_bom_at_the_start_crlf_ends_and_a_last_line_without_newline_are_accepted(tmp_path):
+    line = json.dumps(CHAT).encode()
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + line + b"\r\n" + line.replace(b'"a"', b'"b"') + b"\r\n\r\n"
+                     + line.replace(b'"a"', b'"c"'))
+    items = scan(path)
+    assert [(i.line, i.custom_id) for i in items if isinstance(i, ValidRequest)] == [(1, "a"), (2, "b"), (4, "c")]
+
+
+def test_a_bom_inside_the_file_is_one_clear_error(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(json.dumps(CHAT).encode() + b"\n\xef\xbb\xbf" + json.dumps({**CHAT, "custom_id": "b"}).encode())
+    [error] = [i for i in scan(path) if isinstance(i, InvalidLine)]
+    assert (error.line, error.error.code) == (2, "invalid_json")
+    assert "byte order mark" in error.error.message
+
+
+def test_a_huge_value_makes_a_short_message(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{**CHAT, "url": "/v1/" + "x" * 100_000},
+                                               {**CHAT, "custom_id": "b", "body": {**CHAT["body"], "y" * 10_000: 1}}])
+    errors = [i.error for i in scan(path, max_line_bytes=1 << 20)]
+    assert [e.code for e in errors] == ["invalid_url", "invalid_body"]
+    assert all(len(e.message) <= 1000 for e in errors)

@@ -231,3 +231,27 @@ def test_an_embeddings_batch_runs_on_a_pooling_engine(settings, sqlite_instance,
     assert out["ids"].usage.prompt_tokens == 4
     assert {e["custom_id"]: e["error"]["code"] for e in errors} == {
         "chat": "unsupported_endpoint", "long": "context_length_exceeded", "dims": "invalid_body"}
+
+
+def test_the_fuzz_corpus_runs_end_to_end(settings, sqlite_instance, tiny_model, loaded_engine):
+    """Every good line of tests/fuzz_corpus.py is answered, every bad line is one error record, nothing crashes."""
+    from tests.fuzz_corpus import build_corpus
+
+    path = settings.resolved_data_dir.parent / "fuzz.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = build_corpus(path, seed=7, big_line_bytes=settings.max_line_bytes + 10)
+    spec = register_local_batch(settings, sqlite_instance, path, str(tiny_model), MODEL_NAME, batch_id="fuzz")
+    result = run_batch_in_process(settings, sqlite_instance, spec.batch_id)
+    assert result.success, result.error
+    outputs, errors = read_jsonl(result.paths.output), read_jsonl(result.paths.errors)
+
+    answered = {o["custom_id"] for o in outputs if o["response"]["status_code"] == 200}
+    good = [line for line in lines if line.expect == "good"]
+    assert {line.custom_id for line in good} <= answered
+    bad = {line.number for line in lines if line.expect == "bad"}
+    error_lines = [e["error"]["line"] for e in errors]
+    assert bad <= set(error_lines)
+    assert len(error_lines) == len(set(error_lines))  # one record per line
+    assert len(outputs) + len(errors) == sum(line.expect != "blank" for line in lines)
+    assert all(e["response"] is None and e["error"]["message"] and "Traceback" not in e["error"]["message"]
+               for e in errors)
