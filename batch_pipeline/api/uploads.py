@@ -54,14 +54,14 @@ class JsonlCheck:
         """Check the next bytes of the file; UploadError at the first fault."""
         nul = data.find(b"\0")
         if nul >= 0:
-            raise UploadError(f"byte {self._offset + nul} of the file is a NUL byte: a batch file is UTF-8 JSONL "
-                              "text", "invalid_file")
+            raise UploadError(f"the file has a NUL byte at offset {self._offset + nul}: a batch file is UTF-8 "
+                              "JSONL text", "invalid_file")
         pending = len(self._utf8.getstate()[0])
         try:
             self._utf8.decode(data)
         except UnicodeDecodeError as exc:
-            raise UploadError(f"the file is not UTF-8 text (byte {self._offset - pending + exc.start}): a batch "
-                              "file is UTF-8 JSONL text", "invalid_file") from None
+            raise UploadError(f"the file is not UTF-8 text (invalid byte at offset {self._offset - pending + exc.start})"
+                              ": a batch file is UTF-8 JSONL text", "invalid_file") from None
         start = 0
         while True:
             newline = data.find(b"\n", start)
