@@ -69,3 +69,19 @@ def test_tenants_see_their_own_and_admins_see_all():
     assert Tenant(one).sees(one) and not Tenant(one).sees(other) and not Tenant(one).sees(None)
     assert Tenant(None).sees(None) is False  # no key, no tenant: sees nothing
     assert all(t.sees(o) for t in (OPERATOR, Tenant(one, admin=True)) for o in (one, other, None))
+
+
+def test_uploads_left_by_a_stopped_server_are_removed_at_start_and_fresh_ones_kept(tmp_path):
+    import os
+    import time
+
+    from batch_pipeline.api.files import FileStore
+
+    store = FileStore(tmp_path)
+    stale, fresh = store.upload_path(), store.upload_path()
+    stale.write_bytes(b"partial")
+    fresh.write_bytes(b"in progress")
+    old = time.time() - 7200
+    os.utime(stale, (old, old))
+    assert store.remove_stale_uploads(3600) == 1
+    assert not stale.exists() and fresh.exists()
