@@ -93,6 +93,7 @@ class Submission(BaseModel):
     expired_at: float | None = None
     stopped_at: float | None = None  # when the partial results of a cancelled or expired batch were written
     launch_error: str | None = None  # why its ticket could not be launched (the batch then shows as failed)
+    owner: str | None = None  # the API key's fingerprint (batch_pipeline/tenancy.py); None: no tenant
 
 
 def load_submission(paths: BatchPaths) -> Submission | None:

@@ -380,6 +380,10 @@ def serve(host: str | None, port: int | None, as_json: bool) -> None:
         keys = settings.api_key_set()
     except OSError as exc:
         _fail(f"cannot read VBATCH_API_KEYS_FILE: {exc.strerror or exc}")
+    try:
+        keys |= settings.admin_key_set()
+    except OSError as exc:
+        _fail(f"cannot read VBATCH_ADMIN_API_KEYS_FILE: {exc.strerror or exc}")
     if not keys:
         _fail("no API keys configured: set VBATCH_API_KEYS (comma-separated) or VBATCH_API_KEYS_FILE")
     host, port = host or settings.api_host, port or settings.api_port

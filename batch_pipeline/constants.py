@@ -13,6 +13,7 @@ RUN_KEY_TAG = "dagster/run_key"
 WILL_RETRY_TAG = "dagster/will_retry"
 BATCH_ID_TAG = "vllm_batch/batch_id"
 SOURCE_TAG = "vllm_batch/source"  # api, cli, inbox, schedule
+OWNER_TAG = "vllm_batch/owner"  # the fingerprint of the API key that created the batch (never the key)
 INBOX_FILE_TAG = "vllm_batch/inbox_file"
 REJECTED_TAG = "vllm_batch/rejected"
 # Which process runs an in-process run (`vllm-batch run`), so a dead one can be told from a live one.

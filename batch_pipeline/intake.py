@@ -99,14 +99,19 @@ def model_for_endpoint(settings: Settings, path: Path, endpoint: str) -> ServedM
     if not name:
         raise IntakeError(f"no request in the first {HEAD_LINES} lines names body.model, and no default model "
                           "is configured (VBATCH_MODEL)", "input_file_id", "invalid_file")
-    return resolve_model(settings, name, param="input_file_id")
+    # Only the API takes files this way: a model folder named by a request needs the API's own opt-in;
+    # the default model is the operator's choice.
+    trusted = name == settings.model or settings.api_allow_local_model_paths
+    return resolve_model(settings, name, param="input_file_id", allow_local_paths=trusted)
 
 
-def resolve_model(settings: Settings, name: str, *, allow_hub_ids: bool = False, param: str = "model") -> ServedModel:
-    """The served model for a name: the models file first, then a local model folder, then (if
-    allowed, as `vllm-batch run` does) a hub id."""
+def resolve_model(settings: Settings, name: str, *, allow_hub_ids: bool = False, param: str = "model",
+                  allow_local_paths: bool | None = None) -> ServedModel:
+    """The served model for a name: the models file first, then a local model folder (if allowed:
+    default VBATCH_ALLOW_LOCAL_MODEL_PATHS), then (if allowed, as `vllm-batch run` does) a hub id."""
     try:
-        return ModelRegistry.from_settings(settings).resolve(name, allow_hub_ids=allow_hub_ids)
+        return ModelRegistry.from_settings(settings).resolve(name, allow_hub_ids=allow_hub_ids,
+                                                             allow_local_paths=allow_local_paths)
     except ModelConfigError as exc:
         raise IntakeError(str(exc)) from None
     except UnknownModelError as exc:

@@ -9,8 +9,10 @@ Configured in one YAML file (VBATCH_MODELS_FILE, default `models.yaml` in the pr
       tiny-llama:
         path: models/tiny-llama
 
-With `allow_local_model_paths` (on by default, off by VBATCH_ALLOW_LOCAL_MODEL_PATHS=false), a
-request may also name a local model directory directly.
+A batch may also name a local model directory directly: from `vllm-batch submit` and the inbox with
+`allow_local_model_paths` (on by default, off by VBATCH_ALLOW_LOCAL_MODEL_PATHS=false), through the
+Batch API only with `api_allow_local_model_paths` (off by default: an API key holder must not make the
+server load whatever model folder lies on its disk). `vllm-batch run` takes any folder or hub id.
 """
 
 from __future__ import annotations
@@ -80,16 +82,18 @@ class ModelRegistry:
             raise ModelConfigError(f"models file not found: {path}")
         return cls(entries, settings.allow_local_model_paths, settings.home)
 
-    def resolve(self, name: str, allow_hub_ids: bool = False) -> ServedModel:
+    def resolve(self, name: str, allow_hub_ids: bool = False, allow_local_paths: bool | None = None) -> ServedModel:
         """The served model for a name from a request or a batch, or UnknownModelError.
 
         `allow_hub_ids`: a name that is neither configured nor a local model folder is taken as a hub
         id (or a folder the engine will report missing), as `vllm-batch run --model` does.
+        `allow_local_paths`: whether a local model folder may be named (default: the registry's rule).
         """
         if name in self.models:
             return self.models[name]
         local = Path(name).expanduser()
-        if self.allow_local_paths or allow_hub_ids:
+        allow_local_paths = self.allow_local_paths if allow_local_paths is None else allow_local_paths
+        if allow_local_paths or allow_hub_ids:
             # A command line's relative path is relative to where it was typed; a file's, to the project.
             places = [local] if local.is_absolute() else [local, self.base / local] if allow_hub_ids else [self.base / local]
             for found in places:
@@ -98,4 +102,6 @@ class ModelRegistry:
         if allow_hub_ids:
             return ServedModel(name, str(local.resolve()) if local.exists() else name)
         known = ", ".join(sorted(self.models)) or "none configured"
-        raise UnknownModelError(f"unknown model {name!r} (served models: {known})")
+        # Whether such a folder exists is not looked at, so the answer tells nothing about the disk.
+        only = "" if allow_local_paths else "; only served model names are accepted here, not model folders"
+        raise UnknownModelError(f"unknown model {name!r} (served models: {known}){only}")

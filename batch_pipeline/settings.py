@@ -55,11 +55,17 @@ class Settings(BaseSettings):
     postgres_url: SecretStr | None = Field(default=None, description="Use dagster-postgres when set.")
 
     models_file: Path | None = Field(default=None, description="YAML of served models (default HOME/models.yaml).")
-    allow_local_model_paths: bool = Field(default=True, description="Requests may name a local model folder.")
+    allow_local_model_paths: bool = Field(
+        default=True, description="`vllm-batch submit` and the inbox may name a local model folder.")
+    api_allow_local_model_paths: bool = Field(
+        default=False, description="Batch API requests may name a local model folder (off: served models only).")
 
     # The Batch API server (`vllm-batch serve`).
     api_keys: SecretStr | None = Field(default=None, description="Bearer keys the API accepts, comma-separated.")
     api_keys_file: Path | None = Field(default=None, description="A file of API keys, one per line.")
+    admin_api_keys: SecretStr | None = Field(
+        default=None, description="Bearer keys that see every tenant's files and batches, comma-separated.")
+    admin_api_keys_file: Path | None = Field(default=None, description="A file of admin API keys, one per line.")
     api_host: str = Field(default="127.0.0.1", description="Address `vllm-batch serve` binds.")
     log_format: Literal["text", "json"] = Field(
         default="text", description="`json`: every log line of runs, daemon, webserver and API as one JSON object.")
@@ -196,11 +202,19 @@ class Settings(BaseSettings):
         return (self.dagster_home or self.home / ".dagster").resolve()
 
     def api_key_set(self) -> frozenset[str]:
-        """Every accepted API key, from VBATCH_API_KEYS and the keys file (blank entries dropped)."""
-        keys = self.api_keys.get_secret_value().split(",") if self.api_keys else []
-        if self.api_keys_file is not None:
-            keys += self.api_keys_file.read_text().splitlines()
-        return frozenset(key.strip() for key in keys if key.strip())
+        """Every tenant's API key, from VBATCH_API_KEYS and the keys file (blank entries dropped)."""
+        return _key_set(self.api_keys, self.api_keys_file)
+
+    def admin_key_set(self) -> frozenset[str]:
+        """Every admin API key, from VBATCH_ADMIN_API_KEYS and its keys file (blank entries dropped)."""
+        return _key_set(self.admin_api_keys, self.admin_api_keys_file)
+
+
+def _key_set(listed: SecretStr | None, keys_file: Path | None) -> frozenset[str]:
+    keys = listed.get_secret_value().split(",") if listed else []
+    if keys_file is not None:
+        keys += keys_file.read_text().splitlines()
+    return frozenset(key.strip() for key in keys if key.strip())
 
 
 @lru_cache(maxsize=1)

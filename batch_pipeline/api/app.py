@@ -2,20 +2,22 @@
 
 Point the official `openai` client at it by changing `base_url` and `api_key` only. Every route
 under /v1 needs a bearer key from the settings; every error has OpenAI's shape,
-`{"error": {"message", "type", "param", "code"}}`.
+`{"error": {"message", "type", "param", "code"}}`. Each key is a tenant (batch_pipeline/tenancy.py):
+it sees only the files and batches it created, on every route, integration routes included.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -37,11 +39,13 @@ from batch_pipeline.api.uploads import UploadError, UploadTooLarge, read_form
 from batch_pipeline.batches import BatchNotFound
 from batch_pipeline.enabled_integrations import integration_middleware, integration_routers
 from batch_pipeline.settings import Settings, get_settings
+from batch_pipeline.tenancy import Tenant, key_fingerprint
 
 log = logging.getLogger(__name__)
 
 PUBLIC_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 WINDOW_CHECK_INTERVAL_S = 10.0
+STALE_UPLOAD_S = 3600.0  # an upload untouched this long was left by a server that stopped mid-upload
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": text}
     for status, text in ((400, "Bad request"), (401, "Missing or invalid API key"), (404, "Unknown id"),
@@ -50,22 +54,28 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   kind: str = "invalid_request_error") -> JSONResponse:
+                   kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> JSONResponse:
     """A JSON response in OpenAI's error shape."""
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class BearerAuth:
-    """Answers 401 to any request outside PUBLIC_PATHS without one of the configured keys.
+    """Answers 401 to any request outside PUBLIC_PATHS without one of the configured keys, and tells the
+    routes which tenant a valid key is (`request.state.tenant`).
 
     A pure ASGI middleware, so it runs before routing (unknown paths answer 401 too) and before an
-    upload's body is read.
+    upload's body is read. Keys live only here, as their sha256 digests; the tenant carries the key's
+    fingerprint.
     """
 
-    def __init__(self, app: ASGIApp, keys: frozenset[str]):
+    def __init__(self, app: ASGIApp, keys: frozenset[str], admin_keys: frozenset[str] = frozenset()):
         self.app = app
-        self.keys = [key.encode() for key in keys]
+        # A key listed as both is an admin key. Fingerprints are computed once, not per request.
+        tenants = {key: Tenant(key_fingerprint(key)) for key in keys}
+        tenants.update({key: Tenant(key_fingerprint(key), admin=True) for key in admin_keys})
+        # Digests, so that every comparison is of 32 bytes and the time does not depend on a key's length.
+        self.keys = [(hashlib.sha256(key.encode()).digest(), tenant) for key, tenant in tenants.items()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
@@ -74,16 +84,26 @@ class BearerAuth:
         header = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")
         token = token.strip()
-        # Compare against every key so that the time taken does not tell which one nearly matched.
-        matched = False
-        for key in self.keys:
-            matched |= hmac.compare_digest(token, key)
-        if scheme.lower() != b"bearer" or not token or not matched:
+        # Compare against every key, without stopping at a match, so that the time taken tells nothing
+        # about which key matched or nearly matched.
+        digest = hashlib.sha256(token).digest()
+        matched: Tenant | None = None
+        for key, tenant in self.keys:
+            if hmac.compare_digest(digest, key):
+                matched = tenant
+        if scheme.lower() != b"bearer" or not token or matched is None:
             message = ("No API keys are configured on this server (set VBATCH_API_KEYS)." if not self.keys
                        else "Incorrect or missing API key; send it as 'Authorization: Bearer <key>'.")
             await error_response(401, message, code="invalid_api_key")(scope, receive, send)
             return
+        scope.setdefault("state", {})["tenant"] = matched
         await self.app(scope, receive, send)
+
+
+def tenant_of(request: Request) -> Tenant:
+    """The tenant BearerAuth found for this request (a request without one sees nothing)."""
+    tenant = getattr(request.state, "tenant", None)
+    return tenant if isinstance(tenant, Tenant) else Tenant(owner=None)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -96,6 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         instance = open_instance(settings)
         app.state.service = BatchService(settings, instance)
+        app.state.service.files.remove_stale_uploads(STALE_UPLOAD_S)
         task = asyncio.create_task(_enforce_windows(app.state.service))
         try:
             yield
@@ -103,9 +124,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             task.cancel()
             instance.dispose()
 
+    def visible_ids(request: Request) -> None:
+        # On every route, integrations' included: a `batch_id` or `file_id` in the path that the key's
+        # tenant does not see answers the same 404 as an unknown id, before the route runs.
+        tenant, params = tenant_of(request), request.path_params
+        if "batch_id" in params:
+            request.app.state.service.check_visible(params["batch_id"], tenant)
+        if "file_id" in params:
+            request.app.state.service.files.get(params["file_id"], tenant)
+
     app = FastAPI(title="vllm-batch", version="1", lifespan=lifespan, responses=_ERROR_RESPONSES,
+                  dependencies=[Depends(visible_ids)],
                   description="OpenAI-compatible Batch API: files, batches and models, run by vLLM through Dagster.")
-    app.add_middleware(BearerAuth, keys=settings.api_key_set())
+    app.add_middleware(BearerAuth, keys=settings.api_key_set(), admin_keys=settings.admin_key_set())
     for middleware in integration_middleware(settings):  # added later, so they run before the key check
         app.add_middleware(middleware, settings=settings)
     _add_error_handlers(app)
@@ -126,24 +157,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   "properties": {"file": {"type": "string", "format": "binary"},
                                  "purpose": {"type": "string", "enum": ["batch"]}}}}}}})
     async def upload_file(request: Request) -> FileObject | JSONResponse:
-        """Upload a batch input file (multipart: `file`, `purpose=batch`), streamed to disk with a size limit."""
+        """Upload a batch input file (multipart: `file`, `purpose=batch`), streamed to disk; its size, line
+        lengths and JSONL shape are checked while it streams."""
         limit = settings.max_upload_bytes
+        # A refusal before the body is read closes the connection: otherwise the server would go on
+        # reading (and dropping) the rest of a body of any size, to keep the connection alive.
+        closing = {"Connection": "close"}
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
             return error_response(413, f"the file is larger than the limit of {limit} bytes", "file",
-                                  "file_too_large")
+                                  "file_too_large", headers=closing)
         store = service(request).files
         target = store.upload_path()
         try:
-            form = await read_form(request.headers.get("content-type", ""), request.stream(), target, limit)
+            form = await read_form(request.headers.get("content-type", ""), request.stream(), target, limit,
+                                   settings.max_line_bytes)
             if form.file_field != "file" or form.filename is None:
                 raise BatchRequestError("the form needs a 'file' part with a filename", "file")
             purpose = form.fields.get("purpose")
             if purpose != "batch":
                 raise BatchRequestError(f"purpose must be 'batch', got {purpose!r}", "purpose")
-            return await run_in_threadpool(store.adopt, target, form.filename, purpose)
+            return await run_in_threadpool(store.adopt, target, form.filename, purpose, tenant_of(request).owner)
         except UploadTooLarge as exc:
-            return error_response(413, str(exc), "file", "file_too_large")
+            return error_response(413, str(exc), "file", "file_too_large", headers=closing)
+        except UploadError as exc:
+            return error_response(400, str(exc), "file", exc.code, headers=closing)
         finally:
             target.unlink(missing_ok=True)
 
@@ -151,8 +189,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def list_files(request: Request, purpose: Annotated[str | None, Query(max_length=64)] = None,
                    limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
                    after: Annotated[str | None, Query(max_length=128)] = None) -> ListPage[FileObject]:
-        """Files, newest first."""
-        files = list(service(request).files.list(purpose))
+        """The key's files, newest first."""
+        files = list(service(request).files.list(purpose, tenant_of(request)))
         ids = [f.id for f in files]
         start = ids.index(after) + 1 if after in ids else 0
         page = files[start:start + limit]
@@ -162,20 +200,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/v1/files/{file_id}", response_model=FileObject)
     def get_file(request: Request, file_id: str) -> FileObject:
         """One file's record."""
-        return service(request).files.get(file_id).file
+        return service(request).files.get(file_id, tenant_of(request)).file
 
     @app.get("/v1/files/{file_id}/content", response_class=FileResponse,
              responses={200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes"}})
     def file_content(request: Request, file_id: str) -> FileResponse:
         """The bytes of a file (an uploaded input, or a batch's output or error file)."""
-        store = service(request).files
-        return FileResponse(store.content_path(file_id), media_type="application/octet-stream",
-                            filename=store.get(file_id).file.filename)
+        store, tenant = service(request).files, tenant_of(request)
+        return FileResponse(store.content_path(file_id, tenant), media_type="application/octet-stream",
+                            filename=store.get(file_id, tenant).file.filename)
 
     @app.delete("/v1/files/{file_id}", response_model=FileDeleted)
     def delete_file(request: Request, file_id: str) -> FileDeleted:
         """Delete an uploaded file (a batch's output file: only its record)."""
-        service(request).files.delete(file_id)
+        service(request).files.delete(file_id, tenant_of(request))
         return FileDeleted(id=file_id, deleted=True)
 
     # ---- batches -------------------------------------------------------------------------------
@@ -183,23 +221,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/v1/batches", response_model=Batch)
     def create_batch(request: Request, body: CreateBatchRequest) -> Batch:
         """Create a batch from an uploaded file; the daemon launches it through the run queue."""
-        return service(request).create(body.input_file_id, body.endpoint, body.completion_window, body.metadata)
+        return service(request).create(body.input_file_id, body.endpoint, body.completion_window, body.metadata,
+                                       tenant_of(request))
 
     @app.get("/v1/batches", response_model=ListPage[Batch])
     def list_batches(request: Request, limit: Annotated[int, Query(ge=1, le=100)] = 20,
                      after: Annotated[str | None, Query(max_length=128)] = None) -> ListPage[Batch]:
-        """Batches, newest first; `after` is the last id of the previous page."""
-        return service(request).list(limit, after)
+        """The key's batches, newest first; `after` is the last id of the previous page."""
+        return service(request).list(limit, after, tenant_of(request))
 
     @app.get("/v1/batches/{batch_id}", response_model=Batch)
     def get_batch(request: Request, batch_id: str) -> Batch:
         """One batch, with its status and counts as of now."""
-        return service(request).describe(batch_id)
+        return service(request).describe(batch_id, tenant_of(request))
 
     @app.post("/v1/batches/{batch_id}/cancel", response_model=Batch)
     def cancel_batch(request: Request, batch_id: str) -> Batch:
         """Cancel a batch; requests finished before the cancel stay in its output file."""
-        return service(request).cancel(batch_id)
+        return service(request).cancel(batch_id, tenant_of(request))
 
     # ---- models --------------------------------------------------------------------------------
 
@@ -214,7 +253,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # ---- integrations --------------------------------------------------------------------------
     # Routes of the enabled integrations (`vllm-batch curation`'s status and training file, the
     # monitoring's /metrics): behind the same keys, with the same error shapes (an integration raises
-    # batch_pipeline.batches.BatchNotFound for an unknown batch).
+    # batch_pipeline.batches.BatchNotFound for an unknown batch), and a `{batch_id}` or `{file_id}` in
+    # their path is checked against the key's tenant before they run (visible_ids above).
     for router in integration_routers(settings):
         app.include_router(router)
 
@@ -246,10 +286,6 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BatchRequestError)
     async def bad_request(_: Request, exc: BatchRequestError) -> JSONResponse:
         return error_response(400, str(exc), exc.param, exc.code)
-
-    @app.exception_handler(UploadError)
-    async def bad_upload(_: Request, exc: UploadError) -> JSONResponse:
-        return error_response(400, str(exc), "file")
 
 
 async def _enforce_windows(service: BatchService) -> None:

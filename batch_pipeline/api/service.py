@@ -2,7 +2,11 @@
 
 Taking a batch in is batch_pipeline/intake.py, its status batch_pipeline/status.py, stopping it
 batch_pipeline/stopping.py; this module adds what only the API has (uploaded files, file ids for a
-batch's results, completion windows, cursor paging) and turns domain errors into API errors.
+batch's results, completion windows, cursor paging, tenants) and turns domain errors into API errors.
+
+Every call that reads or changes a batch or file takes the `tenant` asking (batch_pipeline/tenancy.py):
+a batch or file it does not see is BatchNotFound / FileNotFound, exactly as an unknown id. The command
+line asks as OPERATOR (the default), which sees every tenant.
 """
 
 from __future__ import annotations
@@ -19,15 +23,17 @@ from dagster import DagsterInstance
 from batch_pipeline.api.files import FileNotFound, FileStore
 from batch_pipeline.api.schemas import TERMINAL_STATUSES, Batch, ListPage, window_seconds
 from batch_pipeline.batches import (
+    BatchNotFound,
     BatchSpec,
     Submission,
     default_batch_id,
     existing_batch,
     load_spec,
+    load_submission,
     save_submission,
     valid_batch_id,
 )
-from batch_pipeline.constants import BATCHES_PARTITIONS, SOURCE_TAG
+from batch_pipeline.constants import BATCHES_PARTITIONS, OWNER_TAG, SOURCE_TAG
 from batch_pipeline.intake import HEAD_LINES, IntakeError, checked_input, model_for_endpoint, register, resolve_model, survey
 from batch_pipeline.models import ModelConfigError, ModelRegistry
 from batch_pipeline.queue_tickets import enqueue
@@ -35,6 +41,7 @@ from batch_pipeline.records import CHAT_URL, SUPPORTED_URLS
 from batch_pipeline.settings import Settings
 from batch_pipeline.status import ChunkStats, derive_batch, read_facts
 from batch_pipeline.stopping import enforce_stop, enforce_stops, request_cancel
+from batch_pipeline.tenancy import OPERATOR, Tenant
 from resources.storage import BatchPaths, BatchStorage, location
 
 _BUSY = {"validating", "in_progress", "finalizing", "cancelling"}
@@ -85,10 +92,11 @@ class BatchService:
     # ---- creating -------------------------------------------------------------------------------
 
     def create(self, input_file_id: str, endpoint: str, completion_window: str = "24h",
-               metadata: dict[str, str] | None = None) -> Batch:
-        """Register a batch for an uploaded file and queue it for the daemon (`POST /v1/batches`)."""
+               metadata: dict[str, str] | None = None, tenant: Tenant = OPERATOR) -> Batch:
+        """Register a batch for an uploaded file and queue it for the daemon (`POST /v1/batches`); the
+        batch belongs to `tenant`, whose file it must be."""
         try:
-            stored = self.files.get(input_file_id)
+            stored = self.files.get(input_file_id, tenant)
         except FileNotFound:
             raise BatchRequestError(f"no file with id {input_file_id!r}", "input_file_id", "file_not_found") from None
         if stored.file.purpose != "batch":
@@ -96,7 +104,7 @@ class BatchService:
                                     "input_file_id", "invalid_file")
         if endpoint not in SUPPORTED_URLS:
             raise BatchRequestError(f"endpoint must be one of {', '.join(SUPPORTED_URLS)}", "endpoint")
-        input_path = self.files.content_path(input_file_id)
+        input_path = self.files.content_path(input_file_id, tenant)
         try:
             served = model_for_endpoint(self.settings, input_path, endpoint)
             spec = register(self.settings, self.instance, input_path, served, source="api",
@@ -105,8 +113,9 @@ class BatchService:
             raise BatchRequestError.from_intake(exc) from None
         submission = Submission(endpoint=endpoint, input_file_id=input_file_id, completion_window=completion_window,
                                 # Whole seconds, as the Batch object shows it: the window closes when it says.
-                                expires_at=float(int(spec.created_at) + window_seconds(completion_window)))
-        return self._queue(spec, submission, "api")
+                                expires_at=float(int(spec.created_at) + window_seconds(completion_window)),
+                                owner=tenant.owner)
+        return self._queue(spec, submission, "api", tenant)
 
     def submit_file(self, input_file: Path, model: str, batch_id: str | None = None,
                     metadata: dict[str, str] | None = None) -> Batch:
@@ -118,7 +127,7 @@ class BatchService:
             if not valid_batch_id(batch_id):
                 raise IntakeError(f"invalid batch id {batch_id!r}: use letters, digits, '_', '-' and '.'")
             paths = self.storage.batch(batch_id)
-            if paths.spec.exists() and self.describe(batch_id).status in _BUSY:
+            if paths.spec.exists() and self.describe(batch_id, OPERATOR).status in _BUSY:
                 raise BatchRequestError(f"batch {batch_id} is already queued or running")
             spec = register(self.settings, self.instance, path, served, source="cli", batch_id=batch_id,
                             metadata=metadata)
@@ -126,34 +135,43 @@ class BatchService:
             raise BatchRequestError.from_intake(exc) from None
         paths.stopped.unlink(missing_ok=True)  # queued again: an earlier stop no longer describes it
         endpoint = survey(path, self.settings.max_line_bytes, HEAD_LINES).first_url or CHAT_URL
-        return self._queue(spec, Submission(endpoint=endpoint), "cli")
+        return self._queue(spec, Submission(endpoint=endpoint), "cli", OPERATOR)
 
-    def _queue(self, spec: BatchSpec, submission: Submission, source: str) -> Batch:
+    def _queue(self, spec: BatchSpec, submission: Submission, source: str, tenant: Tenant) -> Batch:
         paths = self.storage.batch(spec.batch_id)
         # The ticket id is only known once the ticket exists, so the submission is written twice:
         # first without it (a crash in between leaves a batch that shows as validating).
         save_submission(paths, submission)
-        ticket = enqueue(self.data_dir, spec, {SOURCE_TAG: source})
+        tags = {SOURCE_TAG: source, **({OWNER_TAG: submission.owner} if submission.owner else {})}
+        ticket = enqueue(self.data_dir, spec, tags)
         save_submission(paths, submission.model_copy(update={"ticket": ticket}))
-        return self.describe(spec.batch_id)
+        return self.describe(spec.batch_id, tenant)
 
     # ---- reading --------------------------------------------------------------------------------
 
-    def _paths(self, batch_id: str) -> BatchPaths:
-        return existing_batch(self.data_dir, batch_id)
+    def _paths(self, batch_id: str, tenant: Tenant) -> BatchPaths:
+        paths = existing_batch(self.data_dir, batch_id)
+        if not tenant.sees(_owner(paths)):
+            raise BatchNotFound(batch_id)
+        return paths
 
-    def describe(self, batch_id: str) -> Batch:
+    def check_visible(self, batch_id: str, tenant: Tenant) -> None:
+        """BatchNotFound unless the batch exists and `tenant` sees it (for routes that read it otherwise)."""
+        self._paths(batch_id, tenant)
+
+    def describe(self, batch_id: str, tenant: Tenant = OPERATOR) -> Batch:
         """The Batch object as of now, derived from the instance and the files (nothing is written)."""
-        paths = self._paths(batch_id)
+        paths = self._paths(batch_id, tenant)
         facts = read_facts(self.instance, paths, self.data_dir, self._stats)
-        return self.files.attach(derive_batch(facts, time.time()), paths, Path(facts.spec.input_path))
+        return self.files.attach(derive_batch(facts, time.time()), paths, Path(facts.spec.input_path),
+                                 _owner(paths))
 
-    def list(self, limit: int = 20, after: str | None = None) -> ListPage[Batch]:
-        """Batches newest first, OpenAI's cursor paging: `after` is the last id of the previous page."""
+    def list(self, limit: int = 20, after: str | None = None, tenant: Tenant = OPERATOR) -> ListPage[Batch]:
+        """Batches `tenant` sees, newest first, OpenAI's cursor paging: `after` is the last id of the previous page."""
         entries = []
         for batch_id in self.instance.get_dynamic_partitions(BATCHES_PARTITIONS):
             paths = self.storage.batch(batch_id)
-            if valid_batch_id(batch_id) and paths.spec.is_file():
+            if valid_batch_id(batch_id) and paths.spec.is_file() and tenant.sees(_owner(paths)):
                 entries.append((load_spec(paths).created_at, batch_id))
         entries.sort(reverse=True)
         ids = [batch_id for _, batch_id in entries]
@@ -163,27 +181,27 @@ class BatchService:
                 raise BatchRequestError(f"no batch with id {after!r}", "after", "batch_not_found")
             start = ids.index(after) + 1
         page = ids[start:start + limit]
-        data = [self.describe(batch_id) for batch_id in page]
+        data = [self.describe(batch_id, tenant) for batch_id in page]
         return ListPage[Batch](data=data, first_id=page[0] if page else None, last_id=page[-1] if page else None,
                                has_more=start + limit < len(ids))
 
     # ---- stopping -------------------------------------------------------------------------------
 
-    def cancel(self, batch_id: str) -> Batch:
+    def cancel(self, batch_id: str, tenant: Tenant = OPERATOR) -> Batch:
         """Stop a batch: clear its ticket or cancel its run; what it finished stays in its output file."""
         with self._lock:
-            batch = self.describe(batch_id)
+            batch = self.describe(batch_id, tenant)
             if batch.status in ("cancelled", "cancelling"):
                 return batch
             if batch.status in TERMINAL_STATUSES:
                 raise BatchRequestError(f"cannot cancel batch {batch_id}: its status is {batch.status}",
                                         code="batch_not_cancellable")
-            paths = self._paths(batch_id)
+            paths = self._paths(batch_id, tenant)
             now = time.time()
             request_cancel(paths, read_facts(self.instance, paths, self.data_dir, self._stats), now)
             facts = read_facts(self.instance, paths, self.data_dir, self._stats)  # with the request recorded
             enforce_stop(self.instance, paths, self.data_dir, facts, now)
-            return self.describe(batch_id)
+            return self.describe(batch_id, tenant)
 
     def enforce_stops(self) -> Sequence[str]:
         """Carry out every due cancel and expiry (the API server does this on a timer)."""
@@ -192,15 +210,21 @@ class BatchService:
 
     # ---- results --------------------------------------------------------------------------------
 
-    def progress(self, batch_id: str) -> Progress:
+    def progress(self, batch_id: str, tenant: Tenant = OPERATOR) -> Progress:
         """The batch plus what a progress bar shows."""
-        batch = self.describe(batch_id)
+        batch = self.describe(batch_id, tenant)
         counts = batch.request_counts
         return Progress(batch, counts.completed + counts.failed, counts.total, batch.usage.output_tokens,
                         batch.in_progress_at)
 
-    def result_path(self, batch_id: str, kind: str) -> Path | None:
+    def result_path(self, batch_id: str, kind: str, tenant: Tenant = OPERATOR) -> Path | None:
         """The output ('output') or error ('errors') file of a finished batch, if it has one."""
-        batch = self.describe(batch_id)
+        batch = self.describe(batch_id, tenant)
         file_id = batch.output_file_id if kind == "output" else batch.error_file_id
-        return self.files.content_path(file_id) if file_id else None
+        return self.files.content_path(file_id, tenant) if file_id else None
+
+
+def _owner(paths: BatchPaths) -> str | None:
+    """The tenant a batch belongs to: its submission's owner (None: no tenant, e.g. not from the API)."""
+    submission = load_submission(paths)
+    return submission.owner if submission is not None else None

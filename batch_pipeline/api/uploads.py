@@ -1,11 +1,15 @@
-"""Read a `multipart/form-data` upload as a stream: the file part goes to disk as it arrives, with a size cap.
+"""Read a `multipart/form-data` upload as a stream: the file part goes to disk as it arrives, checked as it goes.
 
 Starlette's own form parsing spools the whole body before the route runs, so a 50 GB upload would
-fill the disk before any limit could be checked; this parser stops at the limit instead.
+fill the disk before any limit could be checked; this parser stops at the limit instead. The file part
+is also checked as a batch file while it streams (JsonlCheck): a body of garbage is refused at its
+first bad bytes, not after it has been written.
 """
 
 from __future__ import annotations
 
+import codecs
+import json
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -18,11 +22,86 @@ MAX_FIELD_BYTES = 64 * 1024
 
 
 class UploadError(Exception):
-    """The body is not a usable multipart form; the message says why."""
+    """The body is not a usable multipart form, or its file is not a batch file; the message says why."""
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 class UploadTooLarge(Exception):
     """The file part passed the size limit."""
+
+
+class JsonlCheck:
+    """What can be known of a batch file while it streams: UTF-8 text without NUL bytes, no line longer
+    than `max_line_bytes` (its newline not counted, as the pipeline counts), and a first request line that
+    is a JSON object.
+
+    Anything else about a line (bad JSON further down, a missing field) stays the pipeline's business: it
+    becomes a record of the batch's error file, as for a file given any other way.
+    """
+
+    def __init__(self, max_line_bytes: int):
+        self.max_line_bytes = max_line_bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")()
+        self._offset = 0  # bytes fed so far
+        self._line = 1  # the number of the line being read
+        self._line_bytes = 0  # its length so far
+        self._head: bytearray | None = bytearray()  # the first non-blank line, until it has been checked
+
+    def feed(self, data: bytes) -> None:
+        """Check the next bytes of the file; UploadError at the first fault."""
+        nul = data.find(b"\0")
+        if nul >= 0:
+            raise UploadError(f"the file has a NUL byte at offset {self._offset + nul}: a batch file is UTF-8 "
+                              "JSONL text", "invalid_file")
+        pending = len(self._utf8.getstate()[0])
+        try:
+            self._utf8.decode(data)
+        except UnicodeDecodeError as exc:
+            raise UploadError(f"the file is not UTF-8 text (invalid byte at offset {self._offset - pending + exc.start})"
+                              ": a batch file is UTF-8 JSONL text", "invalid_file") from None
+        start = 0
+        while True:
+            newline = data.find(b"\n", start)
+            end = len(data) if newline < 0 else newline
+            self._line_bytes += end - start
+            if self._line_bytes > self.max_line_bytes:
+                raise UploadError(f"line {self._line} of the file is longer than the limit of {self.max_line_bytes} "
+                                  "bytes", "line_too_long")
+            if self._head is not None:
+                self._head += data[start:end]
+            if newline < 0:
+                break
+            self._end_line()
+            start = newline + 1
+        self._offset += len(data)
+
+    def finish(self) -> None:
+        """The file ended: check what the last bytes left open."""
+        try:
+            self._utf8.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise UploadError("the file ends inside a UTF-8 character: a batch file is UTF-8 JSONL text",
+                              "invalid_file") from None
+        self._end_line()
+
+    def _end_line(self) -> None:
+        if self._head is not None and self._head.strip():
+            text = self._head.decode("utf-8").lstrip("\ufeff")
+            self._head = None
+            try:
+                first = json.loads(text)
+            except ValueError:
+                first = None
+            if not isinstance(first, dict):
+                raise UploadError(f"line {self._line} of the file is not a JSON object: a batch file is JSONL, one "
+                                  "request object per line", "invalid_file")
+        elif self._head is not None:
+            self._head.clear()  # a blank line before the first request
+        self._line += 1
+        self._line_bytes = 0
 
 
 @dataclass
@@ -35,8 +114,10 @@ class Form:
     file_bytes: int = 0
 
 
-async def read_form(content_type: str, body: AsyncIterator[bytes], file_path: Path, limit: int) -> Form:
-    """Parse the form from `body`; the (single) file part is written to `file_path`, at most `limit` bytes."""
+async def read_form(content_type: str, body: AsyncIterator[bytes], file_path: Path, limit: int,
+                    max_line_bytes: int) -> Form:
+    """Parse the form from `body`; the (single) file part is written to `file_path`, at most `limit` bytes,
+    and checked as a batch file (JsonlCheck) before each piece is written."""
     kind, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
     if kind != b"multipart/form-data" or not boundary:
@@ -45,6 +126,7 @@ async def read_form(content_type: str, body: AsyncIterator[bytes], file_path: Pa
     form = Form()
     state: dict = {"headers": {}, "field": b"", "value": b"", "name": None, "is_file": False, "buffer": bytearray()}
     handle = None
+    check = JsonlCheck(max_line_bytes)
 
     def on_part_begin() -> None:
         state.update(headers={}, name=None, is_file=False, buffer=bytearray())
@@ -80,14 +162,18 @@ async def read_form(content_type: str, body: AsyncIterator[bytes], file_path: Pa
             if form.file_bytes > limit:
                 raise UploadTooLarge(f"the file is larger than the limit of {limit} bytes")
             assert handle is not None  # opened when the file part began
-            handle.write(data[start:end])
+            piece = data[start:end]
+            check.feed(piece)  # before the write: refused bytes never reach the disk
+            handle.write(piece)
         else:
             state["buffer"] += data[start:end]
             if len(state["buffer"]) > MAX_FIELD_BYTES:
                 raise UploadError(f"form field {state['name']!r} is longer than {MAX_FIELD_BYTES} bytes")
 
     def on_part_end() -> None:
-        if not state["is_file"] and state["name"] is not None:
+        if state["is_file"]:
+            check.finish()
+        elif state["name"] is not None:
             form.fields[state["name"]] = state["buffer"].decode("utf-8", "replace")
 
     parser = MultipartParser(boundary, {

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +23,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-7f3a9c2e5b1d"  # a constant: this module is imported twice (by pytest and by the tests)
+OTHER_KEY = "test-other-key-4b8e1d0a9c63"  # a second tenant
+ADMIN_KEY = "test-admin-key-9d2c5e7f1a04"  # sees every tenant
 MAX_UPLOAD_BYTES = 256 * 1024
 MODEL_NAME = "tiny-llama"
 
@@ -46,8 +48,13 @@ class Stack:
                               capture_output=True, text=True, timeout=timeout)
 
     def log(self, name: str) -> str:
+        """The tail of a process's log (for failure messages)."""
+        return self.full_log(name)[-4000:]
+
+    def full_log(self, name: str) -> str:
+        """Everything a process of the stack has written so far."""
         path = self.root / f"{name}.log"
-        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+        return path.read_text(errors="replace") if path.exists() else ""
 
 
 def free_port() -> int:
@@ -67,7 +74,8 @@ def stack_env(root: Path, tiny_model: Path) -> dict[str, str]:
         "VBATCH_HOME": str(REPO),
         "VBATCH_DATA_DIR": str(root / "data"),
         "VBATCH_MODELS_FILE": str(models),
-        "VBATCH_API_KEYS": f"other-key,{API_KEY}",
+        "VBATCH_API_KEYS": f"{OTHER_KEY},{API_KEY}",
+        "VBATCH_ADMIN_API_KEYS": ADMIN_KEY,
         "VBATCH_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
         "VBATCH_CHUNK_SIZE": "4",
         "VBATCH_DTYPE": "float32",
@@ -176,6 +184,33 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
     finally:
         stop(live)
         left = stray_pids(f"VBATCH_TEST_STACK={live.env['VBATCH_TEST_STACK']}".encode())
+        assert not left, f"processes left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def serve_only(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Callable[..., Stack]]:
+    """A factory of API servers with no daemon (batches queue, nothing runs, no engine loads), each with
+    the stack's settings plus the given environment; all are stopped at the end of the module."""
+    started: list[Stack] = []
+
+    def serve(**extra_env: str) -> Stack:
+        root = tmp_path_factory.mktemp("served")
+        live = Stack(root, {**stack_env(root, tiny_model), **extra_env})
+        install_instance(live.env)
+        port = free_port()
+        live.base_url = f"http://127.0.0.1:{port}/v1"
+        started.append(live)
+        server = start(live, "server", [sys.executable, "-m", "batch_pipeline.cli", "serve", "--host", "127.0.0.1",
+                                        "--port", str(port)])
+        wait_for_server(live, server)
+        return live
+
+    try:
+        yield serve
+    finally:
+        for live in started:
+            stop(live)
+        left = [pid for live in started for pid in stray_pids(f"VBATCH_TEST_STACK={live.env['VBATCH_TEST_STACK']}".encode())]
         assert not left, f"processes left behind: {left}"
 
 

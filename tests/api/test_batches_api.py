@@ -12,7 +12,7 @@ import openai
 import pytest
 from openai.types import Batch, FileObject
 
-from tests.api.conftest import API_KEY, MAX_UPLOAD_BYTES, MODEL_NAME, REPO, Stack
+from tests.api.conftest import ADMIN_KEY, API_KEY, MAX_UPLOAD_BYTES, MODEL_NAME, REPO, Stack
 
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
@@ -134,9 +134,10 @@ def test_cancel_stops_the_running_batch_and_keeps_an_error_per_request(stack: St
     assert again.status == "cancelled"
 
 
-def test_batches_created_elsewhere_are_listed_and_pages_follow_the_cursor(stack: Stack, client: openai.OpenAI,
-                                                                          tiny_model):
+def test_batches_created_elsewhere_are_listed_and_pages_follow_the_cursor(stack: Stack, tiny_model):
     # A batch registered the way the UI or `vllm-batch run` do: a partition and a spec, nothing from the API.
+    # It belongs to no tenant, so an admin key sees it (tests/api/test_tenancy.py: other keys do not).
+    client = openai.OpenAI(base_url=stack.base_url, api_key=ADMIN_KEY, max_retries=0, timeout=60)
     from dagster import DagsterInstance
 
     from batch_pipeline.local_run import register_local_batch

@@ -67,6 +67,7 @@ def test_failures_are_one_line_and_exit_1(offline: Stack, args: list[str], messa
 
 def test_serve_refuses_to_start_without_api_keys(offline: Stack):
     offline.env.pop("VBATCH_API_KEYS")
+    offline.env.pop("VBATCH_ADMIN_API_KEYS")
     result = offline.cli("serve", "--port", "1")
     assert result.returncode == 1 and result.stderr.startswith("error: no API keys configured")
 

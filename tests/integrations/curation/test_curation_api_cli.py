@@ -29,7 +29,8 @@ def _free_port() -> int:
 
 def _env(settings, curation: bool) -> dict[str, str]:
     env = {**os.environ, "DAGSTER_HOME": str(settings.dagster_home), "VBATCH_HOME": str(REPO),
-           "VBATCH_DATA_DIR": str(settings.resolved_data_dir), "VBATCH_API_KEYS": API_KEY,
+           # An admin key: these batches are written without one (no tenant), which only admin keys see.
+           "VBATCH_DATA_DIR": str(settings.resolved_data_dir), "VBATCH_ADMIN_API_KEYS": API_KEY,
            "VBATCH_ENABLE_CURATION": "true" if curation else "false"}
     if curation:
         env.update(VBATCH_LABEL_STUDIO_URL=settings.label_studio_url,

@@ -101,7 +101,8 @@ def service(tmp_path_factory, tiny_model: Path, prometheus: Prometheus) -> Itera
         "VBATCH_METRICS_PORT": str(metrics_port), "VBATCH_METRICS_POLL_SECONDS": "1",
         "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING",
         # Every line of the supervisor, webserver, daemon, runs and API server as JSON (checked below).
-        "VBATCH_LOG_FORMAT": "json", "VBATCH_API_KEYS": API_KEY,
+        # An admin key: the batches here are registered without one (no tenant), which only admin keys see.
+        "VBATCH_LOG_FORMAT": "json", "VBATCH_ADMIN_API_KEYS": API_KEY,
     })
     log = root / "service.log"
     started = time.time()
