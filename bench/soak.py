@@ -104,6 +104,7 @@ class SoakReport:
     chunks_total: int = 0
     chunk_writes: int = 0
     chunks_written_more_than_once: int = 0
+    chunks_without_observation: int = 0  # on disk, but the worker died before it recorded the observation
     chunk_rewrites_seen_on_disk: int = 0
     runs: list[dict] = field(default_factory=list)
     api_5xx: int = 0
@@ -232,8 +233,22 @@ class Services:
                 if "dagster-daemon" in " ".join(_cmdline(p))]
 
     def run_workers(self) -> list[psutil.Process]:
-        """Live run worker processes (`dagster api execute_run`) of this soak."""
-        return [p for p in marked(self.marker) if "execute_run" in " ".join(_cmdline(p))]
+        """Live run worker processes of this soak.
+
+        The daemon's code server starts each run as a `multiprocessing` spawn child (`spawn_main` in its
+        command line); vLLM's engine core is spawned the same way, but by the worker, not the code server.
+        """
+        workers = []
+        for process in marked(self.marker):
+            if "spawn_main" not in " ".join(_cmdline(process)):
+                continue
+            try:
+                parent = process.parent()
+            except psutil.Error:
+                continue
+            if parent is not None and "spawn_main" not in " ".join(_cmdline(parent)):
+                workers.append(process)
+        return workers
 
     def log(self, name: str) -> str:
         path = self.root / f"{name}.log"
@@ -540,6 +555,7 @@ def run_soak(params: SoakParams, root: Path, echo: Callable[[str], None] = print
         writes = wait_for(lambda: observed_chunk_writes(instance, batch.id), 60, "the chunk observations")
         report.chunk_writes = sum(writes.values())
         report.chunks_written_more_than_once = sum(1 for count in writes.values() if count > 1)
+        report.chunks_without_observation = len(set(range(report.chunks_total)) - set(writes))
         report.chunk_rewrites_seen_on_disk = watch.rewrites
         report.runs = wait_for(lambda: batch_runs(instance, batch.id), 60, "the batch's runs")
         report.api_5xx, report.api_connection_errors = client.server_errors, client.connection_errors

@@ -32,4 +32,5 @@ def test_a_batch_survives_killed_worker_daemon_api_server_and_a_postgres_restart
     assert report.duplicated == 0
     assert report.output_lines == 300 and report.error_lines == 0
     assert report.chunks_written_more_than_once == 0 and report.chunk_rewrites_seen_on_disk == 0
-    assert report.chunk_writes == report.chunks_total
+    # A worker killed between writing a chunk file and recording its observation leaves one unrecorded.
+    assert report.chunk_writes + report.chunks_without_observation == report.chunks_total
