@@ -44,13 +44,16 @@ def test_a_running_batch_whose_window_closes_is_expired_by_the_api_servers_sweep
     from batch_pipeline.batches import load_submission, save_submission
     from resources.storage import BatchStorage
 
-    total = 40
-    file_id = upload(client, tmp_path / "long.jsonl",
-                     [chat_line(f"exp-{i}", f"Item {i}", max_tokens=200) for i in range(total)])
+    # Long enough that it cannot finish between the window closing and the sweep acting (up to 10 s).
+    total = 1000
+    lines = [json.dumps({"custom_id": f"exp-{i}", "method": "POST", "url": "/v1/completions",
+                         "body": {"model": MODEL_NAME, "prompt": f"Item {i}", "max_tokens": 512, "temperature": 0,
+                                  "ignore_eos": True}}) for i in range(total)]
+    file_id = upload(client, tmp_path / "long.jsonl", lines)
     # The daemon's batch_stops sensor enforces windows too; with it stopped, only the API server's sweep can.
     dagster(stack, "sensor", "stop", "batch_stops")
     try:
-        batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="1h")
+        batch = client.batches.create(input_file_id=file_id, endpoint="/v1/completions", completion_window="1h")
         deadline = time.time() + 300
         while len(chunk_mtimes(stack, batch.id)) < 2:  # at least two chunks (of 4) finished
             assert time.time() < deadline, stack.log("daemon")
@@ -73,6 +76,7 @@ def test_a_running_batch_whose_window_closes_is_expired_by_the_api_servers_sweep
     assert len(kept) * 4 <= counts.completed < total  # the finished chunks are kept, the rest did not run
     after = chunk_mtimes(stack, batch.id)
     assert {name: after[name] for name in kept} == kept
+    assert counts.completed == 4 * len(after)  # what completed is exactly the finished chunks (4 requests each)
 
     output = [json.loads(x) for x in client.files.content(expired.output_file_id).text.splitlines()]
     errors = [json.loads(x) for x in client.files.content(expired.error_file_id).text.splitlines()]
