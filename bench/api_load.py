@@ -160,6 +160,7 @@ def main() -> None:
     parser.add_argument("--requests-per-batch", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--engine-host", action="store_true", help="VBATCH_ENGINE_HOST=true: one warm engine.")
+    parser.add_argument("--keep", action="store_true", help="Keep the work folder (service logs, data).")
     parser.add_argument("--output", type=Path, help="Report file (default: bench/results/api-load-<time>.json).")
     args = parser.parse_args()
 
@@ -207,7 +208,10 @@ def main() -> None:
                     report.files_lost += 1
             client.close()
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if args.keep:
+            print(f"work folder kept: {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
     report.routes = {route: {"calls": len(values), "p50_ms": round(statistics.median(values), 1),
                              "p99_ms": round(percentile(values, 0.99), 1), "max_ms": round(max(values), 1)}
