@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,4 +125,24 @@ def take(file: InboxFile, settings: Settings, instance: DagsterInstance) -> Inta
 
 def settle(source: Path) -> None:
     """Remove a taken file from the inbox (its content lives on under processed/ or rejected/)."""
+    _test_fault_before_settle()
     source.unlink(missing_ok=True)
+
+
+# A fault hook for tests only (tests/test_inbox_crash.py), never set in production: when this variable
+# names a file that does not exist yet, the first settle creates it and then waits, so the test can
+# SIGKILL the daemon after the run was launched and before the file left the inbox. Later settles (the
+# restarted daemon's) see the file and go on.
+_FAULT_BEFORE_SETTLE = "VBATCH_TEST_FAULT_BEFORE_SETTLE"
+
+
+def _test_fault_before_settle() -> None:
+    marker = os.environ.get(_FAULT_BEFORE_SETTLE)
+    if not marker:
+        return
+    try:
+        with open(marker, "x") as handle:
+            handle.write(str(os.getpid()))
+    except FileExistsError:
+        return
+    time.sleep(600)

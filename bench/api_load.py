@@ -1,0 +1,237 @@
+"""The Batch API under load: concurrent official `openai` clients upload, create, poll and download for a while.
+
+    flock /tmp/vbatch-engine.lock python bench/api_load.py --clients 50 --duration 180
+
+The stack is the production one on a throwaway PostgreSQL cluster (bench/soak.py: `vllm-batch start`
+and `vllm-batch serve`). Each client thread loops: upload a small batch file, read it back (metadata
+and content, compared byte for byte), list files, create a batch of it (at most one unfinished batch
+per client), poll its batches and the batch list, and download the output file of each batch that
+completed. Batches are tiny (a few short requests) so the engine is not the bottleneck; the daemon
+still launches a real run for each. At the end every unfinished batch is cancelled and every
+uploaded file is checked again (retrieve + content).
+
+Reports per route: calls, p50/p99/max latency in ms; 5xx answers (must be 0), other errors, files
+lost or changed (must be 0), and the batches created / completed / cancelled. The latencies are
+measured in the client process (Python threads, one shared HTTP connection pool), on the same
+machine as the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.soak import API_KEY, MODEL_NAME, SoakParams, soak_environment  # noqa: E402
+
+TERMINAL = {"completed", "failed", "expired", "cancelled"}
+
+
+@dataclass
+class LoadReport:
+    params: dict
+    wall_s: float = 0.0
+    routes: dict = field(default_factory=dict)
+    server_errors: int = 0
+    server_error_samples: list = field(default_factory=list)
+    other_errors: dict = field(default_factory=dict)
+    files_uploaded: int = 0
+    files_lost: int = 0
+    files_changed: int = 0
+    batches_created: int = 0
+    batches_completed: int = 0
+    batches_failed: int = 0
+    batches_cancelled_at_end: int = 0
+    outputs_downloaded: int = 0
+    outputs_wrong: int = 0
+
+
+class Recorder:
+    """Latency samples per route and errors, shared by the client threads."""
+
+    def __init__(self) -> None:
+        self.samples: dict[str, list[float]] = defaultdict(list)
+        self.server_errors = 0
+        self.server_error_samples: list[str] = []
+        self.other_errors: dict[str, int] = defaultdict(int)
+        self.lock = threading.Lock()
+
+    def call(self, route: str, fn):
+        import openai
+
+        started = time.perf_counter()
+        try:
+            result = fn()
+        except openai.APIStatusError as exc:
+            with self.lock:
+                if exc.status_code >= 500:
+                    self.server_errors += 1
+                    if len(self.server_error_samples) < 10:
+                        self.server_error_samples.append(f"{route}: {exc.status_code} {str(exc)[:300]}")
+                else:
+                    self.other_errors[f"{route} {exc.status_code}"] += 1
+            raise
+        except openai.APIConnectionError:
+            with self.lock:
+                self.other_errors[f"{route} connection"] += 1
+            raise
+        elapsed = (time.perf_counter() - started) * 1000
+        with self.lock:
+            self.samples[route].append(elapsed)
+        return result
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def batch_file(client_index: int, iteration: int, requests: int) -> bytes:
+    lines = [json.dumps({"custom_id": f"c{client_index}-i{iteration}-r{r}", "method": "POST", "url": "/v1/completions",
+                         "body": {"model": MODEL_NAME, "prompt": f"Client {client_index} item {r}", "max_tokens": 4,
+                                  "temperature": 0}}) for r in range(requests)]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def client_loop(index: int, base_url: str, recorder: Recorder, stop_at: float, requests: int,
+                uploaded: dict[str, str], batches: dict[str, dict], seed: int) -> None:
+    import openai
+    from openai import OpenAI
+
+    rng = random.Random(seed * 1000 + index)
+    mine: list[str] = []
+    client = OpenAI(base_url=base_url, api_key=API_KEY, max_retries=0, timeout=120)
+    iteration = 0
+    while time.monotonic() < stop_at:
+        iteration += 1
+        try:
+            content = batch_file(index, iteration, requests)
+            file = recorder.call("POST /files", lambda c=content, i=iteration: client.files.create(
+                file=(f"load-{index}-{i}.jsonl", c), purpose="batch"))
+            uploaded[file.id] = hashlib.sha256(content).hexdigest()
+            recorder.call("GET /files/{id}", lambda f=file.id: client.files.retrieve(f))
+            body = recorder.call("GET /files/{id}/content", lambda f=file.id: client.files.content(f)).content
+            if hashlib.sha256(body).hexdigest() != uploaded[file.id]:
+                with recorder.lock:
+                    recorder.other_errors["content differs right after upload"] += 1
+            if rng.random() < 0.2:
+                recorder.call("GET /files", lambda: client.files.list())
+            unfinished = [b for b in mine if batches[b]["status"] not in TERMINAL]
+            if not unfinished:
+                created = recorder.call("POST /batches", lambda f=file.id: client.batches.create(
+                    input_file_id=f, endpoint="/v1/completions", completion_window="24h"))
+                batches[created.id] = {"status": created.status, "requests": requests, "downloaded": False}
+                mine.append(created.id)
+            for batch_id in mine:
+                if batches[batch_id]["status"] in TERMINAL:
+                    continue
+                batch = recorder.call("GET /batches/{id}", lambda b=batch_id: client.batches.retrieve(b))
+                batches[batch_id]["status"] = batch.status
+                if batch.status == "completed" and batch.output_file_id and not batches[batch_id]["downloaded"]:
+                    text = recorder.call("GET /files/{id}/content (output)",
+                                         lambda o=batch.output_file_id: client.files.content(o)).text
+                    batches[batch_id]["downloaded"] = True
+                    batches[batch_id]["output_lines"] = len(text.splitlines())
+            if rng.random() < 0.2:
+                recorder.call("GET /batches", lambda: client.batches.list(limit=20))
+            time.sleep(rng.uniform(0.0, 0.5))  # think time: clients are not in lock step
+        except (openai.APIStatusError, openai.APIConnectionError):
+            time.sleep(0.5)
+    client.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--duration", type=float, default=180.0, help="Seconds of load.")
+    parser.add_argument("--requests-per-batch", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--engine-host", action="store_true", help="VBATCH_ENGINE_HOST=true: one warm engine.")
+    parser.add_argument("--keep", action="store_true", help="Keep the work folder (service logs, data).")
+    parser.add_argument("--output", type=Path, help="Report file (default: bench/results/api-load-<time>.json).")
+    args = parser.parse_args()
+
+    import openai
+    from openai import OpenAI
+
+    report = LoadReport(params=vars(args) | {"output": str(args.output) if args.output else None})
+    root = Path(tempfile.mkdtemp(prefix="vbatch-api-load-"))
+    recorder = Recorder()
+    uploaded: dict[str, str] = {}
+    batches: dict[str, dict] = {}
+    extra = {"VBATCH_ENGINE_HOST": "true"} if args.engine_host else {}
+    try:
+        with soak_environment(SoakParams(chunk_size=16, max_num_seqs=16), root, extra) as (services, _):
+            started = time.monotonic()
+            stop_at = started + args.duration
+            threads = [threading.Thread(target=client_loop, args=(i, services.base_url, recorder, stop_at,
+                                                                    args.requests_per_batch, uploaded, batches,
+                                                                    args.seed), daemon=True)
+                       for i in range(args.clients)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            report.wall_s = round(time.monotonic() - started, 1)
+
+            client = OpenAI(base_url=services.base_url, api_key=API_KEY, max_retries=0, timeout=120)
+            for batch_id, state in batches.items():
+                if state["status"] not in TERMINAL:
+                    try:
+                        state["status"] = client.batches.cancel(batch_id).status
+                        report.batches_cancelled_at_end += 1
+                    except openai.BadRequestError:  # it finished in between
+                        state["status"] = client.batches.retrieve(batch_id).status
+            listed = {f.id for f in client.files.list()}
+            for file_id, digest in uploaded.items():
+                try:
+                    client.files.retrieve(file_id)
+                    if hashlib.sha256(client.files.content(file_id).content).hexdigest() != digest:
+                        report.files_changed += 1
+                except openai.NotFoundError:
+                    report.files_lost += 1
+                    continue
+                if file_id not in listed:
+                    report.files_lost += 1
+            client.close()
+    finally:
+        if args.keep:
+            print(f"work folder kept: {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+    report.routes = {route: {"calls": len(values), "p50_ms": round(statistics.median(values), 1),
+                             "p99_ms": round(percentile(values, 0.99), 1), "max_ms": round(max(values), 1)}
+                     for route, values in sorted(recorder.samples.items())}
+    report.server_errors, report.server_error_samples = recorder.server_errors, recorder.server_error_samples
+    report.other_errors = dict(recorder.other_errors)
+    report.files_uploaded = len(uploaded)
+    report.batches_created = len(batches)
+    report.batches_completed = sum(1 for b in batches.values() if b["status"] == "completed")
+    report.batches_failed = sum(1 for b in batches.values() if b["status"] == "failed")
+    report.outputs_downloaded = sum(1 for b in batches.values() if b["downloaded"])
+    report.outputs_wrong = sum(1 for b in batches.values() if b["downloaded"] and b["output_lines"] != b["requests"])
+    output = args.output or REPO / "bench" / "results" / f"api-load-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(asdict(report), indent=2) + "\n")
+    print(json.dumps(asdict(report), indent=2))
+    print(f"report: {output}")
+    if report.server_errors or report.files_lost or report.files_changed or report.outputs_wrong:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
