@@ -212,7 +212,10 @@ class BatchService:
                 submission = load_submission(paths) if paths.spec.is_file() else None
                 if submission is None or submission.output_expires_after is None:
                     continue
-                if not (self.files.root / result_file_id(batch_id, "output")).exists():
+                unregistered = [path for kind, path in (("output", paths.output), ("errors", paths.errors))
+                                if path.exists() and path.stat().st_size > 0
+                                and not (self.files.root / result_file_id(batch_id, kind)).exists()]
+                if unregistered:
                     self.describe(batch_id)  # registers its result files, with their expiry
             return self.files.expire_due(self.data_dir, time.time())
 
