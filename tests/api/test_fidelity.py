@@ -43,6 +43,7 @@ def _gone(call) -> bool:
 def test_usage_with_cached_tokens_and_output_expiry_reach_the_official_client(stack: Stack, client: openai.OpenAI,
                                                                               tmp_path: Path):
     lines = [chat_line(f"p-{i}", SHARED_PREFIX + f"Question {i}: what is {i} + {i}?") for i in range(12)]
+    lines.append("{not json")  # so that the batch has an error file too
     uploaded = _upload(client, tmp_path / "prefix.jsonl", lines,
                        expires_after={"anchor": "created_at", "seconds": 3600})
     assert uploaded.expires_at == uploaded.created_at + 3600
@@ -66,31 +67,37 @@ def test_usage_with_cached_tokens_and_output_expiry_reach_the_official_client(st
     assert usage.output_tokens_details.reasoning_tokens == 0
     cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u in per_line)
     assert usage.input_tokens_details.cached_tokens == cached
+    print(f"cached_tokens={cached} of input_tokens={usage.input_tokens}")
     assert cached > 0, "no request found the shared prefix in vLLM's prefix cache"
     # The official client's Batch type reads the same number.
     assert client.batches.retrieve(batch.id).usage.input_tokens_details.cached_tokens == cached
 
-    out_file = client.files.retrieve(done.output_file_id)
-    assert out_file.expires_at == out_file.created_at + 7200
-    assert done.error_file_id is None
+    for file_id in (done.output_file_id, done.error_file_id):
+        result_file = client.files.retrieve(file_id)
+        assert result_file.purpose == "batch_output" and result_file.expires_at == result_file.created_at + 7200
 
     # The sweep deletes nothing before its time: move both expiries into the past in the store (as if
     # the hours had passed) and wait for the server's timer to delete them.
     files = stack.data_dir / "files"
-    for file_id in (uploaded.id, done.output_file_id):
+    for file_id in (uploaded.id, done.output_file_id, done.error_file_id):
         record = json.loads((files / file_id / "file.json").read_text())
         record["file"]["expires_at"] = int(time.time()) - 1
         (files / file_id / "file.json").write_text(json.dumps(record))
-    _wait_until(lambda: not (files / done.output_file_id / "file.json").exists()
-                and not (files / uploaded.id / "file.json").exists(), 60, "the expiry sweep")
-    for file_id in (uploaded.id, done.output_file_id):
+    swept = (uploaded.id, done.output_file_id, done.error_file_id)
+    _wait_until(lambda: not any((files / file_id / "file.json").exists() for file_id in swept), 60,
+                "the expiry sweep")
+    for file_id in swept:
         with pytest.raises(openai.NotFoundError) as caught:
             client.files.retrieve(file_id)
         assert "expired" in caught.value.body["message"]
         assert _gone(lambda file_id=file_id: client.files.content(file_id))
     assert not (files / uploaded.id / "content").exists()
-    assert not (stack.data_dir / "batches" / batch.id / "results" / "output.jsonl").exists()
-    assert client.batches.retrieve(batch.id).output_file_id == done.output_file_id  # the id stays, as OpenAI's
+    results = stack.data_dir / "batches" / batch.id / "results"
+    assert not (results / "output.jsonl").exists() and not (results / "errors.jsonl").exists()
+    assert (results / "summary.json").exists()  # only the expired files go
+    after = client.batches.retrieve(batch.id)  # the ids stay, as OpenAI's do
+    assert (after.status, after.output_file_id, after.error_file_id) == ("completed", done.output_file_id,
+                                                                         done.error_file_id)
     listed = {f.id for f in client.files.list()}
     assert keep.id in listed and uploaded.id not in listed and done.output_file_id not in listed
     assert client.files.content(keep.id).text.startswith('{"custom_id": "k"')
