@@ -7,6 +7,7 @@ batch's results, completion windows, cursor paging) and turns domain errors into
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -38,6 +39,8 @@ from batch_pipeline.settings import Settings
 from batch_pipeline.status import ChunkStats, derive_batch, read_facts
 from batch_pipeline.stopping import enforce_stop, enforce_stops, request_cancel
 from resources.storage import BatchPaths, BatchStorage
+
+log = logging.getLogger(__name__)
 
 _BUSY = {"validating", "in_progress", "finalizing", "cancelling"}
 
@@ -216,7 +219,10 @@ class BatchService:
                                 if path.exists() and path.stat().st_size > 0
                                 and not (self.files.root / result_file_id(batch_id, kind)).exists()]
                 if unregistered:
-                    self.describe(batch_id)  # registers its result files, with their expiry
+                    try:
+                        self.describe(batch_id)  # registers its result files, with their expiry
+                    except Exception:  # one broken batch must not keep the other files from expiring
+                        log.exception("could not register the result files of batch %s", batch_id)
             return self.files.expire_due(self.data_dir, time.time())
 
     # ---- results --------------------------------------------------------------------------------
