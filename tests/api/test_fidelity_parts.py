@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -91,3 +92,45 @@ def test_partial_output_is_the_gapless_prefix_of_chunks_and_equals_the_final_lin
     assert counts.cached_tokens == 30
     table = pq.read_table(paths.chunk(0))
     assert cached_tokens(table["response"]) == 12
+
+
+def test_the_sweep_expires_the_results_of_a_batch_nobody_read_and_nothing_before_its_time(settings, sqlite_instance,
+                                                                                       tiny_model, tmp_path):
+    import os
+
+    from batch_pipeline.api.files import result_file_id
+    from batch_pipeline.api.service import BatchService
+    from batch_pipeline.batches import Submission, save_submission
+    from batch_pipeline.intake import register
+    from batch_pipeline.models import ServedModel
+
+    source = tmp_path / "in.jsonl"
+    source.write_text("{}\n")
+    service = BatchService(settings, sqlite_instance)
+    hours_ago = time.time() - 2 * 3600
+    for batch_id, finished_at in (("old", hours_ago), ("fresh", time.time())):
+        register(settings, sqlite_instance, source, ServedModel(name="m", model=str(tiny_model)), source="api",
+                 batch_id=batch_id)
+        paths = service.storage.batch(batch_id)
+        save_submission(paths, Submission(input_file_id="file-0123456789abcdef01234567", output_expires_after=3600))
+        paths.results_dir.mkdir(parents=True)
+        paths.output.write_text('{"id": "x"}\n')
+        paths.errors.write_text('{"id": "y"}\n')
+        paths.summary.write_text(json.dumps({"total": 2, "completed": 1, "failed": 1}))
+        for path in (paths.output, paths.errors):
+            os.utime(path, (finished_at, finished_at))
+
+    # Neither batch was ever read: the sweep registers their result files with their expiry, then
+    # deletes those of the batch that finished two hours ago (expiry one hour after the files were made).
+    expired = set(service.expire_files())
+    assert expired == {result_file_id("old", "output"), result_file_id("old", "errors")}
+    old = service.storage.batch("old")
+    assert not old.output.exists() and not old.errors.exists() and old.summary.exists()
+    fresh = service.describe("fresh")
+    assert service.files.get(fresh.output_file_id).file.expires_at == int(os.stat(
+        service.storage.batch("fresh").output).st_mtime) + 3600
+    assert service.expire_files() == []
+    batch = service.describe("old")
+    assert batch.status == "completed" and batch.output_file_id == result_file_id("old", "output")
+    with pytest.raises(FileExpired):
+        service.files.content_path(batch.output_file_id)
