@@ -11,6 +11,7 @@ from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataV
 
 from batch_pipeline.batches import BatchSpec, batches_partitions, file_digest, load_spec
 from batch_pipeline.chunks import output_line_id
+from batch_pipeline.constants import FAILURE_CODE_KEY, NO_VALID_REQUESTS
 from batch_pipeline.input_file import BatchFileError, InvalidLine, scan_batch_file
 from batch_pipeline.results import error_line
 from batch_pipeline.settings import get_settings
@@ -50,14 +51,16 @@ def batch_input(context: AssetExecutionContext, storage: BatchStorage) -> Materi
     if spec.rejected:
         # A file the inbox refused (not JSONL, empty, unknown or mixed models): the run fails with the
         # reason, so it shows in the UI, the run's logs and `vllm-batch status`.
-        raise Failure(f"batch rejected: {spec.rejected}", allow_retries=False)
+        raise Failure(f"batch rejected: {spec.rejected}", allow_retries=False,
+                      metadata={FAILURE_CODE_KEY: spec.rejected_code or "invalid_file"})
     # Absolute paths stay absolute; on an object-store data root, intake copied the file beside the batch.
     input_path = paths.root.joinpath(spec.input_path)
     with ExitStack() as stack:
         try:
             local_input = stack.enter_context(local_copy(input_path))
         except OSError as exc:
-            raise Failure(f"cannot read input file {input_path}: {exc.strerror or exc}", allow_retries=False) from None
+            raise Failure(f"cannot read input file {input_path}: {exc.strerror or exc}", allow_retries=False,
+                          metadata={FAILURE_CODE_KEY: "invalid_file"}) from None
         return _validate(context, spec, paths, input_path, local_input)
 
 
@@ -66,7 +69,8 @@ def _validate(context: AssetExecutionContext, spec: BatchSpec, paths: BatchPaths
     try:
         digest = file_digest(local_input)
     except OSError as exc:
-        raise Failure(f"cannot read input file {input_path}: {exc.strerror or exc}", allow_retries=False) from None
+        raise Failure(f"cannot read input file {input_path}: {exc.strerror or exc}", allow_retries=False,
+                      metadata={FAILURE_CODE_KEY: "invalid_file"}) from None
     fingerprint = _fingerprint(digest, spec.model, spec.chunk_size)
     if _drop_stale_outputs(paths, fingerprint):
         context.log.warning("the input changed since the last run: old chunks and results were removed")
@@ -96,9 +100,15 @@ def _validate(context: AssetExecutionContext, spec: BatchSpec, paths: BatchPaths
                 if numbers:
                     _write_rows(writer, columns)
     except BatchFileError as exc:
-        raise Failure(str(exc), allow_retries=False) from None
+        raise Failure(str(exc), allow_retries=False, metadata={FAILURE_CODE_KEY: "invalid_file"}) from None
     if valid + invalid == 0:
-        raise Failure(f"input file {input_path} is empty: it has no request lines", allow_retries=False)
+        raise Failure(f"input file {input_path} is empty: it has no request lines", allow_retries=False,
+                      metadata={FAILURE_CODE_KEY: "empty_file"})
+    if valid == 0:
+        # As OpenAI's validation fails a batch: nothing could run. The batch's errors list the lines
+        # (read from invalid.jsonl, written above); a file with some good lines runs them instead.
+        raise Failure(f"no line of the input file is a valid request ({invalid} lines rejected)",
+                      allow_retries=False, metadata={FAILURE_CODE_KEY: NO_VALID_REQUESTS})
 
     num_chunks = -(-valid // spec.chunk_size)
     manifest = {"batch_id": spec.batch_id, "fingerprint": fingerprint, "input_sha256": digest,

@@ -33,6 +33,7 @@ class BatchSpec(BaseModel):
     source: str = "cli"
     metadata: dict[str, str] = Field(default_factory=dict)
     rejected: str | None = Field(default=None, description="Why intake refused the file; its run fails with this.")
+    rejected_code: str | None = Field(default=None, description="The refusal as a code (the failed batch's errors).")
 
 
 def valid_batch_id(batch_id: str) -> bool:
@@ -94,6 +95,7 @@ class Submission(BaseModel):
     stopped_at: float | None = None  # when the partial results of a cancelled or expired batch were written
     launch_error: str | None = None  # why its ticket could not be launched (the batch then shows as failed)
     owner: str | None = None  # the API key's fingerprint (batch_pipeline/tenancy.py); None: no tenant
+    output_expires_after: int | None = None  # seconds: its output and error files expire this long after creation
 
 
 def load_submission(paths: BatchPaths) -> Submission | None:

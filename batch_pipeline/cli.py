@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -218,6 +218,7 @@ def _service() -> BatchService:
 
 def _call(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a service call; its known errors become one line and exit code 1."""
+    from batch_pipeline.api.files import FileNotFound
     from batch_pipeline.api.service import BatchRequestError
     from batch_pipeline.batches import BatchNotFound
 
@@ -225,6 +226,8 @@ def _call(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return function(*args, **kwargs)
     except BatchNotFound as exc:
         _fail(f"no batch with id {str(exc)!r}")
+    except FileNotFound as exc:
+        _fail(f"no such file: {exc}")
     except BatchRequestError as exc:
         _fail(str(exc))
 
@@ -329,13 +332,20 @@ def list_batches(limit: int, after: str | None, as_json: bool) -> None:
 @click.argument("batch_id")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Write the file here instead of stdout.")
 @click.option("--errors", "which", flag_value="errors", help="The error file instead of the output file.")
+@click.option("--partial", is_flag=True,
+              help="While the batch runs: the output lines of its chunks finished so far (a prefix of the final file).")
 @click.option("--json", "as_json", is_flag=True, help="With -o: print where the file went, as JSON.")
-def results(batch_id: str, output: Path | None, which: str | None, as_json: bool) -> None:
+def results(batch_id: str, output: Path | None, which: str | None, partial: bool, as_json: bool) -> None:
     """Print (or save) a finished batch's output file, or its error file with --errors."""
     import shutil
 
     kind = which or "output"
     service = _service()
+    if partial:
+        if which == "errors":
+            _fail("--partial gives output lines only; the error file is written when the batch ends")
+        _write_lines(_call(service.partial_output, batch_id), output, batch_id, as_json)
+        return
     path = _call(service.result_path, batch_id, kind)
     if path is None:
         batch = _call(service.describe, batch_id)
@@ -351,6 +361,30 @@ def results(batch_id: str, output: Path | None, which: str | None, as_json: bool
     if as_json:
         click.echo(json.dumps({"batch_id": batch_id, "kind": kind, "path": str(output.resolve()),
                                "bytes": output.stat().st_size}))
+    else:
+        click.echo(str(output))
+
+
+def _write_lines(lines: Iterator[str], output: Path | None, batch_id: str, as_json: bool) -> None:
+    """Write output lines to stdout or, atomically, to `output`."""
+    from resources.storage import atomic_path
+
+    if output is None:
+        for line in lines:
+            sys.stdout.write(line)
+        sys.stdout.flush()
+        return
+    count = 0
+    try:
+        with atomic_path(output.resolve()) as tmp, tmp.open("w") as handle:
+            for line in lines:
+                handle.write(line)
+                count += 1
+    except OSError as exc:
+        _fail(f"cannot write {output}: {exc.strerror or exc}")
+    if as_json:
+        click.echo(json.dumps({"batch_id": batch_id, "kind": "output", "partial": True, "lines": count,
+                               "path": str(output.resolve()), "bytes": output.stat().st_size}))
     else:
         click.echo(str(output))
 

@@ -26,3 +26,10 @@ ACTIVE_RUN_STATUSES = frozenset({
     DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
     DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING, DagsterRunStatus.MANAGED,
 })
+
+# A batch_input failure carries its error code (the failed batch's `errors.data[].code`) in this metadata key.
+FAILURE_CODE_KEY = "error_code"
+# The code of a batch whose every line was rejected: its errors list the lines (OpenAI's shape).
+NO_VALID_REQUESTS = "no_valid_requests"
+# At most this many line errors are listed in a failed batch's `errors` (the file has them all).
+MAX_BATCH_ERRORS = 1000

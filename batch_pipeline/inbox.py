@@ -77,35 +77,39 @@ def list_inbox(inbox: Path) -> list[InboxFile]:
 
 
 class FileRejected(Exception):
-    """The file cannot become a batch; the message says why, in one line."""
+    """The file cannot become a batch; the message says why, in one line, and `code` in one word."""
+
+    def __init__(self, message: str, code: str = "invalid_file"):
+        super().__init__(message)
+        self.code = code
 
 
 def choose_model(path: Path, settings: Settings) -> ServedModel:
     """The model a file runs (every line must name the same one, else the default), or FileRejected."""
     found = survey(path, settings.max_line_bytes)
     if found.lines == 0:
-        raise FileRejected("the file is empty: it has no request lines")
+        raise FileRejected("the file is empty: it has no request lines", "empty_file")
     if found.objects == 0:
         raise FileRejected("the file is not JSONL: no line is a JSON object (one request per line)")
     if len(found.models) > 1:
         raise FileRejected(f"the file mixes models ({', '.join(sorted(found.models))}); "
-                           "a batch runs one model: split it into one file per model")
+                           "a batch runs one model: split it into one file per model", "model_mismatch")
     name = next(iter(found.models), None) or settings.model
     if not name:
-        raise FileRejected("no model: set body.model on the requests or VBATCH_MODEL")
+        raise FileRejected("no model: set body.model on the requests or VBATCH_MODEL", "model_not_found")
     try:
         return resolve_model(settings, name)
     except IntakeError as exc:
-        raise FileRejected(str(exc)) from None
+        raise FileRejected(str(exc), exc.code or "invalid_file") from None
 
 
 def take(file: InboxFile, settings: Settings, instance: DagsterInstance) -> Intake:
     """Register the batch for a complete inbox file (idempotent); the file itself is moved later by `settle`."""
-    rejected = None
+    rejected = rejected_code = None
     try:
         served = choose_model(file.path, settings)
     except FileRejected as exc:
-        served, rejected = ServedModel(name="", model=""), str(exc)
+        served, rejected, rejected_code = ServedModel(name="", model=""), str(exc), exc.code
     batch_id = default_batch_id(file.path, served.model)
     destination = settings.resolved_inbox_dir / (REJECTED if rejected else PROCESSED) / f"{batch_id}.jsonl"
     # The batch reads its input from the destination; link it there now, so the run can start
@@ -119,7 +123,8 @@ def take(file: InboxFile, settings: Settings, instance: DagsterInstance) -> Inta
     if rejected:
         destination.with_suffix(".reason.txt").write_text(rejected + "\n")
     spec = register(settings, instance, destination, served, source="inbox", batch_id=batch_id,
-                    metadata={"inbox_file": file.path.name}, rejected=rejected)
+                    metadata={"inbox_file": file.path.name}, rejected=rejected,
+                    rejected_code=rejected_code)
     return Intake(spec, file.path, destination)
 
 

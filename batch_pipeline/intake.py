@@ -120,7 +120,8 @@ def resolve_model(settings: Settings, name: str, *, allow_hub_ids: bool = False,
 
 def register(settings: Settings, instance: DagsterInstance, input_path: Path, served: ServedModel, *,
              source: str, batch_id: str | None = None, chunk_size: int | None = None,
-             metadata: dict[str, str] | None = None, rejected: str | None = None) -> BatchSpec:
+             metadata: dict[str, str] | None = None, rejected: str | None = None,
+             rejected_code: str | None = None) -> BatchSpec:
     """Write the batch's spec and add its partition (idempotent: registering again keeps its history)."""
     batch_id = batch_id or default_batch_id(input_path, served.model)
     if not valid_batch_id(batch_id):
@@ -134,7 +135,7 @@ def register(settings: Settings, instance: DagsterInstance, input_path: Path, se
         upload(input_path, paths.source)
     spec = BatchSpec(batch_id=batch_id, input_path=stored_input, model=served.model, model_name=served.name,
                      engine_args=served.engine_args, chunk_size=chunk_size or settings.chunk_size, source=source,
-                     metadata=metadata or {}, rejected=rejected)
+                     metadata=metadata or {}, rejected=rejected, rejected_code=rejected_code)
     if paths.spec.exists():
         spec = spec.model_copy(update={"created_at": load_spec(paths).created_at})
     save_spec(paths, spec)

@@ -15,6 +15,7 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batch_pipeline.chunks import CHUNK_COLUMNS, CHUNK_SCHEMA, iter_requests, output_line_id
@@ -35,6 +36,27 @@ def output_line(row: dict) -> str:
             f'"response":{row["response"]},"error":null}}\n')
 
 
+def chunk_output_lines(table: pa.Table) -> Iterator[tuple[dict, str]]:
+    """(row, output line) for every row of a chunk table that has a response, in the chunk's (input) order.
+
+    The one path from chunk rows to output lines: the final output.jsonl, a stopped batch's and the
+    partial results of a running batch are byte-identical line for line.
+    """
+    for row in table.filter(pc.is_null(table["error"])).to_pylist():
+        yield row, output_line(row)
+
+
+# The response member is compact JSON written by this project: `"cached_tokens":` occurs once, in
+# usage.prompt_tokens_details (a quote inside generated text is escaped, so it cannot match there).
+_CACHED_TOKENS_RE = r'"cached_tokens":(?P<n>[0-9]+)'
+
+
+def cached_tokens(responses: pa.ChunkedArray | pa.Array) -> int:
+    """The sum of usage.prompt_tokens_details.cached_tokens over a column of response members."""
+    found = pc.struct_field(pc.extract_regex(responses, _CACHED_TOKENS_RE), "n")
+    return pc.sum(pc.cast(found, pa.int64())).as_py() or 0
+
+
 def invalid_lines(paths: BatchPaths) -> Iterator[tuple[int, str]]:
     """(line number, error line) for every line batch_input rejected, in line order."""
     with paths.invalid.open() as handle:
@@ -51,6 +73,7 @@ class ResultCounts:
     failed: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from vLLM's prefix cache
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -75,11 +98,12 @@ def _write(paths: BatchPaths, manifest: dict, chunks: Iterable[int], not_run: Ba
             table = _read_chunk(paths, index)
             if parquet_writer is not None:
                 parquet_writer.write_table(table)
-            for row in table.filter(pa.compute.is_null(table["error"])).to_pylist():
+            counts.cached_tokens += cached_tokens(table["response"])
+            for row, line in chunk_output_lines(table):
                 counts.completed += 1
                 counts.prompt_tokens += row["prompt_tokens"]
                 counts.completion_tokens += row["completion_tokens"]
-                output.write(output_line(row))
+                output.write(line)
 
     def chunk_errors() -> Iterator[tuple[int, str]]:
         # Read again, error rows only, so that memory stays bounded however many requests failed.
@@ -110,6 +134,31 @@ def write_results(paths: BatchPaths, manifest: dict) -> ResultCounts:
     with atomic_path(paths.summary) as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     return counts
+
+
+def contiguous_chunks(paths: BatchPaths, num_chunks: int) -> int:
+    """How many chunks from the first on are finished without a gap (chunks may finish out of order)."""
+    finished = paths.finished_chunks()
+    count = 0
+    while count < num_chunks and count in finished:
+        count += 1
+    return count
+
+
+def partial_output_lines(paths: BatchPaths) -> Iterator[str]:
+    """The output lines of a running batch's finished chunks, as far as they are finished without a gap:
+    a prefix of the final output.jsonl, each line byte-identical to its line there."""
+    try:
+        manifest = json.loads(paths.manifest.read_text())
+    except FileNotFoundError:
+        return
+    for index in range(contiguous_chunks(paths, manifest["num_chunks"])):
+        try:
+            table = _read_chunk(paths, index)
+        except FileNotFoundError:
+            return  # removed under us (the input changed and the batch restarted): stop at a whole chunk
+        for _, line in chunk_output_lines(table):
+            yield line
 
 
 STOP_ERRORS = {

@@ -19,13 +19,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from dagster import DagsterEvent, DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 
-from batch_pipeline.batch_object import Batch, BatchErrorItem, BatchErrors, RequestCounts, Usage
+from batch_pipeline.batch_object import Batch, BatchErrorItem, BatchErrors, InputTokensDetails, RequestCounts, Usage
 from batch_pipeline.batches import BatchSpec, Submission, load_spec, load_submission
-from batch_pipeline.constants import ACTIVE_RUN_STATUSES, PARTITION_TAG, RUN_KEY_TAG, WILL_RETRY_TAG
+from batch_pipeline.constants import (
+    ACTIVE_RUN_STATUSES,
+    FAILURE_CODE_KEY,
+    MAX_BATCH_ERRORS,
+    NO_VALID_REQUESTS,
+    PARTITION_TAG,
+    RUN_KEY_TAG,
+    WILL_RETRY_TAG,
+)
 from batch_pipeline.intake import survey
 from batch_pipeline.queue_tickets import ticket_exists
 from batch_pipeline.records import CHAT_URL
-from batch_pipeline.results import ResultCounts
+from batch_pipeline.results import ResultCounts, cached_tokens
 from resources.storage import BatchPaths, Location, read_parquet
 
 CANCELING_STEP = "__canceling__"
@@ -64,6 +72,7 @@ class BatchFacts:
     progress: ResultCounts | None  # counts so far, from the manifest and the finished chunks
     summary_mtime: float | None = None
     submission_mtime: float | None = None
+    line_errors: tuple[BatchErrorItem, ...] = ()  # a batch failed because no line was valid: each line's error
 
     @property
     def finished(self) -> bool:
@@ -130,7 +139,7 @@ def derive_batch(facts: BatchFacts, now: float) -> Batch:
         batch.status = "in_progress"  # the retry resumes from the finished chunks
     elif run is not None and run.failed_for_good:
         batch.status, batch.failed_at = "failed", _int(run.ended_at)
-        batch.errors = BatchErrors(data=[run.failure or BatchErrorItem(code="batch_failed")])
+        batch.errors = BatchErrors(data=list(facts.line_errors) or [run.failure or BatchErrorItem(code="batch_failed")])
     elif facts.summary is not None:
         batch.status = "completed"
         batch.completed_at = _int(run.ended_at if run else None) or _int(facts.summary_mtime)
@@ -139,10 +148,12 @@ def derive_batch(facts: BatchFacts, now: float) -> Batch:
 
     totals = (facts.summary if batch.status == "completed" else
               facts.stopped if batch.status in ("cancelled", "expired") else None)
-    counts = ResultCounts(**{k: totals[k] for k in ResultCounts().as_dict()}) if totals else facts.progress
+    # .get: summaries written before a count existed (cached_tokens) read it as 0.
+    counts = ResultCounts(**{k: totals.get(k, 0) for k in ResultCounts().as_dict()}) if totals else facts.progress
     if counts is not None:
         batch.request_counts = RequestCounts(total=counts.total, completed=counts.completed, failed=counts.failed)
         batch.usage = Usage(input_tokens=counts.prompt_tokens, output_tokens=counts.completion_tokens,
+                            input_tokens_details=InputTokensDetails(cached_tokens=counts.cached_tokens),
                             total_tokens=counts.prompt_tokens + counts.completion_tokens)
     return batch
 
@@ -183,6 +194,7 @@ class ChunkStats:
                 counts.failed += chunk.failed
                 counts.prompt_tokens += chunk.prompt_tokens
                 counts.completion_tokens += chunk.completion_tokens
+                counts.cached_tokens += chunk.cached_tokens
         return counts
 
     def _chunk(self, path: Location) -> ResultCounts | None:
@@ -191,11 +203,12 @@ class ChunkStats:
         except FileNotFoundError:
             return None
         if key not in self._cache:
-            table = read_parquet(path, columns=["error", "prompt_tokens", "completion_tokens"])
+            table = read_parquet(path, columns=["response", "error", "prompt_tokens", "completion_tokens"])
             failed = table.num_rows - table["error"].null_count
             self._cache[key] = ResultCounts(
                 total=table.num_rows, completed=table.num_rows - failed, failed=failed,
-                prompt_tokens=_sum(table["prompt_tokens"]), completion_tokens=_sum(table["completion_tokens"]))
+                prompt_tokens=_sum(table["prompt_tokens"]), completion_tokens=_sum(table["completion_tokens"]),
+                cached_tokens=cached_tokens(table["response"]))
         return self._cache[key]
 
 
@@ -218,8 +231,8 @@ def latest_run(instance: DagsterInstance, batch_id: str) -> RunState | None:
         logs = instance.all_logs(run.run_id, of_type={DagsterEventType.STEP_FAILURE})
         events = [entry.dagster_event for entry in logs if entry.dagster_event is not None]
         step = events[0].step_key if events else None
-        failure = BatchErrorItem(code="invalid_file" if step == "batch_input" else "batch_failed",
-                                 message=failure_message(events))
+        code = failure_code(events) or ("invalid_file" if step == "batch_input" else "batch_failed")
+        failure = BatchErrorItem(code=code, message=failure_message(events))
     will_retry = run.tags.get(WILL_RETRY_TAG) == "true"
     return RunState(run.run_id, run.status, record.end_time, starts, failure, will_retry)
 
@@ -234,10 +247,30 @@ def read_facts(instance: DagsterInstance, paths: BatchPaths, data_dir: Location,
         # The sensor clears a ticket once its run exists; until then the ticket may have a run already.
         pending = not instance.get_run_records(RunsFilter(tags={RUN_KEY_TAG: submission.ticket}), limit=1)
     summary = _json_or_none(paths.summary)
+    line_errors: tuple[BatchErrorItem, ...] = ()
+    if run is not None and run.failed_for_good and run.failure is not None and run.failure.code == NO_VALID_REQUESTS:
+        line_errors = tuple(_line_errors(paths, MAX_BATCH_ERRORS))
     return BatchFacts(spec=spec, submission=submission, run=run, ticket_pending=pending, summary=summary,
                       stopped=_json_or_none(paths.stopped), progress=stats.progress(paths),
                       summary_mtime=paths.summary.stat().st_mtime if summary is not None else None,
-                      submission_mtime=paths.submission.stat().st_mtime if submission is not None else None)
+                      submission_mtime=paths.submission.stat().st_mtime if submission is not None else None,
+                      line_errors=line_errors)
+
+
+def _line_errors(paths: BatchPaths, limit: int) -> list[BatchErrorItem]:
+    """The first `limit` line errors batch_input recorded, as items of the Batch object's `errors`."""
+    items: list[BatchErrorItem] = []
+    try:
+        with paths.invalid.open() as handle:
+            for text in handle:
+                if len(items) >= limit:
+                    break
+                error = json.loads(text)["error"]
+                items.append(BatchErrorItem(code=error.get("code"), message=error.get("message"),
+                                            line=error.get("line"), param=error.get("param")))
+    except FileNotFoundError:
+        pass
+    return items
 
 
 def _json_or_none(path: Location) -> dict | None:
@@ -245,6 +278,17 @@ def _json_or_none(path: Location) -> dict | None:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return None
+
+
+def failure_code(events: Sequence[DagsterEvent]) -> str | None:
+    """The error code a step failure carries in its metadata (batch_input's whole-file failures), if any."""
+    for event in events:
+        if event.is_step_failure:
+            data = event.step_failure_data.user_failure_data
+            value = data.metadata.get(FAILURE_CODE_KEY) if data is not None and data.metadata else None
+            if value is not None:
+                return str(getattr(value, "value", value))
+    return None
 
 
 def failure_message(events: Sequence[DagsterEvent]) -> str:

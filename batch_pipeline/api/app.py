@@ -19,20 +19,23 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from batch_pipeline.api.files import FileNotFound
 from batch_pipeline.api.schemas import (
+    TERMINAL_STATUSES,
     Batch,
     CreateBatchRequest,
     ErrorBody,
+    ExpiresAfter,
     FileDeleted,
     FileObject,
     ListPage,
     Model,
+    expires_seconds,
 )
 from batch_pipeline.api.service import BatchRequestError, BatchService
 from batch_pipeline.api.uploads import UploadError, UploadTooLarge, read_form
@@ -155,10 +158,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
               openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                   "type": "object", "required": ["file", "purpose"],
                   "properties": {"file": {"type": "string", "format": "binary"},
-                                 "purpose": {"type": "string", "enum": ["batch"]}}}}}}})
+                                 "purpose": {"type": "string", "enum": ["batch"]},
+                                 "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
+                                 "expires_after[seconds]": {"type": "integer", "minimum": 3600,
+                                                            "maximum": 2592000}}}}}}})
     async def upload_file(request: Request) -> FileObject | JSONResponse:
-        """Upload a batch input file (multipart: `file`, `purpose=batch`), streamed to disk; its size, line
-        lengths and JSONL shape are checked while it streams."""
+        """Upload a batch input file (multipart: `file`, `purpose=batch`, optional `expires_after[anchor]` and
+        `expires_after[seconds]` as the openai client sends them), streamed to disk; its size, line lengths
+        and JSONL shape are checked while it streams."""
         limit = settings.max_upload_bytes
         # A refusal before the body is read closes the connection: otherwise the server would go on
         # reading (and dropping) the rest of a body of any size, to keep the connection alive.
@@ -177,7 +184,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             purpose = form.fields.get("purpose")
             if purpose != "batch":
                 raise BatchRequestError(f"purpose must be 'batch', got {purpose!r}", "purpose")
-            return await run_in_threadpool(store.adopt, target, form.filename, purpose, tenant_of(request).owner)
+            expires_after = _form_expires_after(form.fields)
+            return await run_in_threadpool(store.adopt, target, form.filename, purpose, tenant_of(request).owner,
+                                           expires_after)
         except UploadTooLarge as exc:
             return error_response(413, str(exc), "file", "file_too_large", headers=closing)
         except UploadError as exc:
@@ -222,7 +231,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def create_batch(request: Request, body: CreateBatchRequest) -> Batch:
         """Create a batch from an uploaded file; the daemon launches it through the run queue."""
         return service(request).create(body.input_file_id, body.endpoint, body.completion_window, body.metadata,
-                                       tenant_of(request))
+                                       tenant_of(request), body.output_expires_after)
 
     @app.get("/v1/batches", response_model=ListPage[Batch])
     def list_batches(request: Request, limit: Annotated[int, Query(ge=1, le=100)] = 20,
@@ -234,6 +243,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def get_batch(request: Request, batch_id: str) -> Batch:
         """One batch, with its status and counts as of now."""
         return service(request).describe(batch_id, tenant_of(request))
+
+    @app.get("/v1/batches/{batch_id}/output", response_class=StreamingResponse,
+             responses={200: {"content": {"application/jsonl": {}},
+                              "description": "Output lines so far, in input order"}})
+    def batch_output(request: Request, batch_id: str, partial: bool = False) -> StreamingResponse:
+        """The batch's output lines (beyond OpenAI). `partial=true` while it runs: the lines of its chunks
+        finished without a gap from the first, a prefix of the final output file byte for byte."""
+        batch = service(request).describe(batch_id, tenant_of(request))
+        if not partial and batch.status not in TERMINAL_STATUSES:
+            raise BatchRequestError(f"batch {batch_id} is {batch.status}; ask with partial=true for the lines "
+                                    "finished so far", "partial", "batch_not_finished")
+        lines = service(request).partial_output(batch_id, tenant_of(request))
+        return StreamingResponse(lines, media_type="application/jsonl")
 
     @app.post("/v1/batches/{batch_id}/cancel", response_model=Batch)
     def cancel_batch(request: Request, batch_id: str) -> Batch:
@@ -288,11 +310,30 @@ def _add_error_handlers(app: FastAPI) -> None:
         return error_response(400, str(exc), exc.param, exc.code)
 
 
+def _form_expires_after(fields: dict[str, str]) -> int | None:
+    """The seconds of an upload's `expires_after[anchor]` / `expires_after[seconds]` fields, or a 400."""
+    anchor, seconds = fields.get("expires_after[anchor]"), fields.get("expires_after[seconds]")
+    if anchor is None and seconds is None:
+        return None
+    if anchor is None or seconds is None or not seconds.strip().isdigit():
+        raise BatchRequestError("expires_after needs an anchor ('created_at') and a whole number of seconds",
+                                "expires_after", "invalid_value")
+    try:
+        return expires_seconds(ExpiresAfter(anchor=anchor, seconds=int(seconds)), "expires_after")
+    except ValueError as exc:
+        raise BatchRequestError(str(exc), "expires_after", "invalid_value") from None
+
+
 async def _enforce_windows(service: BatchService) -> None:
-    """Close completion windows even when nobody is reading the batches."""
+    """Close completion windows and delete expired files even when nobody is reading the batches."""
     while True:
         await asyncio.sleep(WINDOW_CHECK_INTERVAL_S)
         try:
             await run_in_threadpool(service.enforce_stops)
         except Exception:  # a failed sweep must not stop the next one
             log.exception("checking completion windows failed")
+        try:
+            for file_id in await run_in_threadpool(service.expire_files):
+                log.info("file %s expired and was deleted", file_id)
+        except Exception:
+            log.exception("deleting expired files failed")

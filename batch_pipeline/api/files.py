@@ -5,6 +5,11 @@ Every file is a folder `DATA_DIR/files/<file_id>/` holding `file.json` (the reco
 folder, and their ids are derived from the batch id, so they can be registered again at any time.
 File ids are opaque (`file-` and hex digits) and are checked before they touch a path.
 
+A file may expire (`expires_at`, from the upload's `expires_after` or the batch's
+`output_expires_after`). From that moment it answers 404, as a deleted file does; `expire_due` (the
+API server's timer) then deletes its bytes and leaves `expired` beside the folder's record in place of
+`file.json`, so the id is never handed out or registered again.
+
 Every record carries its owner (batch_pipeline/tenancy.py: the fingerprint of the key that uploaded
 it, or that created the batch a results file belongs to; None for no tenant). Reading a record another
 tenant owns is FileNotFound, as for an id that does not exist.
@@ -32,6 +37,15 @@ _FILE_ID_RE = re.compile(r"^file-[0-9a-f]{24,64}$")
 
 class FileNotFound(Exception):
     """No file has this id (or the id is not a file id at all)."""
+
+
+class FileExpired(FileNotFound):
+    """The file had an expiry and it passed: its bytes are deleted (or about to be)."""
+
+    def __init__(self, file_id: str, expires_at: int):
+        super().__init__(f"{file_id} (it expired at {expires_at} and was deleted)")
+        self.file_id = file_id
+        self.expires_at = expires_at
 
 
 class StoredFile(BaseModel):
@@ -64,15 +78,22 @@ class FileStore:
             raise FileNotFound(file_id)
         return self.root / file_id
 
-    def get(self, file_id: str, tenant: Tenant = OPERATOR) -> StoredFile:
-        """The record of a file, or FileNotFound (also when `tenant` does not see it)."""
-        record = self._folder(file_id) / "file.json"
+    def get(self, file_id: str, tenant: Tenant = OPERATOR, now: float | None = None) -> StoredFile:
+        """The record of a file, or FileNotFound (also when `tenant` does not see it; FileExpired once its
+        expiry has passed, swept or not)."""
+        folder = self._folder(file_id)
         try:
-            stored = StoredFile.model_validate_json(record.read_text())
+            stored = StoredFile.model_validate_json((folder / "file.json").read_text())
         except FileNotFoundError:
+            tombstone = folder / "expired"
+            if tombstone.exists():
+                raise FileExpired(file_id, int(tombstone.read_text() or 0)) from None
             raise FileNotFound(file_id) from None
         if not tenant.sees(stored.owner):
             raise FileNotFound(file_id)
+        expires_at = stored.file.expires_at
+        if expires_at is not None and expires_at <= (time.time() if now is None else now):
+            raise FileExpired(file_id, expires_at)
         return stored
 
     def content_path(self, file_id: str, tenant: Tenant = OPERATOR) -> Path:
@@ -109,53 +130,102 @@ class FileStore:
                 continue
         return removed
 
-    def adopt(self, upload: Path, filename: str, purpose: str, owner: str | None = None) -> FileObject:
-        """Turn a finished upload into a file with a new id, owned by `owner` (a key fingerprint)."""
+    def adopt(self, upload: Path, filename: str, purpose: str, owner: str | None = None,
+              expires_after: int | None = None) -> FileObject:
+        """Turn a finished upload into a file with a new id, owned by `owner` (a key fingerprint), expiring
+        `expires_after` seconds from now."""
         file_id = "file-" + uuid.uuid4().hex
         folder = self.root / file_id
         folder.mkdir(parents=True)
         os.replace(upload, folder / "content")
-        file = FileObject(id=file_id, bytes=(folder / "content").stat().st_size, created_at=int(time.time()),
-                          filename=filename, purpose=purpose)  # type: ignore[arg-type]
+        created_at = int(time.time())
+        file = FileObject(id=file_id, bytes=(folder / "content").stat().st_size, created_at=created_at,
+                          filename=filename, purpose=purpose,  # type: ignore[arg-type]
+                          expires_at=created_at + expires_after if expires_after else None)
         self._save(StoredFile(file=file, path=str(folder / "content"), owner=owner))
         return file
 
+    def expired(self, file_id: str) -> bool:
+        """True for a file the sweep deleted at its expiry."""
+        return (self._folder(file_id) / "expired").exists()
+
     def register_path(self, file_id: str, path: Location, filename: str, purpose: str, batch_id: str,
-                      owner: str | None) -> str | None:
-        """Expose a file that lives elsewhere (a batch's input or results) under a derived id, unless deleted;
-        it belongs to the batch's owner."""
+                      owner: str | None, expires_after: int | None = None) -> str | None:
+        """Expose a file that lives elsewhere (a batch's input or results) under a derived id, unless deleted
+        (an expired one keeps its id, which answers 404 as OpenAI's expired files do)."""
         folder = self.root / file_id
         if (folder / "deleted").exists():
             return None
+        if (folder / "expired").exists():
+            return file_id
         stat = path.stat()
         if (folder / "file.json").exists():
             stored = StoredFile.model_validate_json((folder / "file.json").read_text())
             if stored.file.bytes == stat.st_size and stored.path == str(path) and stored.owner == owner:
                 return file_id
-        file = FileObject(id=file_id, bytes=stat.st_size, created_at=int(stat.st_mtime), filename=filename,
-                          purpose=purpose)  # type: ignore[arg-type]
+        created_at = int(stat.st_mtime)  # OpenAI anchors an output file's expiry at the file's creation
+        file = FileObject(id=file_id, bytes=stat.st_size, created_at=created_at, filename=filename,
+                          purpose=purpose,  # type: ignore[arg-type]
+                          expires_at=created_at + expires_after if expires_after else None)
         self._save(StoredFile(file=file, path=str(path), batch_id=batch_id, owner=owner))
         return file_id
 
-    def register_result(self, batch_id: str, kind: str, path: Location, owner: str | None) -> str | None:
+    def register_result(self, batch_id: str, kind: str, path: Location, owner: str | None,
+                        expires_after: int | None = None) -> str | None:
         """Expose a batch's results file ('output' or 'errors') as a `batch_output` file; returns its id."""
         name = "output.jsonl" if kind == "output" else "errors.jsonl"
         return self.register_path(result_file_id(batch_id, kind), path, f"{batch_id}_{name}", "batch_output",
-                                  batch_id, owner)
+                                  batch_id, owner, expires_after)
 
-    def attach(self, batch: Batch, paths: BatchPaths, input_path: Path, owner: str | None) -> Batch:
+    def attach(self, batch: Batch, paths: BatchPaths, input_path: Path, owner: str | None,
+               output_expires_after: int | None = None) -> Batch:
         """Fill in the batch's file ids: its input (for batches not made from an upload) and its results,
         owned by the batch's owner."""
         if not batch.input_file_id and input_path.is_file():
             batch.input_file_id = self.register_path(result_file_id(batch.id, "input"), input_path, input_path.name,
                                                      "batch", batch.id, owner) or ""
         if batch.status in ("completed", "cancelled", "expired"):
-            # A finished batch always has an output file (maybe empty); a stopped one only if it got somewhere.
-            if paths.output.exists() and (batch.status == "completed" or paths.output.stat().st_size > 0):
-                batch.output_file_id = self.register_result(batch.id, "output", paths.output, owner)
-            if paths.errors.exists() and paths.errors.stat().st_size > 0:
-                batch.error_file_id = self.register_result(batch.id, "errors", paths.errors, owner)
+            for kind, path in (("output", paths.output), ("errors", paths.errors)):
+                file_id = result_file_id(batch.id, kind)
+                if self.expired(file_id):
+                    found: str | None = file_id  # its bytes are gone; the id stays and answers 404
+                # A finished batch always has an output file (maybe empty); a stopped one only if it got
+                # somewhere, and an error file only if there was an error.
+                elif path.exists() and (path.stat().st_size > 0 or (kind == "output" and batch.status == "completed")):
+                    found = self.register_result(batch.id, kind, path, owner, output_expires_after)
+                else:
+                    found = None
+                if kind == "output":
+                    batch.output_file_id = found
+                else:
+                    batch.error_file_id = found
         return batch
+
+    def expire_due(self, data_dir: Path, now: float) -> list[str]:
+        """Delete every file whose expiry has passed (bytes and record; a tombstone keeps the id); returns
+        the ids. Only bytes under `data_dir` are ever deleted."""
+        expired = []
+        for file_id in self._ids():
+            try:
+                stored = StoredFile.model_validate_json((self.root / file_id / "file.json").read_text())
+            except (FileNotFoundError, ValueError):
+                continue
+            expires_at = stored.file.expires_at
+            if expires_at is None or expires_at > now:
+                continue
+            folder = self.root / file_id
+            path = Path(stored.path)
+            if path.resolve().is_relative_to(data_dir.resolve()):
+                path.unlink(missing_ok=True)
+            (folder / "expired").write_text(str(expires_at))  # before the record goes: the id never 404s as unknown
+            (folder / "file.json").unlink(missing_ok=True)
+            expired.append(file_id)
+        return expired
+
+    def _ids(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return [entry.name for entry in os.scandir(self.root) if valid_file_id(entry.name)]
 
     def delete(self, file_id: str, tenant: Tenant = OPERATOR) -> None:
         """Remove an uploaded file; for a file that lives elsewhere only the record goes (the batch keeps it)."""
@@ -172,12 +242,10 @@ class FileStore:
         if not self.root.is_dir():
             return iter(())
         files = []
-        for entry in os.scandir(self.root):
-            if not valid_file_id(entry.name):
-                continue
+        for file_id in self._ids():
             try:
-                files.append(self.get(entry.name, tenant).file)
+                files.append(self.get(file_id, tenant).file)
             except (FileNotFound, ValueError):
-                continue  # another tenant's, or being written or deleted right now
+                continue  # another tenant's, expired, or being written or deleted right now
         files.sort(key=lambda f: (f.created_at, f.id), reverse=True)
         return iter(f for f in files if purpose is None or f.purpose == purpose)

@@ -52,6 +52,31 @@ class FileDeleted(BaseModel):
     deleted: bool
 
 
+# OpenAI's bounds for `expires_after` (files) and `output_expires_after` (a batch's output and error files).
+MIN_EXPIRES_SECONDS = 3600
+MAX_EXPIRES_SECONDS = 30 * 24 * 3600
+
+
+class ExpiresAfter(BaseModel):
+    """An expiration policy, `{"anchor": "created_at", "seconds": N}`; checked by `expires_seconds`, so
+    that a wrong value answers OpenAI's 400, not a 422."""
+
+    anchor: str
+    seconds: int
+
+
+def expires_seconds(policy: ExpiresAfter | None, param: str) -> int | None:
+    """The seconds of a valid policy (None for none); ValueError naming the field otherwise."""
+    if policy is None:
+        return None
+    if policy.anchor != "created_at":
+        raise ValueError(f"{param}.anchor: only 'created_at' is supported, got {policy.anchor!r}")
+    if not MIN_EXPIRES_SECONDS <= policy.seconds <= MAX_EXPIRES_SECONDS:
+        raise ValueError(f"{param}.seconds: must be between {MIN_EXPIRES_SECONDS} (1 hour) and "
+                         f"{MAX_EXPIRES_SECONDS} (30 days), got {policy.seconds}")
+    return policy.seconds
+
+
 class CreateBatchRequest(BaseModel):
     """The body of `POST /v1/batches`."""
 
@@ -61,6 +86,9 @@ class CreateBatchRequest(BaseModel):
     endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"]
     completion_window: str = Field(default="24h", description="N followed by s, m or h; OpenAI only accepts '24h'.")
     metadata: dict[str, str] | None = Field(default=None, description="Up to 16 pairs; keys <= 64, values <= 512.")
+    output_expires_after: ExpiresAfter | None = Field(
+        default=None, description="When the output and error files expire: anchor 'created_at' (the file's "
+        "creation), seconds 3600..2592000.")
 
     @field_validator("completion_window")
     @classmethod

@@ -11,17 +11,18 @@ line asks as OPERATOR (the default), which sees every tenant.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from dagster import DagsterInstance
 
-from batch_pipeline.api.files import FileNotFound, FileStore
-from batch_pipeline.api.schemas import TERMINAL_STATUSES, Batch, ListPage, window_seconds
+from batch_pipeline.api.files import FileNotFound, FileStore, result_file_id
+from batch_pipeline.api.schemas import TERMINAL_STATUSES, Batch, ExpiresAfter, ListPage, expires_seconds, window_seconds
 from batch_pipeline.batches import (
     BatchNotFound,
     BatchSpec,
@@ -38,11 +39,14 @@ from batch_pipeline.intake import HEAD_LINES, IntakeError, checked_input, model_
 from batch_pipeline.models import ModelConfigError, ModelRegistry
 from batch_pipeline.queue_tickets import enqueue
 from batch_pipeline.records import CHAT_URL, SUPPORTED_URLS
+from batch_pipeline.results import partial_output_lines
 from batch_pipeline.settings import Settings
 from batch_pipeline.status import ChunkStats, derive_batch, read_facts
 from batch_pipeline.stopping import enforce_stop, enforce_stops, request_cancel
 from batch_pipeline.tenancy import OPERATOR, Tenant
 from resources.storage import BatchPaths, BatchStorage, location
+
+log = logging.getLogger(__name__)
 
 _BUSY = {"validating", "in_progress", "finalizing", "cancelling"}
 
@@ -92,9 +96,14 @@ class BatchService:
     # ---- creating -------------------------------------------------------------------------------
 
     def create(self, input_file_id: str, endpoint: str, completion_window: str = "24h",
-               metadata: dict[str, str] | None = None, tenant: Tenant = OPERATOR) -> Batch:
+               metadata: dict[str, str] | None = None, tenant: Tenant = OPERATOR,
+               output_expires_after: ExpiresAfter | None = None) -> Batch:
         """Register a batch for an uploaded file and queue it for the daemon (`POST /v1/batches`); the
         batch belongs to `tenant`, whose file it must be."""
+        try:
+            output_expiry = expires_seconds(output_expires_after, "output_expires_after")
+        except ValueError as exc:
+            raise BatchRequestError(str(exc), "output_expires_after", "invalid_value") from None
         try:
             stored = self.files.get(input_file_id, tenant)
         except FileNotFound:
@@ -114,7 +123,7 @@ class BatchService:
         submission = Submission(endpoint=endpoint, input_file_id=input_file_id, completion_window=completion_window,
                                 # Whole seconds, as the Batch object shows it: the window closes when it says.
                                 expires_at=float(int(spec.created_at) + window_seconds(completion_window)),
-                                owner=tenant.owner)
+                                owner=tenant.owner, output_expires_after=output_expiry)
         return self._queue(spec, submission, "api", tenant)
 
     def submit_file(self, input_file: Path, model: str, batch_id: str | None = None,
@@ -163,8 +172,9 @@ class BatchService:
         """The Batch object as of now, derived from the instance and the files (nothing is written)."""
         paths = self._paths(batch_id, tenant)
         facts = read_facts(self.instance, paths, self.data_dir, self._stats)
+        expiry = facts.submission.output_expires_after if facts.submission else None
         return self.files.attach(derive_batch(facts, time.time()), paths, Path(facts.spec.input_path),
-                                 _owner(paths))
+                                 _owner(paths), expiry)
 
     def list(self, limit: int = 20, after: str | None = None, tenant: Tenant = OPERATOR) -> ListPage[Batch]:
         """Batches `tenant` sees, newest first, OpenAI's cursor paging: `after` is the last id of the previous page."""
@@ -208,6 +218,30 @@ class BatchService:
         with self._lock:
             return enforce_stops(self.instance, self.data_dir, self._stats)
 
+    def expire_files(self) -> Sequence[str]:
+        """Delete every file whose expiry has passed (the API server does this on a timer); returns their ids.
+
+        A finished batch with `output_expires_after` has its output and error files registered first,
+        so that they expire on time even when nobody read the batch after it finished.
+        """
+        with self._lock:
+            for batch_id in self.instance.get_dynamic_partitions(BATCHES_PARTITIONS):
+                paths = self.storage.batch(batch_id)
+                if not valid_batch_id(batch_id) or not (paths.summary.exists() or paths.stopped.exists()):
+                    continue
+                submission = load_submission(paths) if paths.spec.is_file() else None
+                if submission is None or submission.output_expires_after is None:
+                    continue
+                unregistered = [path for kind, path in (("output", paths.output), ("errors", paths.errors))
+                                if path.exists() and path.stat().st_size > 0
+                                and not (self.files.root / result_file_id(batch_id, kind)).exists()]
+                if unregistered:
+                    try:
+                        self.describe(batch_id)  # registers its result files, with their expiry
+                    except Exception:  # one broken batch must not keep the other files from expiring
+                        log.exception("could not register the result files of batch %s", batch_id)
+            return self.files.expire_due(self.settings.resolved_data_dir, time.time())
+
     # ---- results --------------------------------------------------------------------------------
 
     def progress(self, batch_id: str, tenant: Tenant = OPERATOR) -> Progress:
@@ -222,6 +256,20 @@ class BatchService:
         batch = self.describe(batch_id, tenant)
         file_id = batch.output_file_id if kind == "output" else batch.error_file_id
         return self.files.content_path(file_id, tenant) if file_id else None
+
+    def partial_output(self, batch_id: str, tenant: Tenant = OPERATOR) -> Iterator[str]:
+        """The output lines so far: of a finished batch, its output file; of a running one, the lines of
+        its chunks finished without a gap from the first (a prefix of the final file, byte for byte)."""
+        batch = self.describe(batch_id, tenant)
+        if batch.status in TERMINAL_STATUSES:
+            path = self.files.content_path(batch.output_file_id, tenant) if batch.output_file_id else None
+            return _lines_of(path) if path is not None else iter(())
+        return partial_output_lines(self._paths(batch_id, tenant))
+
+
+def _lines_of(path: Path) -> Iterator[str]:
+    with path.open() as handle:
+        yield from handle
 
 
 def _owner(paths: BatchPaths) -> str | None:
