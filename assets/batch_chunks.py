@@ -2,6 +2,7 @@
 
 
 import json
+import os
 import time
 
 from dagster import AssetExecutionContext, AssetObservation, Failure, MaterializeResult, MetadataValue, asset
@@ -12,8 +13,9 @@ from batch_pipeline.batches import BatchSpec, batches_partitions, load_spec
 from batch_pipeline.chunks import ChunkReport, engine_args_for, run_chunks
 from batch_pipeline.data_parallel import EngineWorker, run_chunks_data_parallel
 from resources.device_slots import SlotLease
+from resources.engine_processes import engine_process_facts
 from resources.storage import BatchStorage
-from resources.vllm_engine import EngineLoadError, VLLMEngine, engines_loaded
+from resources.vllm_engine import EngineLoadError, VLLMEngine, engines_loaded, held_slot
 
 
 def restart_engine(context: AssetExecutionContext, engine: VLLMEngine, model: str, engine_args: dict):
@@ -84,14 +86,21 @@ def batch_chunks(context: AssetExecutionContext, storage: BatchStorage, engine: 
             # Data parallel: more engine slots free right now than this step's own, and more than one chunk to run.
             most = min(engine.engines_per_batch or todo, todo) - 1
             extra = engine.extra_slots(most) if most > 0 and engine.data_parallel() else []
-            if extra:
+            data_parallel = bool(extra)
+            if data_parallel:
                 engines, load_seconds, generation_seconds = _run_data_parallel(
                     context, engine, [engine.hand_over_slot(), *extra], storage, spec, engine_args, manifest,
                     sorted(set(range(num_chunks)) - finished_before), on_written, on_first_output)
             else:
                 with engine.session(spec.model, engine_args) as loaded:
                     load_seconds = loaded.load_seconds
-                    context.log.info(f"engine for {spec.model_name} ready after {load_seconds:.1f}s")
+                    slot = held_slot()
+                    context.log.info(f"engine for {spec.model_name} ready after {load_seconds:.1f}s"
+                                     + (f" on {slot.describe()}" if slot else ""))
+                    if slot is not None:
+                        engines = [{"slot": slot.index, "devices": list(slot.devices), "pid": os.getpid(),
+                                    "load_seconds": round(load_seconds, 3),
+                                    "engine_processes": engine_process_facts(list(slot.env))}]
                     generation_started = time.perf_counter()
                     run_chunks(loaded, paths, batch_id=spec.batch_id, model_name=spec.model_name,
                                chunk_size=chunk_size, total=manifest["valid_requests"], skip=finished_before,
@@ -99,9 +108,11 @@ def batch_chunks(context: AssetExecutionContext, storage: BatchStorage, engine: 
                                restart=lambda: restart_engine(context, engine, spec.model, engine_args),
                                on_first_output=on_first_output)
                     generation_seconds = time.perf_counter() - generation_started
+                    for entry in engines:
+                        entry["chunks"] = totals["chunks"]
         except EngineLoadError as exc:
             raise Failure(str(exc), allow_retries=False) from None
-        if not engine.keep_loaded and not engines:
+        if not engine.keep_loaded and not data_parallel:
             # What the session took beyond loading and generating: releasing the engine (and its GPU memory).
             release_seconds = max(time.perf_counter() - session_started - generation_seconds - load_seconds, 0.0)
             context.log.info(f"engine released after {release_seconds:.1f}s")

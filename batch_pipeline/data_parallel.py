@@ -35,6 +35,7 @@ from typing import Any, cast
 
 from batch_pipeline.chunks import ChunkReport, run_chunks
 from resources.device_slots import EngineSlot, SlotLease
+from resources.engine_processes import engine_process_facts
 from resources.storage import BatchPaths, BatchStorage
 from resources.vllm_engine import EngineLoadError, VLLMEngine
 
@@ -55,13 +56,14 @@ class EngineWorker:
     claims: int = 0
     chunks_written: int = 0
     load_seconds: float | None = None
+    engine_processes: list[dict] = field(default_factory=list)  # what the engine's processes were given
     error: str | None = None
     load_failed: bool = False
 
     def summary(self) -> dict[str, Any]:
         return {"slot": self.slot.index, "devices": list(self.slot.devices), "pid": self.process.pid,
                 "load_seconds": None if self.load_seconds is None else round(self.load_seconds, 3),
-                "chunks": self.chunks_written, "error": self.error}
+                "chunks": self.chunks_written, "engine_processes": self.engine_processes, "error": self.error}
 
 
 def run_chunks_data_parallel(
@@ -122,7 +124,7 @@ def run_chunks_data_parallel(
                     worker.chunks_written += 1
                     on_written(report)
                 elif kind == "ready":
-                    worker.load_seconds = message[1]
+                    worker.load_seconds, worker.engine_processes = message[1], message[2]
                     if on_ready is not None:
                         on_ready(worker)
                 elif kind == "first_output":
@@ -151,6 +153,7 @@ def _start_worker(lease: SlotLease, config: dict) -> EngineWorker:
     with theirs:
         process = subprocess.Popen(
             [sys.executable, "-m", "batch_pipeline.data_parallel"], stdin=subprocess.PIPE, env=env,
+            stdout=2,  # vLLM logs to stdout; the step's stdout may be a result (`vllm-batch run --json`)
             pass_fds=(conn_fd, lease.fileno()))
     assert process.stdin is not None
     slot = {"index": lease.slot.index, "devices": list(lease.slot.devices), "platform": lease.slot.platform,
@@ -215,7 +218,7 @@ def _serve(config: dict) -> None:
         except EngineLoadError as exc:
             conn.send(("load_error", str(exc)))
             return
-        conn.send(("ready", loaded.load_seconds))
+        conn.send(("ready", loaded.load_seconds, engine_process_facts(list(config["slot"]["env"]))))
 
         def claim() -> int | None:
             conn.send(("claim",))

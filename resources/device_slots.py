@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import re
@@ -45,10 +46,13 @@ class EngineSlot:
         return f"slot {self.index} ({self.platform} {'|'.join(self.devices) if self.platform == 'cpu' else ','.join(self.devices)})"
 
 
+@functools.cache
 def visible_gpus() -> list[str]:
     """The GPUs this process may use: CUDA_VISIBLE_DEVICES when set, else the NVIDIA device files.
 
-    Counted without importing torch or vLLM (neither may touch CUDA before a slot's devices are chosen).
+    Counted without importing torch or vLLM (neither may touch CUDA before a slot's devices are chosen),
+    and once per process: a process that loads an engine narrows its own CUDA_VISIBLE_DEVICES to its
+    slot, and must still see the machine's other slots afterwards.
     """
     declared = os.environ.get("CUDA_VISIBLE_DEVICES")
     if declared is not None:
@@ -73,7 +77,7 @@ def engine_slots(gpus: int | None, tensor_parallel_size: int, visible: list[str]
     Without a visible GPU (the CPU build) `gpus` counts CPU "devices" (default 1): the cores are
     split evenly among them.
     """
-    visible = visible_gpus() if visible is None else visible
+    visible = list(visible_gpus()) if visible is None else visible
     tp = tensor_parallel_size
     if visible:
         count = gpus if gpus is not None else len(visible)

@@ -438,6 +438,11 @@ class _EngineSlot:
 _slot = _EngineSlot()
 
 
+def held_slot() -> EngineSlot | None:
+    """The engine slot this process holds (while its engine lives), if any."""
+    return _slot.lease.slot if _slot.lease is not None and _slot.lease.held else None
+
+
 def engines_loaded() -> int:
     """How many engines this process has loaded so far."""
     return _slot.loads

@@ -100,3 +100,34 @@ def test_a_slot_passed_to_a_child_stays_held_while_the_child_lives(tmp_path):
         child.kill()
         child.wait()
     assert os.path.exists(tmp_path / f"gpu-slot-{lease.slot.index}.lock")
+
+
+# In a process of its own: the engine resource's slot is process-wide state.
+NARROWED = """
+import json, os, sys
+from resources.vllm_engine import VLLMEngine, release_engine
+engine = VLLMEngine(state_dir=sys.argv[1])
+assert engine.data_parallel()
+extra = engine.extra_slots(3)          # takes this process's own slot first, which narrows its view
+narrowed = os.environ["CUDA_VISIBLE_DEVICES"]
+own = engine.hand_over_slot()
+print(json.dumps({"own": own.slot.devices, "extra": [l.slot.devices for l in extra], "narrowed": narrowed}))
+for lease in [own, *extra]:
+    lease.release()
+release_engine()
+print(json.dumps({"restored": os.environ["CUDA_VISIBLE_DEVICES"]}))
+"""
+
+
+def test_a_process_holding_one_gpu_still_finds_the_free_others_and_gets_its_view_back(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="0,1,2,3", VBATCH_TENSOR_PARALLEL_SIZE="1")
+    busy = acquire_slot(tmp_path, engine_slots(None, 1, visible=["0", "1", "2", "3"]))  # slot 0: another step
+    try:
+        result = subprocess.run([sys.executable, "-c", NARROWED, str(tmp_path)], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=60)
+    finally:
+        busy.release()
+    assert result.returncode == 0, result.stderr[-2000:]
+    first, second = (json.loads(line) for line in result.stdout.splitlines()[-2:])
+    assert first == {"own": ["1"], "extra": [["2"], ["3"]], "narrowed": "1"}
+    assert second == {"restored": "0,1,2,3"}
