@@ -7,11 +7,18 @@ batch's engines) is the same code; only the variable that pins an engine to its 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
+import time
+import uuid
 
+import psutil
 import pytest
 
+from resources.device_slots import engine_slots, try_slot
 from tests.conftest import REPO, read_jsonl, write_jsonl
 from tests.test_cli_run import CLI, chat_lines, cli_env, run_cli
 
@@ -24,10 +31,15 @@ def summary_of(result: subprocess.CompletedProcess) -> dict:
 
 
 def engine_cores(engine: dict) -> set[int]:
-    """The cores the engine's core process may run on (vLLM binds its threads to the slot's cores)."""
-    cores = [set(p["cpus"]) for p in engine["engine_processes"] if p["name"].startswith("VLLM::")]
-    assert cores, engine
-    return set().union(*cores)
+    """The cores the engine's model runs on: its vLLM worker process's affinity, which vLLM sets from the slot's
+    VLLM_CPU_OMP_THREADS_BIND (the environment of vLLM's processes cannot be read back: their process
+    titles overwrite it)."""
+    workers = [p for p in engine["engine_processes"] if p["name"].startswith("VLLM::Worker")]
+    assert workers, json.dumps(engine)
+    cores = set().union(*(set(p["cpus"]) for p in workers))
+    slot_cores = {int(core) for rank in engine["devices"] for core in rank.split(",")}
+    assert cores <= slot_cores, json.dumps(engine)
+    return cores
 
 
 def comparable(outputs: list[dict]) -> list[dict]:
@@ -54,7 +66,7 @@ def test_a_batch_split_over_two_engines_writes_each_chunk_once_and_the_same_outp
     assert {first["slot"], second["slot"]} == {0, 1}
     assert first["pid"] != second["pid"]
     # Each engine ran on its own cores, and each chunk was written once, by one of them.
-    assert not engine_cores(first) & engine_cores(second), (first, second)
+    assert not engine_cores(first) & engine_cores(second), json.dumps(split["engines"])
     assert first["chunks"] > 0 and second["chunks"] > 0 and first["chunks"] + second["chunks"] == 8
     assert sorted(p.name for p in (split_dir / "chunks").iterdir()) == [f"chunk-{i:06d}.parquet" for i in range(8)]
 
@@ -85,5 +97,50 @@ def test_two_batches_at_once_run_on_two_slots_with_their_own_cores(tmp_path, tin
     (left,), (right,) = (s["engines"] for s in summaries)
     # Each batch took a slot while the other held one: they ran at once, never on the same slot.
     assert {left["slot"], right["slot"]} == {0, 1}
-    assert not engine_cores(left) & engine_cores(right), (left, right)
+    assert not engine_cores(left) & engine_cores(right), json.dumps([left, right])
     assert all(s["completed"] == 24 for s in summaries)
+
+
+def test_a_split_batch_whose_step_is_killed_frees_its_engines_and_slots_and_resumes(tmp_path, tiny_model):
+    marker = uuid.uuid4().hex
+    env = cli_env(tmp_path, VBATCH_GPUS="2", VBATCH_CHUNK_SIZE="10", VBATCH_TEST_MARKER=marker)
+    batch = write_jsonl(tmp_path / "batch.jsonl", chat_lines(400, max_tokens=32))
+    args = ["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny", "--batch-id", "killed", "--json"]
+    chunks = tmp_path / "data" / "batches" / "killed" / "chunks"
+    step = subprocess.Popen(CLI + args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 400
+        while not (chunks.is_dir() and len(list(chunks.glob("chunk-*.parquet"))) >= 3):
+            assert step.poll() is None and time.monotonic() < deadline, "no chunks were written"
+            time.sleep(0.2)
+        step.kill()  # the step's process only: its workers and their engines must go by themselves
+        step.wait()
+        written = {p.name for p in chunks.glob("chunk-*.parquet")}
+        deadline = time.monotonic() + 120
+        while marked(marker):
+            assert time.monotonic() < deadline, [p.name() for p in marked(marker)]
+            time.sleep(0.5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(step.pid, signal.SIGKILL)
+    for slot in engine_slots(2, 1, visible=[]):
+        lease = try_slot(tmp_path / "data" / "engines", slot)
+        assert lease is not None, f"{slot.describe()} is still held"
+        lease.release()
+
+    summary = summary_of(run_cli(args, env))
+    assert summary["completed"] == 400 and summary["chunks_resumed"] >= len(written) >= 3
+    assert summary["chunks_resumed"] + summary["chunks_run"] == 40
+    output = read_jsonl(tmp_path / "data" / "batches" / "killed" / "results" / "output.jsonl")
+    assert [line["custom_id"] for line in output] == [f"q{i}" for i in range(400)]
+
+
+def marked(marker: str) -> list[psutil.Process]:
+    """Every live process started by the test (they inherit the marker in their environment)."""
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if process.environ().get("VBATCH_TEST_MARKER") == marker and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+    return found
