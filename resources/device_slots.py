@@ -48,10 +48,11 @@ class EngineSlot:
 
 @functools.cache
 def visible_gpus() -> list[str]:
-    """The GPUs this process may use: CUDA_VISIBLE_DEVICES when set, else the NVIDIA device files.
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES when set, else NVML's count, else the NVIDIA
+    device files.
 
-    Counted without importing torch or vLLM (neither may touch CUDA before a slot's devices are chosen),
-    and once per process: a process that loads an engine narrows its own CUDA_VISIBLE_DEVICES to its
+    Found without initialising CUDA (no engine may touch it before a slot's devices are chosen), and
+    once per process: a process that loads an engine narrows its own CUDA_VISIBLE_DEVICES to its
     slot, and must still see the machine's other slots afterwards.
     """
     declared = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -63,11 +64,34 @@ def visible_gpus() -> list[str]:
                 break
             devices.append(name)
         return devices
+    count = _nvml_device_count()
+    if count is not None:
+        return [str(index) for index in range(count)]
     try:
         names = os.listdir("/dev")
     except OSError:
         return []
     return [str(n) for n in sorted(int(m.group(1)) for m in map(_DEVICE_FILE.match, names) if m)]
+
+
+def _nvml_device_count() -> int | None:
+    # NVML sees the GPUs a container was given (device files may show the host's); it never initialises CUDA.
+    try:
+        import pynvml  # nvidia-ml-py
+    except ImportError:
+        try:
+            from vllm.third_party import pynvml
+        except ImportError:
+            return None
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 (no driver: the CPU build)
+        return None
+    try:
+        return int(pynvml.nvmlDeviceGetCount())
+    finally:
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()
 
 
 def engine_slots(gpus: int | None, tensor_parallel_size: int, visible: list[str] | None = None,
