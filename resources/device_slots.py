@@ -110,7 +110,8 @@ def engine_slots(gpus: int | None, tensor_parallel_size: int, visible: list[str]
     else:
         count = gpus if gpus is not None else tp
     if count < tp or count % tp:
-        raise SlotConfigError(f"VBATCH_GPUS={count} is not a multiple of VBATCH_TENSOR_PARALLEL_SIZE={tp}")
+        setting = f"VBATCH_GPUS={count}" if gpus is not None else f"{count} GPUs (VBATCH_GPUS unset: every visible one)"
+        raise SlotConfigError(f"{setting} is not a multiple of VBATCH_TENSOR_PARALLEL_SIZE={tp}")
     slots = count // tp
     if visible:
         return [EngineSlot(i, tuple(visible[i * tp:(i + 1) * tp]), "cuda",

@@ -243,8 +243,11 @@ class VLLMEngine(ConfigurableResource):
     engines_per_batch: int | None = None
 
     def slots(self) -> list[EngineSlot]:
-        """This machine's engine slots (SlotConfigError when the settings do not fit it)."""
-        return device_slots.engine_slots(self.gpus, self.tensor_parallel_size)
+        """This machine's engine slots (EngineLoadError when the settings do not fit it)."""
+        try:
+            return device_slots.engine_slots(self.gpus, self.tensor_parallel_size)
+        except device_slots.SlotConfigError as exc:
+            raise EngineLoadError(str(exc)) from None
 
     def data_parallel(self) -> bool:
         """Whether a batch may run on more than one engine at once."""
@@ -370,10 +373,7 @@ class VLLMEngine(ConfigurableResource):
         if model.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(model)):
             raise EngineLoadError(f"could not load model {model!r}: no such directory")
         _shutdown_engine()  # a model swap keeps the process's slot
-        try:
-            slot = self._lease(kwargs).slot
-        except device_slots.SlotConfigError as exc:
-            raise EngineLoadError(str(exc)) from None
+        slot = self._lease(kwargs).slot
         if self.engine_host and self.state_dir:
             from resources import engine_host
 
