@@ -144,3 +144,13 @@ def marked(marker: str) -> list[psutil.Process]:
             if process.environ().get("VBATCH_TEST_MARKER") == marker and process.status() != psutil.STATUS_ZOMBIE:
                 found.append(process)
     return found
+
+
+def test_gpu_settings_that_do_not_fit_stop_with_one_readable_line(tmp_path, tiny_model):
+    env = cli_env(tmp_path, VBATCH_GPUS="3", VBATCH_TENSOR_PARALLEL_SIZE="2")
+    batch = write_jsonl(tmp_path / "in.jsonl", chat_lines(3))
+    result = run_cli(["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny"], env)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == "error: VBATCH_GPUS=3 is not a multiple of VBATCH_TENSOR_PARALLEL_SIZE=2", result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
