@@ -295,7 +295,7 @@ class VLLMEngine(ConfigurableResource):
                     return record is not None and engine_host._same_kwargs(record["kwargs"], kwargs)
 
             if len(slots) > 1:
-                log.info("waiting for a free engine slot of %d", len(slots))
+                log.info("taking a free engine slot (%d on this machine; waiting while all are held)", len(slots))
             _slot.lease = device_slots.acquire_slot(self._lock_dir(), slots, prefer)
             _apply_slot_env(_slot.lease.slot)
         return _slot.lease
