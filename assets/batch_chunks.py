@@ -148,6 +148,11 @@ def _run_data_parallel(context: AssetExecutionContext, engine: VLLMEngine, lease
     context.log.info(f"data parallel: {len(leases)} engines on " + ", ".join(lease.slot.describe() for lease in leases))
     started = time.perf_counter()
     first_ready: list[float] = []
+    last_written = [started]
+
+    def on_chunk(report: ChunkReport) -> None:
+        last_written[0] = time.perf_counter()
+        on_written(report)
 
     def on_ready(worker: EngineWorker) -> None:
         first_ready.append(time.perf_counter())
@@ -157,12 +162,13 @@ def _run_data_parallel(context: AssetExecutionContext, engine: VLLMEngine, lease
         engines = run_chunks_data_parallel(
             engine, leases, storage, spec.batch_id, model=spec.model, engine_args=engine_args,
             model_name=spec.model_name, chunk_size=manifest["chunk_size"], total=manifest["valid_requests"],
-            todo=todo, on_written=on_written, on_first_output=on_first_output, on_ready=on_ready)
+            todo=todo, on_written=on_chunk, on_first_output=on_first_output, on_ready=on_ready)
     finally:
         for lease in leases:
             lease.release()
     for failed in (e for e in engines if e["error"]):
         context.log.warning(failed["error"])
-    # The engines load at once, each in its worker; generation counts from the first one ready.
+    # The engines load at once, each in its worker; generation counts from the first one ready to the last
+    # chunk written (the workers' engine shutdowns after it are not generation).
     ready = first_ready[0] if first_ready else started
-    return engines, ready - started, time.perf_counter() - ready
+    return engines, ready - started, max(last_written[0] - ready, 0.0)

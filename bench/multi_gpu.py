@@ -38,7 +38,7 @@ def run_batch(batch: Path, model: str, work: Path, name: str, env: dict, out: Pa
     started = time.perf_counter()
     seconds, rss, stdout = run_measured(
         [sys.executable, "-m", "batch_pipeline.cli", "run", str(batch), "--model", model, "--model-name", "bench",
-         "--batch-id", name, "--json"], env, out / f"{name}.log")
+         "--batch-id", name, "--json"], env, out / f"{work.name}-{name}.log")
     summary = json.loads(stdout[stdout.rfind("\n{\n") + 1:])  # vLLM may log to stdout before the summary
     return {"name": name, "started": started, "ended": started + seconds, "wall_seconds": seconds,
             "peak_rss_mb": rss, "summary": summary}
