@@ -7,6 +7,7 @@ skips it and only the missing chunks are computed again.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import itertools
 import json
@@ -134,6 +135,25 @@ def iter_requests(paths: BatchPaths, chunk_size: int, skip: set[int]) -> Iterato
                 position += 1
 
 
+def iter_claimed_requests(paths: BatchPaths, chunk_size: int, total: int,
+                          claim: Callable[[], int | None]) -> Iterator[tuple[int, RequestRow]]:
+    """(position, row) for every request of the chunks `claim` hands out, one chunk at a time, until it says None.
+
+    Data parallel (batch_pipeline/data_parallel.py): each engine asks for its next chunk only when its
+    in-flight window needs more requests, so the chunks are shared by how fast each engine goes.
+    """
+    source = pq.ParquetFile(paths.requests)
+    starts = list(itertools.accumulate((source.metadata.row_group(g).num_rows
+                                        for g in range(source.metadata.num_row_groups)), initial=0))
+    group, rows = -1, []
+    while (index := claim()) is not None:
+        for position in range(index * chunk_size, min((index + 1) * chunk_size, total)):
+            wanted = bisect.bisect_right(starts, position) - 1
+            if wanted != group:  # claims mostly go forward: one row group at a time is held
+                group, rows = wanted, source.read_row_group(wanted).to_pylist()
+            yield position, cast(RequestRow, rows[position - starts[group]])
+
+
 def engine_args_for(engine_args: dict, endpoints: dict[str, int]) -> dict:
     """The kind of request most of the batch asks for decides the engine (one engine per batch, as
     OpenAI has one endpoint per batch): mostly /v1/embeddings runs a pooling engine, else a generative
@@ -161,8 +181,11 @@ def run_chunks(
     in_flight: int | None = None,
     restart: Callable[[], LoadedEngine] | None = None,
     on_first_output: Callable[[], None] | None = None,
+    claim: Callable[[], int | None] | None = None,
 ) -> None:
     """Generate every request not in a finished chunk and write the missing chunks.
+
+    With `claim`, only the chunks it hands out are run (one engine of several sharing a batch).
 
     If the engine dies mid-batch and `restart` is given, a new engine takes over: finished chunks
     stay, the requests that were in flight are admitted again, and a request that was in flight
@@ -182,8 +205,13 @@ def run_chunks(
     parts: dict[int, list[tuple[EngineRequest, RequestOutput] | None]] = {}
     keys = itertools.count()
 
+    def request_rows() -> Iterator[tuple[int, RequestRow]]:
+        if claim is None:
+            return iter_requests(paths, chunk_size, skip)
+        return iter_claimed_requests(paths, chunk_size, total, claim)
+
     def engine_requests() -> Iterator[EngineRequest]:
-        for position, row in iter_requests(paths, chunk_size, skip):
+        for position, row in request_rows():
             try:
                 requests = prepare_requests(keys, row["url"], row["body"], engine.tokenizer, engine.max_model_len,
                                             engine.runner)
@@ -209,7 +237,7 @@ def run_chunks(
         }
 
     if engine.runner == "pooling":
-        _run_embedding_chunks(engine, paths, chunk_size, skip, assembler, failed_row, succeeded_row, model_name)
+        _run_embedding_chunks(engine, request_rows(), chunk_size, assembler, failed_row, succeeded_row, model_name)
     else:
         source = engine_requests()
         readmit: deque[EngineRequest] = deque()
@@ -268,7 +296,7 @@ def run_chunks(
         raise RuntimeError(f"chunks {missing} did not receive all their rows; this is a bug")
 
 
-def _run_embedding_chunks(engine: LoadedEngine, paths: BatchPaths, chunk_size: int, skip: set[int],
+def _run_embedding_chunks(engine: LoadedEngine, rows: Iterator[tuple[int, RequestRow]], chunk_size: int,
                           assembler: ChunkAssembler, failed_row: Callable, succeeded_row: Callable,
                           model_name: str) -> None:
     """A pooling engine embeds one chunk per call: prefill-only work leaves little to gain from
@@ -294,7 +322,7 @@ def _run_embedding_chunks(engine: LoadedEngine, paths: BatchPaths, chunk_size: i
             offset += count
 
     pending: list[tuple[int, RequestRow]] = []
-    for position, row in iter_requests(paths, chunk_size, skip):
+    for position, row in rows:
         if pending and pending[0][0] // chunk_size != position // chunk_size:
             flush(pending)
             pending = []

@@ -120,7 +120,8 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
     # is the one batch_chunks asks for and the batch loads exactly one engine.
     head = survey(local_input, settings.max_line_bytes, HEAD_LINES)
     engine = build_resources(settings)["engine"]
-    engine.prefetch(spec.model, engine_args_for(spec.engine_args, head.url_counts))  # overlaps validation
+    if not engine.data_parallel():  # data parallel engines load in batch_chunks' worker processes
+        engine.prefetch(spec.model, engine_args_for(spec.engine_args, head.url_counts))  # overlaps validation
     display = ProgressDisplay(spec.batch_id)
     paths = BatchStorage(data_dir=settings.data_root).batch(spec.batch_id)
     stats = ChunkStats()

@@ -48,6 +48,8 @@ def build_resources(settings: Settings) -> dict:
             max_model_len=settings.max_model_len,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             tensor_parallel_size=settings.tensor_parallel_size,
+            gpus=settings.gpus,
+            engines_per_batch=settings.engines_per_batch,
             max_num_seqs=settings.max_num_seqs,
             enforce_eager=settings.enforce_eager,
             seed=settings.seed,

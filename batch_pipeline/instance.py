@@ -13,6 +13,7 @@ import yaml
 from dagster import DagsterInstance
 
 from batch_pipeline.settings import Settings
+from resources.device_slots import SlotConfigError, engine_slots
 
 
 class InstanceConfigError(Exception):
@@ -25,6 +26,12 @@ def instance_config(settings: Settings) -> dict:
     if not base.exists():
         raise InstanceConfigError(f"{base} not found: run vllm-batch from the project folder or set VBATCH_HOME")
     config = yaml.safe_load(base.read_text()) or {}
+    # The `gpu` pool admits one batch step per engine slot (one slot per GPU, or per tensor-parallel group).
+    try:
+        slots = engine_slots(settings.gpus, settings.tensor_parallel_size)
+    except SlotConfigError as exc:
+        raise InstanceConfigError(str(exc)) from None
+    config.setdefault("concurrency", {}).setdefault("pools", {})["default_limit"] = len(slots)
     if settings.postgres_url is not None:
         config.update(yaml.safe_load((settings.home / "dagster.postgres.yaml").read_text()))
     return config

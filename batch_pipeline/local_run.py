@@ -104,7 +104,7 @@ def run_batch_in_process(settings: Settings, instance: DagsterInstance, batch_id
         if event.is_step_materialization and event.step_key == "batch_chunks":
             meta = event.step_materialization_data.materialization.metadata
             for key in ("generation_seconds", "engine_load_seconds", "completion_tokens_per_second",
-                        "chunks_resumed", "chunks_run", "engines_loaded_in_process", "first_output_seconds"):
+                        "chunks_resumed", "chunks_run", "engines_loaded_in_process", "first_output_seconds", "engines"):
                 run.summary[key] = meta[key].value
     if defs.get_repository_def().has_job("batch_integrations"):
         # The daemon runs them by automation after batch_results; in-process nobody else would.

@@ -81,6 +81,11 @@ class Settings(BaseSettings):
     max_model_len: int | None = None
     gpu_memory_utilization: float = Field(default=0.90, gt=0, le=1)
     tensor_parallel_size: int = Field(default=1, ge=1)
+    # Several GPUs: one engine per `tensor_parallel_size` GPUs (an engine slot); the `gpu` pool admits one
+    # batch step per slot. None: every visible GPU (on the CPU build: one CPU "device").
+    gpus: int | None = Field(default=None, ge=1, description="GPUs to use (default: all visible).")
+    engines_per_batch: int | None = Field(
+        default=None, ge=1, description="Engines one batch may run on at once (data parallel; default: every free one).")
     max_num_seqs: int | None = None
     # None: the platform's default (eager on the CPU build, CUDA graphs + torch.compile on a GPU).
     enforce_eager: bool | None = None

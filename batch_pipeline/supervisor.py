@@ -109,12 +109,12 @@ def run_service(settings: Settings, host: str, port: int, echo=print) -> int:
     """Start both processes and supervise them until SIGTERM/SIGINT; returns the exit status."""
     home = prepare_instance(settings)
     lock = _hold_instance_lock(home)
-    from resources.engine_host import stop_host
+    from resources.engine_host import stop_hosts
 
     engines = settings.resolved_data_dir / "engines"
     # A warm engine host outlives run workers by design; one left by a supervisor that was killed
     # would hold the GPU with nobody to own it, so a new service starts without it.
-    if stop_host(engines):
+    if stop_hosts(engines):
         echo("stopped an engine host left behind by an earlier service")
     # Before the children start: they inherit what these set up (e.g. where vLLM writes its metrics).
     stop_services = start_integration_services(settings, echo)
@@ -172,7 +172,7 @@ def run_service(settings: Settings, host: str, port: int, echo=print) -> int:
                     pass
         for stop in stop_services:
             stop()
-        stop_host(engines)  # the service's warm engine goes with it
+        stop_hosts(engines)  # the service's warm engines go with it
         lock.close()
     echo("stopped")
     return 0

@@ -93,6 +93,12 @@ def stop_host(state_dir: Path, timeout: float = 60.0) -> bool:
     return stopped
 
 
+def stop_hosts(state_dir: Path) -> bool:
+    """Stop the host of every engine slot (slot 0's lives in the state folder, slot N's in `slot-N/`)."""
+    folders = [state_dir, *sorted(state_dir.glob("slot-*"))] if state_dir.is_dir() else []
+    return any([stop_host(folder) for folder in folders])
+
+
 class HostedEngine:
     """A run worker's handle on the host's engine: the same interface as `LoadedEngine`."""
 

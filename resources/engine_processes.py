@@ -96,3 +96,17 @@ def reap_orphaned_engines(state_dir: Path) -> list[int]:
     if reaped:
         log.warning("killed %d engine process(es) left behind by a dead run worker: %s", len(reaped), reaped)
     return reaped
+
+
+def engine_process_facts(env_names: list[str]) -> list[dict]:
+    """This process's children as the kernel sees them: the given variables of their environment and the
+    cores they may run on (how a test or an operator checks that two engines do not share a device)."""
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            environ = process.environ()
+            found.append({"pid": process.pid, "name": process.name(), "cpus": sorted(process.cpu_affinity() or []),
+                          "env": {name: environ.get(name) for name in env_names}})
+        except psutil.Error:
+            continue
+    return found

@@ -10,6 +10,7 @@ import gc
 import json
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -21,7 +22,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 from dagster import ConfigurableResource, InitResourceContext
 
-from resources import engine_processes
+from resources import device_slots, engine_processes
+from resources.device_slots import EngineSlot, SlotLease
 
 if TYPE_CHECKING:
     from vllm import LLM, RequestOutput, SamplingParams
@@ -249,6 +251,69 @@ class VLLMEngine(ConfigurableResource):
     # JSON output (response_format) without free whitespace between tokens: fewer tokens, and weak
     # models cannot loop on whitespace until max_tokens and leave the JSON unfinished.
     compact_json: bool = True
+    # Several GPUs (resources/device_slots.py): `gpus` devices (None: every visible one) make
+    # gpus / tensor_parallel_size engine slots; an engine holds a slot's lock in state_dir while it
+    # lives. A batch runs on up to `engines_per_batch` slots that are free when it starts (None: all).
+    gpus: int | None = None
+    engines_per_batch: int | None = None
+
+    def slots(self) -> list[EngineSlot]:
+        """This machine's engine slots (EngineLoadError when the settings do not fit it)."""
+        try:
+            return device_slots.engine_slots(self.gpus, self.tensor_parallel_size)
+        except device_slots.SlotConfigError as exc:
+            raise EngineLoadError(str(exc)) from None
+
+    def data_parallel(self) -> bool:
+        """Whether a batch may run on more than one engine at once."""
+        return self.engines_per_batch != 1 and len(self.slots()) > 1
+
+    def host_dir(self, slot: EngineSlot) -> Path:
+        """The engine host folder of a slot (slot 0's is the state folder itself, as with one GPU)."""
+        assert self.state_dir is not None
+        return Path(self.state_dir) / (f"slot-{slot.index}" if slot.index else "")
+
+    def extra_slots(self, most: int) -> list[SlotLease]:
+        """Up to `most` engine slots free right now besides this process's own (waited for first, if it has none)."""
+        if _slot.prefetch is not None:
+            pending, _slot.prefetch = _slot.prefetch, None
+            pending.result()
+        own = self._lease()
+        others = [slot for slot in self.slots() if slot.index != own.slot.index]
+        return device_slots.free_slots(self._lock_dir(), others, most)
+
+    def hand_over_slot(self) -> SlotLease:
+        """This process's own slot, for a worker process to run an engine on: its own engine is shut down first."""
+        lease = self._lease()
+        _shutdown_engine()
+        _slot.lease = None
+        return lease
+
+    def _lock_dir(self) -> Path:
+        if self.state_dir:
+            return Path(self.state_dir)
+        # No state folder (benchmarks, the test session's shared engine): slots are this process's alone.
+        if _slot.private_locks is None:
+            _slot.private_locks = Path(tempfile.mkdtemp(prefix="vbatch-slots-"))
+        return _slot.private_locks
+
+    def _lease(self, kwargs: dict[str, Any] | None = None) -> SlotLease:
+        """The process's slot lease, taking a free slot (waiting for one) if it holds none."""
+        if _slot.lease is None or not _slot.lease.held:
+            slots = self.slots()
+            prefer = None
+            if self.engine_host and self.state_dir and kwargs is not None:
+                from resources import engine_host
+
+                def prefer(slot: EngineSlot) -> bool:  # a warm host of this model
+                    record = engine_host.read_host(self.host_dir(slot))
+                    return record is not None and engine_host._same_kwargs(record["kwargs"], kwargs)
+
+            if len(slots) > 1:
+                log.info("taking a free engine slot (%d on this machine; waiting while all are held)", len(slots))
+            _slot.lease = device_slots.acquire_slot(self._lock_dir(), slots, prefer)
+            _apply_slot_env(_slot.lease.slot)
+        return _slot.lease
 
     def engine_kwargs(self, model: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """The keyword arguments for `vllm.LLM`."""
@@ -306,7 +371,7 @@ class VLLMEngine(ConfigurableResource):
     def restart(self, model: str, extra_args: dict[str, Any] | None = None) -> LoadedEngine:
         """A new engine for `model` after the current one died (its processes are shut down first)."""
         log.warning("the engine for %s died; starting a new one", model)
-        release_engine()
+        _shutdown_engine()  # the slot stays this process's
         return self._load(model, extra_args)
 
     def load(self, model: str, extra_args: dict[str, Any] | None = None) -> LoadedEngine:
@@ -322,11 +387,12 @@ class VLLMEngine(ConfigurableResource):
             return _slot.loaded
         if model.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(model)):
             raise EngineLoadError(f"could not load model {model!r}: no such directory")
-        release_engine()
+        _shutdown_engine()  # a model swap keeps the process's slot
+        slot = self._lease(kwargs).slot
         if self.engine_host and self.state_dir:
             from resources import engine_host
 
-            hosted = engine_host.attach(Path(self.state_dir), kwargs, self.idle_seconds)
+            hosted = engine_host.attach(self.host_dir(slot), kwargs, self.idle_seconds)
             if hosted.host_pid not in _slot.hosts:
                 _slot.loads += 1
                 _slot.hosts.add(hosted.host_pid)
@@ -335,8 +401,8 @@ class VLLMEngine(ConfigurableResource):
         if self.state_dir:
             from resources import engine_host
 
-            # Never two engines on one GPU: a warm host (of any model) goes before this one loads.
-            engine_host.stop_host(Path(self.state_dir))
+            # Never two engines on one GPU: a warm host (of any model) on this slot goes before this one loads.
+            engine_host.stop_host(self.host_dir(slot))
             engine_processes.reap_orphaned_engines(Path(self.state_dir))
         children_before = engine_processes.child_processes()
         started = time.perf_counter()
@@ -376,12 +442,20 @@ class _EngineSlot:
     long-lived process (the test session, a worker with keep_loaded) reuses it across runs."""
 
     loaded: LoadedEngine | None = None
+    lease: SlotLease | None = None  # the engine slot this process holds while its engine lives
+    saved_env: dict[str, str | None] = field(default_factory=dict)  # what the slot's env replaced
+    private_locks: Path | None = None
     prefetch: Future | None = None
     loads: int = 0  # engines this process has loaded or attached to (a batch should need one)
     hosts: set[int] = field(default_factory=set)  # engine host pids this process attached to
 
 
 _slot = _EngineSlot()
+
+
+def held_slot() -> EngineSlot | None:
+    """The engine slot this process holds (while its engine lives), if any."""
+    return _slot.lease.slot if _slot.lease is not None and _slot.lease.held else None
 
 
 def engines_loaded() -> int:
@@ -402,9 +476,36 @@ def discard_engine() -> None:
 
 
 def release_engine() -> None:
-    """Shut the process's engine down, if one is loaded."""
+    """Shut the process's engine down, if one is loaded, and give its engine slot back."""
+    _shutdown_engine()
+    if _slot.lease is not None:
+        lease, _slot.lease = _slot.lease, None
+        lease.release()
+    for name, value in _slot.saved_env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    _slot.saved_env.clear()
+
+
+def adopt_slot(slot: EngineSlot, lock_fd: int) -> None:
+    """In a worker process: the slot whose lock its parent passed down (as `lock_fd`) is this process's."""
+    _slot.lease = SlotLease(slot, os.fdopen(lock_fd, "a+"))
+    _apply_slot_env(slot)
+
+
+def _shutdown_engine() -> None:
     if _slot.loaded is not None:
         engine, _slot.loaded = _slot.loaded, None
         engine.shutdown()
         if engine.record_dir is not None:
             engine_processes.forget_engine(engine.record_dir)
+
+
+def _apply_slot_env(slot: EngineSlot) -> None:
+    """Show the engine only its slot's devices. vLLM's engine core is a spawned child that reads these
+    when it starts; this process itself never initialises CUDA (vLLM's front end queries NVML)."""
+    for name, value in slot.env.items():
+        _slot.saved_env.setdefault(name, os.environ.get(name))
+        os.environ[name] = value

@@ -144,3 +144,18 @@ def test_without_a_restart_a_dead_engine_fails_the_step(tmp_path):
     with pytest.raises(EngineDied):
         run_chunks(DyingEngine(poison={2}), paths, batch_id="b", model_name="m", chunk_size=3, total=10, skip=set(),
                    on_written=lambda r: None)
+
+
+def test_claimed_chunks_are_the_only_ones_run_across_row_groups_in_claim_order(tmp_path):
+    paths = BatchPaths(tmp_path)
+    write_requests(paths, 10)
+    table = pq.read_table(paths.requests)
+    pq.write_table(table, paths.requests, row_group_size=4)  # chunks of 3 straddle row groups of 4
+    claims = iter([3, 1, 2])
+    engine = FakeEngine()
+    written = []
+    run_chunks(engine, paths, batch_id="b", model_name="m", chunk_size=3, total=10, skip=set(),
+               on_written=written.append, claim=lambda: next(claims, None))
+    assert engine.prompts == [FakeTokenizer().encode(f"request {i}") for i in (9, 3, 4, 5, 6, 7, 8)]
+    assert sorted(r.index for r in written) == [1, 2, 3]
+    assert pq.read_table(paths.chunk(1))["line"].to_pylist() == [4, 5, 6]
