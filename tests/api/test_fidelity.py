@@ -122,7 +122,8 @@ def test_expiry_policies_out_of_range_or_with_another_anchor_answer_400(client: 
 def test_a_batch_with_no_valid_line_fails_with_each_lines_error(stack: Stack, client: openai.OpenAI, tmp_path: Path):
     get_line = json.loads(chat_line("g", "hello"))
     get_line["method"] = "GET"
-    lines = ["{not json", "[1, 2]", json.dumps(get_line), chat_line("d", "x").replace('"custom_id": "d"', '"custom_id": ""')]
+    # The first line is a JSON object: an upload whose first line is not is refused at once (400 invalid_file).
+    lines = [json.dumps(get_line), "{not json", "[1, 2]", chat_line("d", "x").replace('"custom_id": "d"', '"custom_id": ""')]
     uploaded = _upload(client, tmp_path / "bad.jsonl", lines)
     batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
     failed, _ = poll(client, batch.id, TERMINAL, timeout=180)
@@ -130,7 +131,7 @@ def test_a_batch_with_no_valid_line_fails_with_each_lines_error(stack: Stack, cl
     assert failed.failed_at is not None and failed.output_file_id is None
     assert failed.errors is not None and failed.errors.object == "list"
     assert [(e.line, e.code) for e in failed.errors.data] == [
-        (1, "invalid_json"), (2, "invalid_request"), (3, "invalid_method"), (4, "missing_custom_id")]
+        (1, "invalid_method"), (2, "invalid_json"), (3, "invalid_request"), (4, "missing_custom_id")]
     assert all(e.message for e in failed.errors.data)
 
 
