@@ -39,13 +39,21 @@ def settings(tmp_path: Path, tiny_model: Path):
 
 
 @pytest.fixture(scope="session")
-def loaded_engine(tiny_model: Path) -> Iterator[object]:
-    """One real engine for the whole session; tests that run the job reuse it (same engine kwargs)."""
+def _session_engine(tiny_model: Path) -> Iterator[object]:
     from resources.vllm_engine import VLLMEngine, release_engine
 
-    engine = VLLMEngine(dtype="float32", max_model_len=1024, enforce_eager=True, keep_loaded=True)
-    yield engine.load(str(tiny_model))
+    yield VLLMEngine(dtype="float32", max_model_len=1024, enforce_eager=True, keep_loaded=True)
     release_engine()
+
+
+@pytest.fixture
+def loaded_engine(_session_engine, tiny_model: Path) -> object:
+    """One real engine for the whole session; tests that run the job reuse it (same engine kwargs).
+
+    Asked for again by each test: the same engine while it stays loaded, a new one only if a test in
+    between swapped it (an embeddings batch loads a pooling engine) or released it.
+    """
+    return _session_engine.load(str(tiny_model))
 
 
 @pytest.fixture

@@ -440,12 +440,13 @@ def test_batches_queue_with_one_gpu_step_at_a_time_and_models_swap(service: Serv
 
 # ---- dagster job launch, cancel, and the schedule ------------------------------------------------
 
-SLOW_CHUNKS = 12
+SLOW_CHUNKS = 20
 
 
 def slow_lines(prefix: str) -> list[dict]:
-    # 256 tokens each, four at a time: about a second or two per chunk of 4 on two CPU cores.
-    return [request_line(f"{prefix}-{i}", MODEL_A, max_tokens=256) for i in range(4 * SLOW_CHUNKS)]
+    # 512 tokens each, four at a time: a few seconds per chunk of 4 on two CPU cores, so that a cancel
+    # (up to 15 s from CANCELING to CANCELED on a loaded machine) lands well before the last chunk.
+    return [request_line(f"{prefix}-{i}", MODEL_A, max_tokens=512) for i in range(4 * SLOW_CHUNKS)]
 
 
 def test_job_launch_then_terminate_then_the_schedule_finishes_the_rest(service: Service):
