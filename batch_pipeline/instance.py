@@ -26,12 +26,14 @@ def instance_config(settings: Settings) -> dict:
     if not base.exists():
         raise InstanceConfigError(f"{base} not found: run vllm-batch from the project folder or set VBATCH_HOME")
     config = yaml.safe_load(base.read_text()) or {}
-    # The `gpu` pool admits one batch step per engine slot (one slot per GPU, or per tensor-parallel group).
+    # The `gpu` pool admits one batch step per engine slot (one slot per GPU, or per tensor-parallel
+    # group); with the warm engine host, up to engine_host_clients batches of one model share a slot's host.
     try:
         slots = engine_slots(settings.gpus, settings.tensor_parallel_size)
     except SlotConfigError as exc:
         raise InstanceConfigError(str(exc)) from None
-    config.setdefault("concurrency", {}).setdefault("pools", {})["default_limit"] = len(slots)
+    per_slot = settings.engine_host_clients if settings.engine_host else 1
+    config.setdefault("concurrency", {}).setdefault("pools", {})["default_limit"] = len(slots) * per_slot
     if settings.postgres_url is not None:
         config.update(yaml.safe_load((settings.home / "dagster.postgres.yaml").read_text()))
     return config

@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     keep_engine_loaded: bool = Field(default=False, description="Keep the engine between runs in one process.")
     engine_host: bool = Field(default=False, description="Keep the engine warm in a host process between runs.")
     engine_idle_seconds: int = Field(default=600, ge=1, description="An idle engine host releases the GPU after this.")
+    # With the host on, batches of one model share its engine at once (the `gpu` pool admits this many
+    # batch steps per engine slot; the slot's lock keeps one engine per GPU, docs/ARCHITECTURE.md).
+    engine_host_clients: int = Field(default=8, ge=1, description="Batches of one model sharing a warm host at once.")
 
     # Operating with the daemon (docs/OPERATIONS.md): the inbox sensor and the catch-up schedule.
     inbox_dir: Path | None = Field(default=None, description="Folder the inbox sensor watches (default DATA_DIR/inbox).")

@@ -7,6 +7,12 @@ only the slot's devices (`CUDA_VISIBLE_DEVICES`, set before vLLM starts its engi
 drops a flock when the last process holding it exits, so a killed step frees its slot, and a lock
 passed to a child process (`pass_fds`) stays held while either of them lives.
 
+With the warm engine host, the clients of one host share its slot (a shared flock): batches of the
+same model run on one engine at once, while a batch for another model (or an engine in the process)
+needs the slot exclusively and so waits until they have all detached. So that a stream of batches of
+one model cannot keep it waiting for ever, a waiter for another model leaves `gpu-slot-N.drain`: new
+clients do not join a slot marked so, and whoever takes the slot exclusively removes the mark.
+
 On the CPU build a "device" is a slot of CPU cores: with more than one slot each engine's threads
 are bound to its own cores (`VLLM_CPU_OMP_THREADS_BIND`), so two CPU engines do not fight over one.
 """
@@ -127,11 +133,23 @@ def engine_slots(gpus: int | None, tensor_parallel_size: int, visible: list[str]
 
 
 class SlotLease:
-    """A slot held by this process (and by any child it passes `fileno()` to) until `release()`."""
+    """A slot held by this process (and by any child it passes `fileno()` to) until `release()`.
 
-    def __init__(self, slot: EngineSlot, handle: IO[str]):
+    `shared`: held together with other clients of the same engine host (see the module's docstring).
+    """
+
+    def __init__(self, slot: EngineSlot, handle: IO[str], shared: bool = False):
         self.slot = slot
         self._handle = handle
+        self.shared = shared
+
+    def share(self) -> None:
+        """Let other clients of this slot's engine host join (an exclusive lease becomes shared)."""
+        if not self.shared and not self._handle.closed:
+            # Linux converts by dropping the lock and taking the shared one; a waiter polling in
+            # between may win the slot, which then looks to this client like its host dying.
+            fcntl.flock(self._handle, fcntl.LOCK_SH)
+            self.shared = True
 
     def fileno(self) -> int:
         return self._handle.fileno()
@@ -150,15 +168,22 @@ def _lock_path(lock_dir: Path, index: int) -> Path:
     return lock_dir / f"gpu-slot-{index}.lock"
 
 
-def try_slot(lock_dir: Path, slot: EngineSlot) -> SlotLease | None:
-    """The slot's lease if it is free now, else None."""
+def _drain_path(lock_dir: Path, index: int) -> Path:
+    return lock_dir / f"gpu-slot-{index}.drain"
+
+
+def try_slot(lock_dir: Path, slot: EngineSlot, shared: bool = False) -> SlotLease | None:
+    """The slot's lease if it is free now (or, `shared`, held only by other sharers), else None."""
     lock_dir.mkdir(parents=True, exist_ok=True)
     handle = _lock_path(lock_dir, slot.index).open("a+")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
         return None
+    if shared:
+        return SlotLease(slot, handle, shared=True)
+    _drain_path(lock_dir, slot.index).unlink(missing_ok=True)
     # Who holds it, for people and tests: the lock itself is the flock, not this text.
     handle.seek(0)
     handle.truncate()
@@ -168,15 +193,32 @@ def try_slot(lock_dir: Path, slot: EngineSlot) -> SlotLease | None:
 
 
 def acquire_slot(lock_dir: Path, slots: list[EngineSlot], prefer: Callable[[EngineSlot], bool] | None = None,
-                 poll_seconds: float = 0.5, timeout: float | None = None) -> SlotLease:
-    """A free slot (those `prefer` likes first), waiting until one is free."""
+                 poll_seconds: float = 0.5, timeout: float | None = None,
+                 share: Callable[[EngineSlot], bool] | None = None,
+                 drain: Callable[[EngineSlot], bool] | None = None) -> SlotLease:
+    """A free slot (those `prefer` likes first), waiting until one is free.
+
+    `share`: a slot it accepts is joined with a shared lease (other clients of the same engine host),
+    unless it is marked for draining. `drain`: while waiting, the first slot it accepts for draining
+    (one whose host runs another model) is marked so.
+    """
     ordered = sorted(slots, key=lambda s: not prefer(s)) if prefer else list(slots)
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         for slot in ordered:
+            if share is not None and not _drain_path(lock_dir, slot.index).exists() and share(slot):
+                lease = try_slot(lock_dir, slot, shared=True)
+                if lease is not None:
+                    if share(slot):  # checked again under the lock: the host cannot change now
+                        return lease
+                    lease.release()
             lease = try_slot(lock_dir, slot)
             if lease is not None:
                 return lease
+        if drain is not None:
+            busy = next((slot for slot in ordered if drain(slot)), None)
+            if busy is not None:
+                _drain_path(lock_dir, busy.index).touch()
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"no engine slot became free in {timeout:.0f}s")
         time.sleep(poll_seconds)

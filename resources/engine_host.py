@@ -12,8 +12,12 @@ Lifetime rules (docs/ARCHITECTURE.md):
 - a batch for another model (or other engine args) stops the host before the new engine loads, so
   the GPU memory is free first; so does an in-process engine load;
 - an idle host (no client for `idle_seconds`) shuts its engine down and exits;
-- the host only steps the engine when a client asks, and clients are `batch_chunks` steps holding
-  the `gpu` pool, so GPU work still happens only inside the pool;
+- several clients (batches of the same model) share the engine at once: their requests join one
+  running batch, so small batches fill the GPU together. They hold the engine slot's lock shared; a
+  batch for another model, or an engine in a process, needs it exclusively and waits for them
+  (resources/device_slots.py), so there is still one engine per GPU;
+- the host only steps the engine while a client has requests in it, and clients are `batch_chunks`
+  steps holding the `gpu` pool, so GPU work still happens only inside the pool;
 - a host left behind by a killed supervisor is found through `host.json` and stopped by the next
   load of another model, or exits when idle. If its engine core dies, the host exits and the
   client sees `EngineDied`.
@@ -180,15 +184,22 @@ class HostedEngine:
                     host.wait(timeout=10)
 
 
-def attach(state_dir: Path, kwargs: dict[str, Any], idle_seconds: int, start_timeout: float = 1800.0) -> HostedEngine:
+def attach(state_dir: Path, kwargs: dict[str, Any], idle_seconds: int, start_timeout: float = 1800.0,
+           replace: bool = True) -> HostedEngine:
     """The host's engine for `kwargs`: the running host if it has them, else a new host (after
-    stopping one that runs another model, so its memory is free before the new model loads)."""
+    stopping one that runs another model, so its memory is free before the new model loads).
+
+    `replace=False` (a client sharing the slot with others): a host of another model is not stopped.
+    """
     state_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with (state_dir / "host.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one worker at a time decides, and starts at most one host
         record = read_host(state_dir)
         if record is not None and not _same_kwargs(record["kwargs"], kwargs):
+            if not replace:
+                raise EngineLoadError(f"the engine host of this GPU runs {record['model']!r}, "
+                                      f"and other batches are using it")
             stop_host(state_dir)
             record = None
         if record is None:
@@ -239,8 +250,6 @@ def _start_host(state_dir: Path, kwargs: dict[str, Any], idle_seconds: int, time
 
 def _serve(config: dict) -> None:
     from vllm import LLM
-    from vllm.inputs import TokensPrompt
-    from vllm.v1.engine.exceptions import EngineDeadError
 
     state_dir = Path(config["state_dir"])
     kwargs = config["kwargs"]
@@ -281,63 +290,169 @@ def _serve(config: dict) -> None:
         os._exit(code)
 
     signal.signal(signal.SIGTERM, lambda *_: exit_host(0))
-    last_active = [time.monotonic()]
-    busy = threading.Event()
-
-    def idle_watch() -> None:
-        while True:
-            time.sleep(1.0)
-            if not busy.is_set() and time.monotonic() - last_active[0] > config["idle_seconds"]:
-                print(f"idle for {config['idle_seconds']}s; releasing the engine", flush=True)
-                exit_host(0)
-
-    threading.Thread(target=idle_watch, daemon=True).start()
+    host = _Host(engine, llm, exit_host, config["idle_seconds"])
+    threading.Thread(target=host.idle_watch, name="idle-watch", daemon=True).start()
+    threading.Thread(target=host.engine_loop, name="engine-loop", daemon=True).start()
     print(f"engine host for {kwargs['model']} ready after {record['load_seconds']:.1f}s", flush=True)
     while True:
-        conn = listener.accept()
-        busy.set()
-        mine: set[str] = set()
+        try:
+            conn = listener.accept()
+        except (OSError, EOFError, ValueError):  # a client that failed the handshake (wrong key, gone)
+            continue
+        threading.Thread(target=host.serve_client, args=(conn,), name="client", daemon=True).start()
+
+
+class _Client:
+    """One attached run worker: the requests it has in the engine and its finished outputs not yet sent."""
+
+    def __init__(self) -> None:
+        self.mine: set[str] = set()
+        self.finished: list[Any] = []
+
+
+class _Host:
+    """Several clients (batches of the same model) share one engine: each client's requests join the
+    same running batch, so small batches fill the GPU together instead of one after the other.
+
+    One thread steps the engine while any client has a request in it; every engine call (add, step,
+    abort, embed) happens under one lock, since vLLM's engine is not thread-safe. A client's `step`
+    adds its new requests and returns its outputs that finished since its last call, waiting for the
+    next engine step when there are none yet, so each client still sees one round trip per step.
+    """
+
+    def __init__(self, engine: Any, llm: Any, exit_host: Any, idle_seconds: float):
+        self.engine = engine
+        self.llm = llm
+        self.exit_host = exit_host
+        self.idle_seconds = idle_seconds
+        self.cond = threading.Condition()
+        self.owners: dict[str, _Client] = {}  # request id -> the client that sent it
+        self.steps = 0
+        self.clients = 0
+        self.dead: str | None = None
+        self.last_active = time.monotonic()
+
+    def idle_watch(self) -> None:
+        while True:
+            time.sleep(1.0)
+            with self.cond:
+                idle = self.clients == 0 and time.monotonic() - self.last_active > self.idle_seconds
+            if idle:
+                print(f"idle for {self.idle_seconds}s; releasing the engine", flush=True)
+                self.exit_host(0)
+
+    def _died(self, exc: BaseException) -> None:
+        with self.cond:
+            if self.dead is None:
+                self.dead = f"the engine core died: {exc or type(exc).__name__}"
+            self.cond.notify_all()
+
+    def engine_loop(self) -> None:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        while True:
+            with self.cond:
+                while not self.owners and self.dead is None:
+                    self.cond.wait()
+                if self.dead is not None:
+                    break
+                try:
+                    outputs = self.engine.step()
+                except EngineDeadError as exc:
+                    self.dead = f"the engine core died: {exc or type(exc).__name__}"
+                    self.cond.notify_all()
+                    break
+                for output in outputs:
+                    if output.finished:
+                        client = self.owners.pop(output.request_id, None)
+                        if client is not None:
+                            client.mine.discard(output.request_id)
+                            client.finished.append(output)
+                self.steps += 1
+                self.cond.notify_all()
+        # Tell every attached client (each learns it on its next call), then go: the next attach starts a new host.
+        deadline = time.monotonic() + 10
+        with self.cond:
+            while self.clients and time.monotonic() < deadline:
+                self.cond.wait(0.2)
+        self.exit_host(1)
+
+    def serve_client(self, conn: Connection) -> None:
+        from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        client = _Client()
+        with self.cond:
+            self.clients += 1
+            print(f"a batch attached ({self.clients} attached)", flush=True)
         try:
             while True:
                 message = conn.recv()
                 if message[0] == "step":
-                    failures = []
-                    for request_id, token_ids, params in message[1]:
-                        try:
-                            engine.add_request(request_id, TokensPrompt(prompt_token_ids=token_ids), params)
-                            mine.add(request_id)
-                        except admission_errors() as exc:
-                            failures.append((request_id, str(exc)))
-                    finished = []
-                    if mine:
-                        for output in engine.step():
-                            if output.finished:
-                                mine.discard(output.request_id)
-                                finished.append(output)
+                    with self.cond:
+                        failures = []
+                        for request_id, token_ids, params in message[1]:
+                            if self.dead is not None:
+                                break
+                            try:
+                                self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=token_ids), params)
+                            except admission_errors() as exc:
+                                failures.append((request_id, str(exc)))
+                                continue
+                            except EngineDeadError as exc:
+                                self.dead = f"the engine core died: {exc or type(exc).__name__}"
+                                break
+                            client.mine.add(request_id)
+                            self.owners[request_id] = client
+                        self.cond.notify_all()
+                        target = self.steps + 1
+                        while self.dead is None and client.mine and not client.finished and self.steps < target:
+                            self.cond.wait()
+                        finished, client.finished = client.finished, []
+                        dead = self.dead
+                    if dead is not None:
+                        conn.send(("dead", dead))
+                        return
                     conn.send(("ok", finished, failures))
                 elif message[0] == "abort":
-                    engine.abort_request(message[1])
-                    mine.difference_update(message[1])
+                    with self.cond:
+                        self._abort(client, message[1])
                     conn.send(("ok",))
                 elif message[0] == "embed":
-                    outputs = llm.embed([TokensPrompt(prompt_token_ids=ids) for ids in message[1]], use_tqdm=False)
+                    with self.cond:
+                        outputs = self.llm.embed([TokensPrompt(prompt_token_ids=ids) for ids in message[1]],
+                                                 use_tqdm=False)
                     conn.send(("ok", [list(map(float, o.outputs.embedding)) for o in outputs]))
                 elif message[0] == "shutdown":
                     conn.send(("ok",))
-                    exit_host(0)
-        except EngineDeadError as exc:
+                    self.exit_host(0)
+        except EngineDeadError as exc:  # during embed
+            self._died(exc)
             with contextlib.suppress(OSError):
-                conn.send(("dead", f"the engine core died: {exc or type(exc).__name__}"))
-            exit_host(1)
+                conn.send(("dead", self.dead))
         except (EOFError, OSError):
-            if mine:  # the client went away mid-batch (cancel, crash): its requests must not run on
-                with contextlib.suppress(EngineDeadError):
-                    engine.abort_request(list(mine))
+            pass  # the client went away mid-batch (cancel, crash): its requests must not run on
         finally:
+            with self.cond:
+                if client.mine and self.dead is None:
+                    with contextlib.suppress(EngineDeadError):
+                        self._abort(client, list(client.mine))
+                self.clients -= 1
+                self.last_active = time.monotonic()
+                self.cond.notify_all()
             with contextlib.suppress(OSError):
                 conn.close()
-            last_active[0] = time.monotonic()
-            busy.clear()
+
+    def _abort(self, client: _Client, request_ids: list[str]) -> None:
+        """Abort some of a client's requests (caller holds the lock)."""
+        ids = [request_id for request_id in request_ids if self.owners.get(request_id) is client]
+        if ids:
+            self.engine.abort_request(ids)
+        for request_id in ids:
+            self.owners.pop(request_id, None)
+            client.mine.discard(request_id)
+        gone = set(request_ids)
+        client.finished = [output for output in client.finished if output.request_id not in gone]
 
 
 if __name__ == "__main__":

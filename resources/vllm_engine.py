@@ -301,17 +301,21 @@ class VLLMEngine(ConfigurableResource):
         """The process's slot lease, taking a free slot (waiting for one) if it holds none."""
         if _slot.lease is None or not _slot.lease.held:
             slots = self.slots()
-            prefer = None
+            prefer = drain = None
             if self.engine_host and self.state_dir and kwargs is not None:
                 from resources import engine_host
 
-                def prefer(slot: EngineSlot) -> bool:  # a warm host of this model
+                def prefer(slot: EngineSlot) -> bool:  # a warm host of this model: join its other clients
                     record = engine_host.read_host(self.host_dir(slot))
                     return record is not None and engine_host._same_kwargs(record["kwargs"], kwargs)
 
+                def drain(slot: EngineSlot) -> bool:  # a host of another model: its clients must finish first
+                    record = engine_host.read_host(self.host_dir(slot))
+                    return record is not None and not engine_host._same_kwargs(record["kwargs"], kwargs)
+
             if len(slots) > 1:
                 log.info("taking a free engine slot (%d on this machine; waiting while all are held)", len(slots))
-            _slot.lease = device_slots.acquire_slot(self._lock_dir(), slots, prefer)
+            _slot.lease = device_slots.acquire_slot(self._lock_dir(), slots, prefer, share=prefer, drain=drain)
             _apply_slot_env(_slot.lease.slot)
         return _slot.lease
 
@@ -392,7 +396,17 @@ class VLLMEngine(ConfigurableResource):
         if self.engine_host and self.state_dir:
             from resources import engine_host
 
-            hosted = engine_host.attach(self.host_dir(slot), kwargs, self.idle_seconds)
+            lease = self._lease(kwargs)
+            record = engine_host.read_host(self.host_dir(slot))
+            if lease.shared and record is not None and not engine_host._same_kwargs(record["kwargs"], kwargs):
+                # This process shared the slot with the host's other clients, and now needs another
+                # model (a swap): it waits for the slot on its own, as any batch for another model does.
+                lease.release()
+                _slot.lease = None
+                lease = self._lease(kwargs)
+                slot = lease.slot
+            hosted = engine_host.attach(self.host_dir(slot), kwargs, self.idle_seconds, replace=not lease.shared)
+            lease.share()  # the host runs this model now: other batches of it may join
             if hosted.host_pid not in _slot.hosts:
                 _slot.loads += 1
                 _slot.hosts.add(hosted.host_pid)

@@ -131,3 +131,38 @@ def test_a_process_holding_one_gpu_still_finds_the_free_others_and_gets_its_view
     first, second = (json.loads(line) for line in result.stdout.splitlines()[-2:])
     assert first == {"own": ["1"], "extra": [["2"], ["3"]], "narrowed": "1"}
     assert second == {"restored": "0,1,2,3"}
+
+
+def test_clients_of_one_host_share_a_slot_and_a_batch_for_another_model_drains_it(tmp_path):
+    slot = engine_slots(1, 1, visible=["0"])[0]
+    runs_model_a = {slot.index: True}  # what the slot's engine host runs, as the resource would read it
+
+    def same(s):
+        return runs_model_a[s.index]
+
+    def other(s):
+        return not runs_model_a[s.index]
+
+    first = acquire_slot(tmp_path, [slot], share=same, drain=other)
+    second = acquire_slot(tmp_path, [slot], share=same, drain=other, timeout=2)
+    assert first.shared and second.shared  # two batches of model A on the one engine
+    assert try_slot(tmp_path, slot) is None  # an engine of its own (or another model) must wait
+
+    # A batch for model B waits for the slot and marks it for draining: a third batch of A no longer joins.
+    with pytest.raises(TimeoutError):
+        acquire_slot(tmp_path, [slot], share=other, drain=same, poll_seconds=0.05, timeout=0.3)
+    assert (tmp_path / "gpu-slot-0.drain").exists()
+    with pytest.raises(TimeoutError):
+        acquire_slot(tmp_path, [slot], share=same, drain=other, poll_seconds=0.05, timeout=0.3)
+
+    first.release()
+    second.release()
+    b = acquire_slot(tmp_path, [slot], share=other, drain=same, timeout=2)  # the sharers gone: B has it alone
+    assert not b.shared and not (tmp_path / "gpu-slot-0.drain").exists()
+    runs_model_a[slot.index] = False  # B's host replaced A's
+    b.share()
+    joined = acquire_slot(tmp_path, [slot], share=other, drain=same, timeout=2)  # another batch of B joins
+    assert joined.shared
+    b.release()
+    joined.release()
+    assert try_slot(tmp_path, slot) is not None
