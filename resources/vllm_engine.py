@@ -212,6 +212,17 @@ def _import_vllm() -> None:
     import vllm.tokenizers  # noqa: F401
 
 
+_early_import: threading.Thread | None = None  # the run's vLLM import, started with the run (engine host on)
+
+
+def _await_vllm_import() -> None:
+    """Wait for the import started with the run, if it is still going. vLLM imported from two threads
+    at once breaks: one thread sees `vllm.platforms` half-initialised ("cannot import name
+    'current_platform' ... circular import"), which failed batch_chunks on an H100."""
+    if _early_import is not None and _early_import is not threading.current_thread():
+        _early_import.join()
+
+
 def _on_cpu() -> bool:
     # vLLM's bfloat16 CPU kernels die with SIGILL on some batch shapes (seen on Sapphire Rapids);
     # float32 ran every shape tried, so "auto" means float32 on the CPU build.
@@ -259,6 +270,7 @@ class VLLMEngine(ConfigurableResource):
 
     def slots(self) -> list[EngineSlot]:
         """This machine's engine slots (EngineLoadError when the settings do not fit it)."""
+        _await_vllm_import()  # counting GPUs may import vLLM's NVML bindings
         try:
             return device_slots.engine_slots(self.gpus, self.tensor_parallel_size)
         except device_slots.SlotConfigError as exc:
@@ -321,6 +333,7 @@ class VLLMEngine(ConfigurableResource):
 
     def engine_kwargs(self, model: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """The keyword arguments for `vllm.LLM`."""
+        _await_vllm_import()
         kwargs: dict[str, Any] = {
             "model": model,
             "dtype": self.dtype if self.dtype != "auto" or not _on_cpu() else "float32",
@@ -441,7 +454,10 @@ class VLLMEngine(ConfigurableResource):
             # A run worker attaching to a warm host still imports vLLM (sampling parameters, the
             # tokenizer): started with the run, the import overlaps batch_input instead of delaying
             # batch_chunks' first token.
-            threading.Thread(target=_import_vllm, name="vllm-import", daemon=True).start()
+            global _early_import
+            if _early_import is None:
+                _early_import = threading.Thread(target=_import_vllm, name="vllm-import", daemon=True)
+                _early_import.start()
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:
         # A step that failed before its session began may still have a prefetched engine.
