@@ -303,11 +303,19 @@ def _serve(config: dict) -> None:
 
 
 class _Client:
-    """One attached run worker: the requests it has in the engine and its finished outputs not yet sent."""
+    """One attached run worker: the requests it has in the engine and its finished outputs not yet sent.
 
-    def __init__(self) -> None:
-        self.mine: set[str] = set()
+    Clients name their requests independently (two batches both have an "r0-0"), so the engine knows
+    each request under the client's prefix, and outputs go back under the client's own id.
+    """
+
+    def __init__(self, number: int) -> None:
+        self.prefix = f"c{number}:"
+        self.mine: set[str] = set()  # engine ids
         self.finished: list[Any] = []
+
+    def engine_id(self, request_id: str) -> str:
+        return self.prefix + request_id
 
 
 class _Host:
@@ -329,6 +337,7 @@ class _Host:
         self.owners: dict[str, _Client] = {}  # request id -> the client that sent it
         self.steps = 0
         self.clients = 0
+        self.attached = 0  # clients ever attached: each one's request-id prefix
         self.dead: str | None = None
         self.last_active = time.monotonic()
 
@@ -381,8 +390,9 @@ class _Host:
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        client = _Client()
         with self.cond:
+            self.attached += 1
+            client = _Client(self.attached)
             self.clients += 1
             print(f"a batch attached ({self.clients} attached)", flush=True)
         try:
@@ -394,29 +404,32 @@ class _Host:
                         for request_id, token_ids, params in message[1]:
                             if self.dead is not None:
                                 break
+                            engine_id = client.engine_id(request_id)
                             try:
-                                self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=token_ids), params)
+                                self.engine.add_request(engine_id, TokensPrompt(prompt_token_ids=token_ids), params)
                             except admission_errors() as exc:
                                 failures.append((request_id, str(exc)))
                                 continue
                             except EngineDeadError as exc:
                                 self.dead = f"the engine core died: {exc or type(exc).__name__}"
                                 break
-                            client.mine.add(request_id)
-                            self.owners[request_id] = client
+                            client.mine.add(engine_id)
+                            self.owners[engine_id] = client
                         self.cond.notify_all()
                         target = self.steps + 1
                         while self.dead is None and client.mine and not client.finished and self.steps < target:
                             self.cond.wait()
                         finished, client.finished = client.finished, []
                         dead = self.dead
+                    for output in finished:  # back under the client's own request id
+                        output.request_id = output.request_id[len(client.prefix):]
                     if dead is not None:
                         conn.send(("dead", dead))
                         return
                     conn.send(("ok", finished, failures))
                 elif message[0] == "abort":
                     with self.cond:
-                        self._abort(client, message[1])
+                        self._abort(client, [client.engine_id(request_id) for request_id in message[1]])
                     conn.send(("ok",))
                 elif message[0] == "embed":
                     with self.cond:
@@ -444,7 +457,7 @@ class _Host:
                 conn.close()
 
     def _abort(self, client: _Client, request_ids: list[str]) -> None:
-        """Abort some of a client's requests (caller holds the lock)."""
+        """Abort some of a client's requests, by engine id (caller holds the lock)."""
         ids = [request_id for request_id in request_ids if self.owners.get(request_id) is client]
         if ids:
             self.engine.abort_request(ids)

@@ -63,7 +63,7 @@ def test_two_batches_share_the_host_engine_at_once(tmp_path, tiny_model):
         def batch_b() -> None:
             b = attach(state, kwargs, idle_seconds=60, replace=False)
             try:
-                b_done["outputs"] = list(b.stream(requests(b.tokenizer, 100, 4, 8)))
+                b_done["outputs"] = list(b.stream(requests(b.tokenizer, 0, 4, 8)))  # the same request ids as A's
                 b_done["host"] = b.host_pid
             finally:
                 b.shutdown()
@@ -73,7 +73,7 @@ def test_two_batches_share_the_host_engine_at_once(tmp_path, tiny_model):
         thread.join(timeout=120)
         assert not thread.is_alive(), "a second batch must be served while the first is still attached"
         assert b_done["host"] == a.host_pid
-        assert sorted(request.key for request, _ in b_done["outputs"]) == [100, 101, 102, 103]
+        assert sorted(request.key for request, _ in b_done["outputs"]) == [0, 1, 2, 3]
         assert all(isinstance(out, RequestOutput) and len(out.outputs[0].token_ids) == 8 for _, out in b_done["outputs"])
         rest = list(stream_a)  # A's requests ran on meanwhile; A gets them, and only them
         outputs_a = first_a + rest
