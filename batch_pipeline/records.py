@@ -36,8 +36,9 @@ def _at_most_four(stop: str | list[str] | None) -> str | list[str] | None:
 class GenerativeBody(BaseModel):
     """The sampling fields every generative body shares (chat, completions, responses), each bounded once.
 
-    OpenAI's ranges; vLLM's extensions as its own server takes them on every generative endpoint. An
-    endpoint adds its own fields (input, output limit, format) in its model below.
+    OpenAI's ranges, and vLLM's extensions as its own server takes them (its /v1/responses has all of them
+    but min_tokens, which is accepted here too). An endpoint adds its own fields (input, output limit,
+    format) in its model below.
     """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
