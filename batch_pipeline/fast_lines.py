@@ -91,20 +91,24 @@ _PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 _Scalar = str | int | float | bool | None
 
 
-class _Body(_Struct):
+class _GenerativeBody(_Struct):
+    # records.GenerativeBody, field for field (tests/test_fast_lines.py compares the names).
     model: str | None = None
     temperature: _number(msgspec.Meta(ge=0, le=2)) | None = None  # type: ignore[valid-type]
     top_p: _number(msgspec.Meta(gt=0, le=1)) | None = None  # type: ignore[valid-type]
     seed: int | None = None
     stop: str | Annotated[list[str], msgspec.Meta(max_length=4)] | None = None
-    n: Annotated[int, msgspec.Meta(ge=1, le=128)] = 1
     presence_penalty: _number(msgspec.Meta(ge=-2, le=2)) | None = None  # type: ignore[valid-type]
     frequency_penalty: _number(msgspec.Meta(ge=-2, le=2)) | None = None  # type: ignore[valid-type]
-    max_tokens: _PositiveInt | None = None
     top_k: int | None = None
     min_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
     repetition_penalty: _number(msgspec.Meta(gt=0)) | None = None  # type: ignore[valid-type]
     ignore_eos: bool | None = None
+
+
+class _Body(_GenerativeBody):
+    n: Annotated[int, msgspec.Meta(ge=1, le=128)] = 1
+    max_tokens: _PositiveInt | None = None
     # DROPPED_FIELDS, in their usual (flat) shapes; other shapes take the pydantic path.
     user: str | None = None
     store: bool | None = None

@@ -102,19 +102,10 @@ def prepare_requests(
         try:
             params = SamplingParams(
                 n=body.n,
-                temperature=1.0 if body.temperature is None else float(body.temperature),
-                top_p=1.0 if body.top_p is None else float(body.top_p),
-                seed=body.seed,
-                stop=body.stop,
-                presence_penalty=float(body.presence_penalty or 0.0),
-                frequency_penalty=float(body.frequency_penalty or 0.0),
+                **body.sampling_args(),
                 max_tokens=limit if limit is not None else max_model_len - len(prompt_ids),
                 logprobs=top_logprobs if wants_logprobs else None,
                 structured_outputs=_structured_outputs(body.response_format),
-                top_k=body.top_k or 0,
-                min_tokens=body.min_tokens or 0,
-                repetition_penalty=float(body.repetition_penalty or 1.0),
-                ignore_eos=bool(body.ignore_eos),
                 output_kind=RequestOutputKind.FINAL_ONLY,
             )
         except ValueError as exc:  # vLLM's own checks, e.g. n > 1 with temperature 0
@@ -146,27 +137,18 @@ def _prepare_response(key: int, body_json: str, tokenizer: Any, max_model_len: i
     limit = body.max_output_tokens
     _check_length(prompt_ids, limit, max_model_len, "the input")
     text_format = body.text.format if body.text and body.text.format else None
-    temperature = 1.0 if body.temperature is None else float(body.temperature)
-    top_p = 1.0 if body.top_p is None else float(body.top_p)
+    sampling = body.sampling_args()
     # What the response object repeats of the request, as OpenAI's does.
-    echo = {"instructions": body.instructions, "max_output_tokens": limit, "temperature": temperature, "top_p": top_p,
+    echo = {"instructions": body.instructions, "max_output_tokens": limit, "temperature": sampling["temperature"],
+            "top_p": sampling["top_p"],
             "text": {"format": (text_format.model_dump(exclude_none=True, by_alias=True) if text_format
                                 else {"type": "text"}),
                      **({"verbosity": body.text.verbosity} if body.text and body.text.verbosity else {})}}
     try:
         params = SamplingParams(
-            temperature=temperature,
-            top_p=top_p,
-            seed=body.seed,
-            stop=body.stop,
-            presence_penalty=float(body.presence_penalty or 0.0),
-            frequency_penalty=float(body.frequency_penalty or 0.0),
+            **sampling,
             max_tokens=limit if limit is not None else max_model_len - len(prompt_ids),
             structured_outputs=_structured_outputs(body.response_format()),
-            top_k=body.top_k or 0,
-            min_tokens=body.min_tokens or 0,
-            repetition_penalty=float(body.repetition_penalty or 1.0),
-            ignore_eos=bool(body.ignore_eos),
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
     except ValueError as exc:

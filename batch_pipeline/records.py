@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
+from pydantic_core import PydanticCustomError
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
@@ -23,23 +24,60 @@ Number = int | float
 _IGNORED_FIELDS = {"user", "store", "metadata", "service_tier", "stream", "stream_options", "parallel_tool_calls"}
 
 
-class _Body(BaseModel):
+def _at_most_four(stop: str | list[str] | None) -> str | list[str] | None:
+    if isinstance(stop, list) and len(stop) > 4:
+        raise PydanticCustomError(  # OpenAI's own words for it
+            "array_above_max_length",
+            "array too long. Expected an array with maximum length 4, but got an array with length {length} instead.",
+            {"length": len(stop)})
+    return stop
+
+
+class GenerativeBody(BaseModel):
+    """The sampling fields every generative body shares (chat, completions, responses), each bounded once.
+
+    OpenAI's ranges, and vLLM's extensions as its own server takes them (its /v1/responses has all of them
+    but min_tokens, which is accepted here too). An endpoint adds its own fields (input, output limit,
+    format) in its model below.
+    """
+
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     model: str | None = None
     temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
     top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
     seed: StrictInt | None = None
-    stop: str | list[str] | None = None
-    n: Annotated[StrictInt, Field(ge=1, le=128)] = 1
+    # One check outside the union, so that a fifth sequence is the error, not "stop.str: not a string".
+    stop: Annotated[str | list[str] | None, AfterValidator(_at_most_four)] = None
     presence_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
-    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     # vLLM's extensions to the OpenAI parameters, as its own server accepts them.
     top_k: StrictInt | None = None
     min_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
     repetition_penalty: Annotated[Number, Field(gt=0)] | None = None
     ignore_eos: StrictBool | None = None
+
+    def sampling_args(self) -> dict[str, Any]:
+        """These fields as vLLM `SamplingParams` arguments, OpenAI's defaults where a field is not set."""
+        return {
+            "temperature": 1.0 if self.temperature is None else float(self.temperature),
+            "top_p": 1.0 if self.top_p is None else float(self.top_p),
+            "seed": self.seed,
+            "stop": self.stop,
+            "presence_penalty": float(self.presence_penalty or 0.0),
+            "frequency_penalty": float(self.frequency_penalty or 0.0),
+            "top_k": self.top_k or 0,
+            "min_tokens": self.min_tokens or 0,
+            "repetition_penalty": float(self.repetition_penalty or 1.0),
+            "ignore_eos": bool(self.ignore_eos),
+        }
+
+
+class _Body(GenerativeBody):
+    """What chat and completions bodies add: `n`, `max_tokens`, and the client defaults they drop."""
+
+    n: Annotated[StrictInt, Field(ge=1, le=128)] = 1
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -49,12 +87,6 @@ class _Body(BaseModel):
                 raise ValueError("stream=true is not supported in a batch")
             return {k: v for k, v in data.items() if k not in _IGNORED_FIELDS}
         return data
-
-    @model_validator(mode="after")
-    def _stop_is_short(self) -> _Body:
-        if isinstance(self.stop, list) and len(self.stop) > 4:
-            raise ValueError("stop accepts at most 4 sequences")
-        return self
 
 
 class TextContentPart(BaseModel):
@@ -245,27 +277,13 @@ def _asks_for_nothing(value: Any) -> bool:
     return isinstance(value, dict) and all(item is None for item in value.values())
 
 
-class ResponsesBody(BaseModel):
+class ResponsesBody(GenerativeBody):
     """The body of a `/v1/responses` request (text in, one text message out)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = None
     input: str | Annotated[list[ResponseInputMessage], Field(min_length=1)]
     instructions: str | None = None
     max_output_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
-    temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
     text: ResponseTextConfig | None = None
-    # vLLM's extensions, as its own /v1/responses accepts them.
-    presence_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
-    frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
-    seed: StrictInt | None = None
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    top_k: StrictInt | None = None
-    min_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
-    repetition_penalty: Annotated[Number, Field(gt=0)] | None = None
-    ignore_eos: StrictBool | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -6,9 +6,16 @@ from __future__ import annotations
 import json
 import random
 
-from batch_pipeline.fast_lines import DROPPED_FIELDS, FAST_BODIES, decode_line, nesting_depth
+from batch_pipeline.fast_lines import DROPPED_FIELDS, FAST_BODIES, _GenerativeBody, decode_line, nesting_depth
 from batch_pipeline.input_file import ValidRequest, _check_raw_line, _fast_request, raw_lines
-from batch_pipeline.records import _IGNORED_FIELDS, BODY_MODELS, CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL
+from batch_pipeline.records import (
+    _IGNORED_FIELDS,
+    BODY_MODELS,
+    CHAT_URL,
+    COMPLETIONS_URL,
+    EMBEDDINGS_URL,
+    GenerativeBody,
+)
 from tests.fuzz_corpus import build_corpus
 
 BASES = {
@@ -93,6 +100,14 @@ def test_the_common_shapes_take_the_fast_pass():
         assert decode_line(line) is not None, url
     assert set(FAST_BODIES) <= set(BODY_MODELS)
     assert set(DROPPED_FIELDS) <= _IGNORED_FIELDS
+
+
+def test_each_struct_has_the_fields_of_its_pydantic_model():
+    # The bounds are checked by the agreement tests above; this catches a field added on one side only.
+    assert list(_GenerativeBody.__struct_fields__) == list(GenerativeBody.model_fields)
+    for url, struct in FAST_BODIES.items():
+        fast = [name for name in struct.__struct_fields__ if name not in DROPPED_FIELDS]
+        assert fast == [name for name in BODY_MODELS[url].model_fields if name not in DROPPED_FIELDS], url
 
 
 def test_nesting_depth_counts_levels_of_arrays_and_objects():

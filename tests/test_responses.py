@@ -16,7 +16,7 @@ from batch_pipeline.intake import IntakeError, model_for_endpoint
 from batch_pipeline.openai_bodies import prepare_requests
 from batch_pipeline.records import RESPONSES_URL
 from tests.conftest import write_jsonl
-from tests.test_pipeline_e2e import MODEL_NAME, by_id, chat, run
+from tests.test_pipeline_e2e import MODEL_NAME, by_id, chat, completion, run
 
 SCHEMA = {"type": "object", "properties": {"label": {"enum": ["yes", "no"]}}, "required": ["label"],
           "additionalProperties": False}
@@ -81,6 +81,11 @@ def test_every_input_shape_is_a_valid_line(tmp_path):
     ({"input": []}, "empty list"),
     ({"text": {"format": {"type": "json_schema", "name": "label"}}}, "text.format.schema is required"),
     ({"max_tokens": 5}, "max_tokens"),  # a chat field: the Responses API calls it max_output_tokens
+    # Chat and completions fields the Responses API does not have.
+    ({"n": 2}, "n: Extra inputs are not permitted"),
+    ({"logprobs": True}, "logprobs: Extra inputs are not permitted"),
+    ({"response_format": {"type": "json_object"}}, "response_format: Extra inputs are not permitted"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop: array too long. Expected an array with maximum length 4"),
 ])
 def test_an_unsupported_feature_is_one_clear_error_for_that_line_only(tmp_path, params, named):
     bad = respond("bad", "Hello", **params)
@@ -91,10 +96,32 @@ def test_an_unsupported_feature_is_one_clear_error_for_that_line_only(tmp_path, 
     assert "\n" not in error.message
 
 
+@pytest.mark.parametrize("field, value", [
+    ("temperature", 2.5), ("top_p", 0), ("seed", 1.5), ("stop", ["a", "b", "c", "d", "e"]), ("stop", [1]),
+    ("presence_penalty", -2.5), ("frequency_penalty", 3), ("top_k", "5"), ("min_tokens", -1),
+    ("repetition_penalty", 0), ("ignore_eos", "yes")])
+def test_a_sampling_field_is_checked_alike_on_every_generative_endpoint(tmp_path, field, value):
+    results = scan(tmp_path, [respond("responses", "Hi", **{field: value}), chat("chat", "Hi", **{field: value}),
+                              completion("completions", "Hi", **{field: value})])
+    assert all(isinstance(r, InvalidLine) and r.error.code == "invalid_body" for r in results), results
+    messages = {r.error.message for r in results}
+    assert len(messages) == 1 and f"body: {field}" in messages.pop()
+
+
+def test_five_stop_sequences_are_refused_in_openais_words(tmp_path):
+    [result] = scan(tmp_path, [chat("chat", "Hi", stop=["a", "b", "c", "d", "e"])])
+    assert result.error.message == ("invalid body: stop: array too long. Expected an array with maximum length 4, "
+                                    "but got an array with length 5 instead.")
+    assert all(isinstance(r, ValidRequest) for r in scan(tmp_path, [
+        respond("four", "Hi", stop=["a", "b", "c", "d"]), chat("one", "Hi", stop="a"), respond("none", "Hi", stop=None)]))
+
+
 def test_a_body_becomes_the_chat_template_tokens_and_vllm_parameters(tmp_path, tokenizer):
     line = respond("r", [{"role": "user", "content": [{"type": "input_text", "text": "Is it "},
                                                       {"type": "input_text", "text": "good?"}]}],
                    instructions="Answer yes or no", max_output_tokens=12, temperature=0.5, top_p=0.8, seed=3,
+                   stop=["END"], presence_penalty=0.5, frequency_penalty=-0.5, top_k=7, min_tokens=2,
+                   repetition_penalty=1.1, ignore_eos=True,
                    text={"format": {"type": "json_schema", "name": "label", "schema": SCHEMA, "strict": True}})
     [valid] = scan(tmp_path, [line])
     [request] = prepare_requests(itertools.count(), valid.url, valid.body, tokenizer, 1024)
@@ -102,6 +129,8 @@ def test_a_body_becomes_the_chat_template_tokens_and_vllm_parameters(tmp_path, t
         tokenizer, [{"role": "system", "content": "Answer yes or no"}, {"role": "user", "content": "Is it good?"}])
     params = request.params
     assert (params.max_tokens, params.temperature, params.top_p, params.seed, params.n) == (12, 0.5, 0.8, 3, 1)
+    assert (params.stop, params.presence_penalty, params.frequency_penalty, params.top_k, params.min_tokens,
+            params.repetition_penalty, params.ignore_eos) == (["END"], 0.5, -0.5, 7, 2, 1.1, True)
     assert params.structured_outputs.json == SCHEMA  # as chat's response_format json_schema becomes
     assert request.echo["text"]["format"]["name"] == "label" and request.echo["instructions"] == "Answer yes or no"
 

@@ -10,8 +10,9 @@ ACCEPT = "accept"
 REJECT = "reject"
 
 # The prompt as the reviewer should read it (chat messages by role, a completion prompt as one "prompt"
-# turn), the model's answer for reference, and the three controls: accept/reject, a 1-5 rating and the
-# answer text, which the prediction pre-fills with the model's answer so a correction is an edit.
+# turn, a Responses request as its instructions and input turns), the model's answer for reference, and
+# the three controls: accept/reject, a 1-5 rating and the answer text, which the prediction pre-fills
+# with the model's answer so a correction is an edit.
 REVIEW_CONFIG = f"""<View>
   <Header value="Prompt"/>
   <Paragraphs name="{PROMPT}" value="$messages" layout="dialogue" nameKey="role" textKey="content"/>

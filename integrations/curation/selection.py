@@ -17,7 +17,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from batch_pipeline.records import EMBEDDINGS_URL
+from batch_pipeline.records import EMBEDDINGS_URL, RESPONSES_URL, ResponsesBody
 from integrations.curation.records import Message, ReviewTaskData
 from resources.storage import BatchPaths
 
@@ -84,6 +84,17 @@ def render_content(content: Any) -> str:
     return json.dumps(content)
 
 
+def as_chat_body(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A request body in chat's terms: a `/v1/responses` body's `instructions` and `input` as the messages the
+    engine prompted the model with, its `text.format` as `response_format`; other bodies as they are."""
+    if url != RESPONSES_URL:
+        return body
+    request = ResponsesBody.model_validate(body)
+    response_format = request.response_format()
+    return {"messages": request.messages(),
+            "response_format": response_format.model_dump(mode="json", by_alias=True) if response_format else None}
+
+
 def prompt_messages(url: str, body: dict[str, Any]) -> list[Message]:
     """The prompt as a reviewer reads it: chat messages by role, or the completion prompt as one turn."""
     if "messages" in body:
@@ -97,7 +108,12 @@ def prompt_messages(url: str, body: dict[str, Any]) -> list[Message]:
 
 
 def response_text(response_body: dict[str, Any]) -> str:
-    """The answer of a response body: the first choice's message content (chat) or text (completion)."""
+    """The answer of a response body: the first choice's message content (chat) or text (completion), or a
+    `response` object's `output_text` parts (joined, as the official client's `output_text` joins them)."""
+    if response_body.get("object") == "response":
+        return "".join(part.get("text") or "" for item in response_body.get("output") or []
+                       if item.get("type") == "message"
+                       for part in item.get("content") or [] if part.get("type") == "output_text")
     choices = response_body.get("choices") or []
     if not choices:
         return ""
@@ -144,7 +160,7 @@ def iter_reviewable(paths: BatchPaths, batch_id: str, model: str) -> Iterator[Re
                                    "re-materialise batch_results")
             if result["error"] is not None or request["url"] == EMBEDDINGS_URL:
                 continue
-            body = json.loads(request["body"])
+            body = as_chat_body(request["url"], json.loads(request["body"]))
             answer = response_text(json.loads(result["response"])["body"])
             yield ReviewTaskData(batch_id=batch_id, custom_id=result["custom_id"], model=model, line=result["line"],
                                  url=request["url"], messages=prompt_messages(request["url"], body), response=answer,

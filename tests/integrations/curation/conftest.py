@@ -147,6 +147,24 @@ def completion_item(custom_id: str, prompt: str, answer: str) -> dict:
     return {"custom_id": custom_id, "url": "/v1/completions", "answer": answer, "body": {"model": "m", "prompt": prompt}}
 
 
+def responses_item(custom_id: str, input_, answer: str, **body) -> dict:
+    return {"custom_id": custom_id, "url": "/v1/responses", "answer": answer, "body": {"model": "m", "input": input_, **body}}
+
+
+def response_object(model_name: str, answer: str) -> dict:
+    """A `response` body in OpenAI's shape, the answer split over two output_text parts (OpenAI may send several;
+    batch_pipeline/openai_bodies.py writes one), so that a reader that takes only the first is caught."""
+    cut = len(answer) // 2
+    return {"id": "resp_x", "object": "response", "created_at": 1, "status": "completed", "error": None,
+            "incomplete_details": None, "model": model_name, "parallel_tool_calls": True, "tool_choice": "auto",
+            "tools": [], "output": [{"id": "msg_x", "type": "message", "role": "assistant", "status": "completed",
+                                     "content": [{"type": "output_text", "text": text, "annotations": []}
+                                                 for text in (answer[:cut], answer[cut:])]}],
+            "usage": {"input_tokens": 3, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                      "output_tokens": 2,
+                      "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 5}}
+
+
 def failed_item(custom_id: str) -> dict:
     return {"custom_id": custom_id, "url": "/v1/chat/completions", "answer": None,
             "body": {"model": "m", "messages": [{"role": "user", "content": "too long"}]}}
@@ -171,6 +189,9 @@ def write_batch(settings, instance, batch_id: str, model_name: str, items: list[
         if item["answer"] is None:
             row.update(prompt_tokens=0, completion_tokens=0,
                        error=json.dumps({"code": "prompt_too_long", "message": "too long", "line": line}))
+        elif item["url"] == "/v1/responses":
+            row["response"] = json.dumps({"status_code": 200, "request_id": "r",
+                                          "body": response_object(model_name, item["answer"])})
         else:
             choice = ({"index": 0, "message": {"role": "assistant", "content": item["answer"]}, "finish_reason": "stop"}
                       if "chat" in item["url"] else {"index": 0, "text": item["answer"], "finish_reason": "stop"})
