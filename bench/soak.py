@@ -85,6 +85,7 @@ class Fault:
     at_chunks: int | None = None
     at_s: float | None = None  # when its moment came (a worker kill may then wait for a live worker)
     inflicted_s: float | None = None  # when the kill or restart happened
+    inflicted_chunks: int | None = None  # chunk files on disk at that moment
     recovered_s: float | None = None  # API server: seconds from the kill until the new one answered /health
     note: str = ""
 
@@ -412,7 +413,7 @@ class ChunkWatch(threading.Thread):
 
 
 def inflict(fault: Fault, services: Services, postgres: ThrowawayPostgres | None,
-            finished: Callable[[], bool], clock: Callable[[], float]) -> None:
+            finished: Callable[[], bool], clock: Callable[[], float], chunks: Callable[[], int]) -> None:
     """Carry out one fault now (a worker kill waits for a live worker, unless the chunks are all written)."""
     if fault.target == "worker":
         def worker() -> list[psutil.Process]:
@@ -431,14 +432,14 @@ def inflict(fault: Fault, services: Services, postgres: ThrowawayPostgres | None
         fault.pid = services.api.pid
         os.killpg(services.api.pid, signal.SIGKILL)
         services.api.wait()
-        fault.done, fault.inflicted_s = True, clock()
+        fault.done, fault.inflicted_s, fault.inflicted_chunks = True, clock(), chunks()
         services.start_api()  # what systemd's Restart=always would do
         fault.recovered_s = round(clock() - fault.inflicted_s, 1)
         return
     elif fault.target == "postgres":
         assert postgres is not None
         postgres.restart()
-    fault.done, fault.inflicted_s = True, clock()
+    fault.done, fault.inflicted_s, fault.inflicted_chunks = True, clock(), chunks()
 
 
 def observed_chunk_writes(instance, batch_id: str) -> Counter:
@@ -531,10 +532,10 @@ def run_soak(params: SoakParams, root: Path, echo: Callable[[str], None] = print
                 fault.at_chunks, fault.at_s = watch.count(), round(time.monotonic() - started, 1)
                 try:
                     inflict(fault, services, postgres, lambda: watch.count() >= report.chunks_total,
-                            lambda: round(time.monotonic() - started, 1))
+                            lambda: round(time.monotonic() - started, 1), watch.count)
                     recovered = f", answering again {fault.recovered_s}s later" if fault.recovered_s is not None else ""
                     echo(f"{fault.inflicted_s:7.1f}s  {fault.target} {'killed' if fault.pid else 'restarted'} "
-                         f"at {watch.count()}/{report.chunks_total} chunks (due at {fault.at_chunks}, "
+                         f"at {fault.inflicted_chunks}/{report.chunks_total} chunks (due at {fault.at_chunks}, "
                          f"{fault.at_s}s){recovered}")
                 except (TimeoutError, SkipFault) as exc:
                     fault.note = str(exc)
