@@ -340,6 +340,8 @@ def results(batch_id: str, output: Path | None, which: str | None, partial: bool
     """Print (or save) a finished batch's output file, or its error file with --errors."""
     import shutil
 
+    from resources.storage import download
+
     kind = which or "output"
     service = _service()
     if partial:
@@ -356,7 +358,7 @@ def results(batch_id: str, output: Path | None, which: str | None, partial: bool
             shutil.copyfileobj(handle, sys.stdout.buffer)
         return
     try:
-        shutil.copyfile(path, output)
+        download(path, output)
     except OSError as exc:
         _fail(f"cannot write {output}: {exc.strerror or exc}")
     if as_json:

@@ -83,7 +83,10 @@ class Fault:
     done: bool = False
     pid: int | None = None
     at_chunks: int | None = None
-    at_s: float | None = None
+    at_s: float | None = None  # when its moment came (a worker kill may then wait for a live worker)
+    inflicted_s: float | None = None  # when the kill or restart happened
+    inflicted_chunks: int | None = None  # chunk files on disk at that moment
+    recovered_s: float | None = None  # API server: seconds from the kill until the new one answered /health
     note: str = ""
 
 
@@ -211,10 +214,10 @@ class Services:
     def start_supervisor(self) -> None:
         self.supervisor = self._popen("supervisor", ["start", "--host", "127.0.0.1", "--port", str(self.web_port)])
 
-    def start_api(self) -> None:
+    def start_api(self, timeout: float = 600) -> None:
         self.api = self._popen("api", ["serve", "--host", "127.0.0.1", "--port", str(self.api_port)])
         self.api_starts += 1
-        wait_for(self.api_healthy, 120, "the API server")
+        wait_for(self.api_healthy, timeout, "the API server")
 
     def api_healthy(self) -> bool:
         assert self.api is not None and self.api.poll() is None, "the API server exited"
@@ -410,7 +413,7 @@ class ChunkWatch(threading.Thread):
 
 
 def inflict(fault: Fault, services: Services, postgres: ThrowawayPostgres | None,
-            finished: Callable[[], bool]) -> None:
+            finished: Callable[[], bool], clock: Callable[[], float], chunks: Callable[[], int]) -> None:
     """Carry out one fault now (a worker kill waits for a live worker, unless the chunks are all written)."""
     if fault.target == "worker":
         def worker() -> list[psutil.Process]:
@@ -429,11 +432,14 @@ def inflict(fault: Fault, services: Services, postgres: ThrowawayPostgres | None
         fault.pid = services.api.pid
         os.killpg(services.api.pid, signal.SIGKILL)
         services.api.wait()
+        fault.done, fault.inflicted_s, fault.inflicted_chunks = True, clock(), chunks()
         services.start_api()  # what systemd's Restart=always would do
+        fault.recovered_s = round(clock() - fault.inflicted_s, 1)
+        return
     elif fault.target == "postgres":
         assert postgres is not None
         postgres.restart()
-    fault.done = True
+    fault.done, fault.inflicted_s, fault.inflicted_chunks = True, clock(), chunks()
 
 
 def observed_chunk_writes(instance, batch_id: str) -> Counter:
@@ -525,12 +531,16 @@ def run_soak(params: SoakParams, root: Path, echo: Callable[[str], None] = print
                 time.sleep(fault.delay_s)
                 fault.at_chunks, fault.at_s = watch.count(), round(time.monotonic() - started, 1)
                 try:
-                    inflict(fault, services, postgres, lambda: watch.count() >= report.chunks_total)
-                    echo(f"{fault.at_s:7.1f}s  {fault.target} {'killed' if fault.pid else 'restarted'} "
-                         f"at {fault.at_chunks}/{report.chunks_total} chunks")
+                    inflict(fault, services, postgres, lambda: watch.count() >= report.chunks_total,
+                            lambda: round(time.monotonic() - started, 1), watch.count)
+                    recovered = f", answering again {fault.recovered_s}s later" if fault.recovered_s is not None else ""
+                    echo(f"{fault.inflicted_s:7.1f}s  {fault.target} {'killed' if fault.pid else 'restarted'} "
+                         f"at {fault.inflicted_chunks}/{report.chunks_total} chunks (due at {fault.at_chunks}, "
+                         f"{fault.at_s}s){recovered}")
                 except (TimeoutError, SkipFault) as exc:
                     fault.note = str(exc)
-                    echo(f"{fault.at_s:7.1f}s  {fault.target}: skipped ({exc})")
+                    what = "killed, but " if fault.done else "skipped: "
+                    echo(f"{fault.at_s:7.1f}s  {fault.target}: {what}{exc}")
             if time.monotonic() - last_poll > 2:
                 last_poll = time.monotonic()
                 status = client.call(lambda: client.openai.batches.retrieve(batch.id)).status

@@ -11,6 +11,7 @@ object only once its upload completes), so present means complete on both.
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 import shutil
 import tempfile
@@ -144,6 +145,36 @@ def remove_tree(folder: Location) -> None:
         folder.fs.rm(folder.path, recursive=True)
     except FileNotFoundError:
         pass
+
+
+def read_blocks(path: Location, size: int = 1 << 20) -> Iterator[bytes]:
+    """A file's bytes in blocks of `size` (streamed from the store, never held whole)."""
+    with path.open("rb") as handle:
+        while block := handle.read(size):
+            yield block
+
+
+def remove_file(path: Location) -> None:
+    """Delete one file (one object); one that is already gone is not an error, so a retry is harmless."""
+    if isinstance(path, Path):
+        path.unlink(missing_ok=True)
+        return
+    try:
+        path.fs.rm_file(path.path)
+    except FileNotFoundError:  # gcsfs answers a missing object so; S3 deletes a missing key quietly
+        pass
+
+
+def is_inside(path: Location, root: Location) -> bool:
+    """True when `path` lies under the folder `root`: the same local tree, or the same store and prefix."""
+    if isinstance(path, Path) or isinstance(root, Path):
+        if not (isinstance(path, Path) and isinstance(root, Path)):
+            return False
+        return path.resolve().is_relative_to(root.resolve())
+    if path.protocol != root.protocol:
+        return False
+    inner, outer = posixpath.normpath(path.path), posixpath.normpath(root.path).rstrip("/")
+    return inner.startswith(outer + "/")
 
 
 def list_names(folder: Location) -> list[str]:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from pathlib import Path
 
@@ -232,3 +233,119 @@ def test_integrations_that_read_local_result_files_refuse_a_uri_data_root(tmp_pa
             check_integrations(Settings(home=tmp_path, data_dir="s3://bucket/prefix", **flags))
     check_integrations(Settings(home=tmp_path, data_dir="s3://bucket/prefix"))
     check_integrations(Settings(home=tmp_path, data_dir=tmp_path / "data", enable_curation=True))
+
+
+@pytest.fixture
+def gcs_root(gcs_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket on fake-gcs-server; returns gs://bucket/prefix."""
+    import gcsfs
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server)
+    bucket = f"vbatch-{uuid.uuid4().hex[:10]}"
+    gcsfs.GCSFileSystem(token="anon").mkdir(bucket)
+    return f"gs://{bucket}/team-a/batches-root"
+
+
+def _write(path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+@pytest.mark.parametrize("root_kind", ["local", "s3", "gcs"])
+def test_the_expiry_sweep_deletes_expired_results_on_every_root_and_survives_dying_halfway(
+        root_kind, request, tmp_path, monkeypatch):
+    import batch_pipeline.api.files as files_module
+    from batch_pipeline.api.files import FileExpired, FileStore, result_file_id
+
+    local = tmp_path / "data"
+    data_root = {"local": str(local), "s3": None, "gcs": None}[root_kind] or request.getfixturevalue(f"{root_kind}_root")
+    root = location(data_root)
+    storage = BatchStorage(data_dir=data_root)
+    store = FileStore(local)
+    done, running = storage.batch("b1").results_dir, storage.batch("b2").results_dir
+    _write(done / "output.jsonl", "out\n")
+    _write(done / "errors.jsonl", "err\n")
+    _write(running / "output.jsonl", "keep\n")
+    # Outside the data root (one a sibling prefix that only shares the root's name as a string prefix):
+    # never deleted, even when a record says it expired.
+    outside = [location(data_root + "-old") / "output.jsonl", location(data_root).parent / "elsewhere.jsonl"]
+    for path in outside:
+        _write(path, "not ours\n")
+    store.register_result("b1", "output", done / "output.jsonl", None, expires_after=3600)
+    store.register_result("b1", "errors", done / "errors.jsonl", None, expires_after=3600)
+    store.register_result("b2", "output", running / "output.jsonl", None, expires_after=2 * 86400)
+    for i, path in enumerate(outside):
+        store.register_path(result_file_id(f"x{i}", "input"), path, "x.jsonl", "batch", f"x{i}", None, 3600)
+    due = sorted([result_file_id("b1", "output"), result_file_id("b1", "errors")]
+                 + [result_file_id(f"x{i}", "input") for i in range(len(outside))])
+    now = max(store.get(file_id).file.expires_at or 0 for file_id in due) + 1
+    roots = [local, root]
+
+    # The sweep dies (SIGKILL-like: not an Exception) right after deleting the first object it deletes.
+    real_remove = files_module.remove_file
+    removed = []
+
+    def dies_after_one(path):
+        real_remove(path)
+        removed.append(path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files_module, "remove_file", dies_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        store.expire_due(roots, now)
+    monkeypatch.setattr(files_module, "remove_file", real_remove)
+    assert len(removed) == 1 and not removed[0].exists()
+
+    assert sorted(store.expire_due(roots, now)) == due  # again: the object already gone is no error
+    assert not (done / "output.jsonl").exists() and not (done / "errors.jsonl").exists()
+    assert (running / "output.jsonl").read_text() == "keep\n"  # not due: kept
+    assert [path.read_text() for path in outside] == ["not ours\n"] * len(outside)
+    for file_id in due:
+        with pytest.raises(FileExpired):
+            store.get(file_id)
+    assert store.expire_due(roots, now) == []  # a third sweep finds nothing left to do
+    assert store.get(result_file_id("b2", "output")).file.bytes == 5
+
+
+def test_the_api_s_sweep_deletes_an_expired_output_object_on_an_s3_data_root(s3_root, sqlite_instance, tmp_path):
+    from batch_pipeline.api.files import result_file_id
+    from batch_pipeline.api.service import BatchService
+    from batch_pipeline.settings import Settings
+
+    service = BatchService(Settings(home=tmp_path, data_dir=s3_root), sqlite_instance)
+    output = BatchStorage(data_dir=s3_root).batch("b1").output
+    _write(output, "out\n")
+    file_id = service.files.register_result("b1", "output", output, None, expires_after=1)
+    expires_at = service.files.get(file_id, now=0).file.expires_at
+    assert file_id == result_file_id("b1", "output") and expires_at is not None
+
+    def swept() -> bool:
+        return service.expire_files() == [file_id]
+
+    deadline = time.monotonic() + 30  # the object's mtime is whole seconds on S3: due within 2 s
+    while not swept():
+        assert time.monotonic() < deadline, "the file never expired"
+        time.sleep(0.2)
+    assert not output.exists()
+    assert (service.settings.resolved_data_dir / "files" / file_id / "expired").read_text() == str(expires_at)
+
+
+def test_the_api_serves_a_result_file_that_lives_on_an_s3_data_root(s3_root, settings, tmp_path):
+    from fastapi.testclient import TestClient
+    from openai import OpenAI
+    from pydantic import SecretStr
+
+    from batch_pipeline.api.app import create_app
+
+    # An admin key: the result file registered here has no owner (as one of `vllm-batch submit`).
+    api_settings = settings.model_copy(update={"data_dir": s3_root, "admin_api_keys": SecretStr("k-test")})
+    output = BatchStorage(data_dir=s3_root).batch("b1").output
+    body = "".join(f'{{"custom_id": "c{i}", "ünïcode": true}}\n' for i in range(50_000)).encode()
+    _write(output, body.decode())
+    with TestClient(create_app(api_settings)) as http, \
+            OpenAI(base_url="http://testserver/v1", api_key="k-test", http_client=http, max_retries=0) as client:
+        file_id = http.app.state.service.files.register_result("b1", "output", output, None)  # type: ignore[attr-defined]
+        assert client.files.retrieve(file_id).bytes == len(body)
+        downloaded = client.files.content(file_id)
+        assert downloaded.content == body
+        assert downloaded.response.headers["content-disposition"] == 'attachment; filename="b1_output.jsonl"'

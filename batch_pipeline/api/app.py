@@ -15,11 +15,13 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -43,6 +45,7 @@ from batch_pipeline.batches import BatchNotFound
 from batch_pipeline.enabled_integrations import integration_middleware, integration_routers
 from batch_pipeline.settings import Settings, get_settings
 from batch_pipeline.tenancy import Tenant, key_fingerprint
+from resources.storage import read_blocks
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +110,12 @@ def tenant_of(request: Request) -> Tenant:
     """The tenant BearerAuth found for this request (a request without one sees nothing)."""
     tenant = getattr(request.state, "tenant", None)
     return tenant if isinstance(tenant, Tenant) else Tenant(owner=None)
+
+
+def _attachment(filename: str) -> str:
+    """The Content-Disposition of a download, as Starlette's FileResponse writes it."""
+    quoted = quote(filename)
+    return f"attachment; filename*=utf-8''{quoted}" if quoted != filename else f'attachment; filename="{filename}"'
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -213,11 +222,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/v1/files/{file_id}/content", response_class=FileResponse,
              responses={200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes"}})
-    def file_content(request: Request, file_id: str) -> FileResponse:
+    def file_content(request: Request, file_id: str) -> Response:
         """The bytes of a file (an uploaded input, or a batch's output or error file)."""
         store, tenant = service(request).files, tenant_of(request)
-        return FileResponse(store.content_path(file_id, tenant), media_type="application/octet-stream",
-                            filename=store.get(file_id, tenant).file.filename)
+        path, file = store.content(file_id, tenant), store.get(file_id, tenant).file
+        if isinstance(path, Path):
+            return FileResponse(path, media_type="application/octet-stream", filename=file.filename)
+        # A batch's results on an object-store data root: streamed from the store.
+        return StreamingResponse(read_blocks(path), media_type="application/octet-stream",
+                                 headers={"content-disposition": _attachment(file.filename)})
 
     @app.delete("/v1/files/{file_id}", response_model=FileDeleted)
     def delete_file(request: Request, file_id: str) -> FileDeleted:

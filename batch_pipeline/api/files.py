@@ -18,19 +18,22 @@ tenant owns is FileNotFound, as for an id that does not exist.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from batch_pipeline.api.schemas import Batch, FileObject
 from batch_pipeline.tenancy import OPERATOR, Tenant
-from resources.storage import BatchPaths, Location, atomic_path
+from resources.storage import BatchPaths, Location, atomic_path, is_inside, location, remove_file
+
+log = logging.getLogger(__name__)
 
 _FILE_ID_RE = re.compile(r"^file-[0-9a-f]{24,64}$")
 
@@ -96,10 +99,18 @@ class FileStore:
             raise FileExpired(file_id, expires_at)
         return stored
 
-    def content_path(self, file_id: str, tenant: Tenant = OPERATOR) -> Path:
-        """Where a file's bytes are, or FileNotFound if they are gone (or `tenant` does not see them)."""
-        path = Path(self.get(file_id, tenant).path)
+    def content(self, file_id: str, tenant: Tenant = OPERATOR) -> Location:
+        """Where a file's bytes are (a local path, or an object under an object-store data root), or
+        FileNotFound if they are gone (or `tenant` does not see them)."""
+        path = location(self.get(file_id, tenant).path)
         if not path.is_file():
+            raise FileNotFound(file_id)
+        return path
+
+    def content_path(self, file_id: str, tenant: Tenant = OPERATOR) -> Path:
+        """The local path of an uploaded file's bytes (uploads stay on this host), or FileNotFound."""
+        path = self.content(file_id, tenant)
+        if not isinstance(path, Path):
             raise FileNotFound(file_id)
         return path
 
@@ -201,22 +212,34 @@ class FileStore:
                     batch.error_file_id = found
         return batch
 
-    def expire_due(self, data_dir: Path, now: float) -> list[str]:
+    def expire_due(self, roots: Sequence[Location], now: float) -> list[str]:
         """Delete every file whose expiry has passed (bytes and record; a tombstone keeps the id); returns
-        the ids. Only bytes under `data_dir` are ever deleted."""
+        the ids. Only bytes under one of `roots` (the local data folder, the data root: a folder or an
+        object-store prefix) are ever deleted.
+
+        Each step may be repeated: a sweep that dies part-way leaves the record of a file whose bytes
+        may already be gone, and the next sweep deletes again (a missing file or object is no error),
+        then writes the tombstone and removes the record. A file whose bytes cannot be deleted now (the
+        object store is unreachable) keeps its record and is tried again by the next sweep; it answers
+        404 meanwhile all the same.
+        """
         expired = []
         for file_id in self._ids():
+            folder = self.root / file_id
             try:
-                stored = StoredFile.model_validate_json((self.root / file_id / "file.json").read_text())
+                stored = StoredFile.model_validate_json((folder / "file.json").read_text())
             except (FileNotFoundError, ValueError):
                 continue
             expires_at = stored.file.expires_at
             if expires_at is None or expires_at > now:
                 continue
-            folder = self.root / file_id
-            path = Path(stored.path)
-            if path.resolve().is_relative_to(data_dir.resolve()):
-                path.unlink(missing_ok=True)
+            try:
+                path = location(stored.path)
+                if any(is_inside(path, root) for root in roots):
+                    remove_file(path)
+            except Exception:  # one unreachable object must not keep the other files from expiring
+                log.exception("could not delete the bytes of expired file %s at %s", file_id, stored.path)
+                continue
             (folder / "expired").write_text(str(expires_at))  # before the record goes: the id never 404s as unknown
             (folder / "file.json").unlink(missing_ok=True)
             expired.append(file_id)

@@ -44,7 +44,7 @@ from batch_pipeline.settings import Settings
 from batch_pipeline.status import ChunkStats, derive_batch, read_facts
 from batch_pipeline.stopping import enforce_stop, enforce_stops, request_cancel
 from batch_pipeline.tenancy import OPERATOR, Tenant
-from resources.storage import BatchPaths, BatchStorage, location
+from resources.storage import BatchPaths, BatchStorage, Location, location
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ class BatchService:
                         self.describe(batch_id)  # registers its result files, with their expiry
                     except Exception:  # one broken batch must not keep the other files from expiring
                         log.exception("could not register the result files of batch %s", batch_id)
-            return self.files.expire_due(self.settings.resolved_data_dir, time.time())
+            return self.files.expire_due([self.settings.resolved_data_dir, self.data_dir], time.time())
 
     # ---- results --------------------------------------------------------------------------------
 
@@ -251,23 +251,24 @@ class BatchService:
         return Progress(batch, counts.completed + counts.failed, counts.total, batch.usage.output_tokens,
                         batch.in_progress_at)
 
-    def result_path(self, batch_id: str, kind: str, tenant: Tenant = OPERATOR) -> Path | None:
-        """The output ('output') or error ('errors') file of a finished batch, if it has one."""
+    def result_path(self, batch_id: str, kind: str, tenant: Tenant = OPERATOR) -> Location | None:
+        """The output ('output') or error ('errors') file of a finished batch, if it has one (an object
+        when the data root is an object store)."""
         batch = self.describe(batch_id, tenant)
         file_id = batch.output_file_id if kind == "output" else batch.error_file_id
-        return self.files.content_path(file_id, tenant) if file_id else None
+        return self.files.content(file_id, tenant) if file_id else None
 
     def partial_output(self, batch_id: str, tenant: Tenant = OPERATOR) -> Iterator[str]:
         """The output lines so far: of a finished batch, its output file; of a running one, the lines of
         its chunks finished without a gap from the first (a prefix of the final file, byte for byte)."""
         batch = self.describe(batch_id, tenant)
         if batch.status in TERMINAL_STATUSES:
-            path = self.files.content_path(batch.output_file_id, tenant) if batch.output_file_id else None
+            path = self.files.content(batch.output_file_id, tenant) if batch.output_file_id else None
             return _lines_of(path) if path is not None else iter(())
         return partial_output_lines(self._paths(batch_id, tenant))
 
 
-def _lines_of(path: Path) -> Iterator[str]:
+def _lines_of(path: Location) -> Iterator[str]:
     with path.open() as handle:
         yield from handle
 

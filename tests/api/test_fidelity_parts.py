@@ -39,13 +39,13 @@ def test_an_expired_file_answers_not_found_at_once_and_the_sweep_deletes_only_du
     forever = _upload(store, "c\n", None)
     assert due.expires_at == due.created_at + 3600 and forever.expires_at is None
     now = due.created_at + 3600 - 1
-    assert store.expire_due(tmp_path, now) == []  # nothing before its time
+    assert store.expire_due([tmp_path], now) == []  # nothing before its time
     assert store.get(due.id, now=now).file == due
 
     now = due.created_at + 3600
     with pytest.raises(FileExpired):
         store.get(due.id, now=now)  # gone from the moment it expires, swept or not
-    assert store.expire_due(tmp_path, now) == [due.id]
+    assert store.expire_due([tmp_path], now) == [due.id]
     assert not (tmp_path / "files" / due.id / "content").exists()
     with pytest.raises(FileNotFound, match="expired"):
         store.get(due.id)
