@@ -291,11 +291,6 @@ def latest_runs(instance: DagsterInstance, batch_ids: Sequence[str],
     return latest
 
 
-def latest_run(instance: DagsterInstance, batch_id: str) -> RunState | None:
-    """The batch's latest run."""
-    return latest_runs(instance, [batch_id]).get(batch_id)
-
-
 def read_facts(instance: DagsterInstance, paths: BatchPaths, data_dir: Location, stats: ChunkStats,
                ended: EndedRuns | None = None) -> BatchFacts:
     """What the instance and the files say about one batch, now."""
