@@ -3,17 +3,22 @@
     flock /tmp/vbatch-engine.lock python bench/api_load.py --clients 50 --duration 180
 
 The stack is the production one on a throwaway PostgreSQL cluster (bench/soak.py: `vllm-batch start`
-and `vllm-batch serve`). Each client thread loops: upload a small batch file, read it back (metadata
-and content, compared byte for byte), list files, create a batch of it (at most one unfinished batch
-per client), poll its batches and the batch list, and download the output file of each batch that
-completed. Batches are tiny (a few short requests) so the engine is not the bottleneck; the daemon
-still launches a real run for each. At the end every unfinished batch is cancelled and every
-uploaded file is checked again (retrieve + content).
+and `vllm-batch serve`), with the warm engine host on (`--no-engine-host`: every run loads its own
+engine). One batch is run to completion first (`--no-warm-up` skips it), so that the load does not
+start behind the first engine load. Each client thread then loops: upload a small batch file, read it
+back (metadata and content, compared byte for byte), list files, create a batch of it (at most one
+unfinished batch per client), poll its batches and the batch list, and download the output file of
+each batch that completed. Batches are tiny (a few short requests); the daemon still launches a real
+run, a new process, for each. After the load, a drain phase (`--drain` s) polls the unfinished batches
+until they end, downloading their outputs; the rest are cancelled, and every uploaded file is checked
+again (retrieve + content + listed).
 
-Reports per route: calls, p50/p99/max latency in ms; 5xx answers (must be 0), other errors, files
-lost or changed (must be 0), and the batches created / completed / cancelled. The latencies are
-measured in the client process (Python threads, one shared HTTP connection pool), on the same
-machine as the server.
+Reports per route: calls, p50/p99/max latency in ms (during the load); 5xx answers (must be 0), other
+errors, files lost or changed (must be 0), the batches created / completed (during the load and in
+all) / cancelled, and the outputs downloaded and verified (every input custom_id exactly once, with a
+200 response; must all be). `queue_timeline` samples the queue tickets and the runs by status every
+10 s. Latencies are measured in the client process (Python threads, one shared HTTP connection pool),
+on the same machine as the server.
 """
 
 from __future__ import annotations
