@@ -38,10 +38,13 @@ def queued_batches(context: SensorEvaluationContext) -> SensorResult:
     data_dir = location(get_settings().data_root)
     storage = BatchStorage(data_dir=get_settings().data_root)
     requests = []
-    for ticket in pending_tickets(data_dir):
-        runs = context.instance.get_run_records(
-            RunsFilter(tags={RUN_KEY_TAG: ticket["ticket"]}), limit=1)
-        if runs:
+    tickets = pending_tickets(data_dir)
+    # One query for the runs of every ticket (the API may leave dozens between two ticks).
+    keys = [ticket["ticket"] for ticket in tickets]
+    launched = {run.tags.get(RUN_KEY_TAG) for run in context.instance.get_runs(RunsFilter(tags={RUN_KEY_TAG: keys}))
+                } if keys else set()
+    for ticket in tickets:
+        if ticket["ticket"] in launched:
             clear_ticket(data_dir, ticket["ticket"])  # launched on an earlier tick
             continue
         batch_id = ticket.get("batch_id", "")
@@ -101,7 +104,7 @@ def build_inbox_sensor(settings: Settings) -> SensorDefinition:
             except (OSError, ValueError) as exc:
                 context.log.error(f"{file.path.name}: could not be taken: {exc}")
                 continue
-            if context.instance.get_run_records(RunsFilter(tags={RUN_KEY_TAG: intake.run_key}), limit=1):
+            if context.instance.get_run_ids(RunsFilter(tags={RUN_KEY_TAG: intake.run_key}), limit=1):
                 settle(intake.source)  # its run exists (launched on an earlier tick): done with the file
                 now_seen.pop(file.path.name)
                 continue

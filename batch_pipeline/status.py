@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from dagster import DagsterEvent, DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster import DagsterEvent, DagsterEventType, DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
 
 from batch_pipeline.batch_object import Batch, BatchErrorItem, BatchErrors, InputTokensDetails, RequestCounts, Usage
 from batch_pipeline.batches import BatchSpec, Submission, load_spec, load_submission
@@ -216,45 +216,116 @@ def _sum(column: pa.ChunkedArray) -> int:
     return pc.sum(column).as_py() or 0
 
 
-def latest_run(instance: DagsterInstance, batch_id: str) -> RunState | None:
-    """The batch's latest run (every run of batch_job carries its partition tag, however launched)."""
-    records = instance.get_run_records(RunsFilter(tags={PARTITION_TAG: batch_id}), limit=1)
-    if not records:
-        return None
-    record = records[0]
-    run = record.dagster_run
+ENDED_RUN_STATUSES = frozenset({DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED})
+_END_EVENTS = {DagsterEventType.RUN_SUCCESS, DagsterEventType.RUN_FAILURE, DagsterEventType.RUN_CANCELED}
+_RUN_EVENTS = {DagsterEventType.STEP_START, DagsterEventType.RUN_CANCELING, DagsterEventType.STEP_FAILURE, *_END_EVENTS}
+
+
+@dataclass(frozen=True)
+class RunEvents:
+    """What a run's events say, as far as its batch's status needs it."""
+
+    step_starts: dict[str, float]  # step key -> first start; CANCELING_STEP -> when cancelling began
+    failure: BatchErrorItem | None  # the first step failure of a failed run
+    ended_at: float | None  # the run's end event (Dagster's run record takes its end time from it)
+
+
+class EndedRuns:
+    """The events of each run that has ended, read once: an ended run gets no more events."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, RunEvents] = {}
+
+    def events(self, instance: DagsterInstance, run: DagsterRun) -> RunEvents:
+        """The run's events, read now unless it had ended when they were last read."""
+        if run.run_id in self._events:
+            return self._events[run.run_id]
+        read = run_events(instance, run)
+        if run.status in ENDED_RUN_STATUSES:  # its end event is stored before its status changes
+            self._events[run.run_id] = read
+        return read
+
+
+def run_events(instance: DagsterInstance, run: DagsterRun) -> RunEvents:
+    """A run's step starts, failure and end, from its events (one query)."""
     starts: dict[str, float] = {}
-    for entry in instance.all_logs(run.run_id, of_type={DagsterEventType.STEP_START, DagsterEventType.RUN_CANCELING}):
-        starts.setdefault(entry.step_key or CANCELING_STEP, entry.timestamp)
+    failures: list[DagsterEvent] = []
+    ended_at = None
+    for entry in instance.all_logs(run.run_id, of_type=_RUN_EVENTS):
+        event = entry.dagster_event
+        if event is not None and event.event_type == DagsterEventType.STEP_FAILURE:
+            failures.append(event)
+        elif event is not None and event.event_type in _END_EVENTS:
+            ended_at = entry.timestamp
+        else:
+            starts.setdefault(entry.step_key or CANCELING_STEP, entry.timestamp)
     failure = None
     if run.status == DagsterRunStatus.FAILURE:
-        logs = instance.all_logs(run.run_id, of_type={DagsterEventType.STEP_FAILURE})
-        events = [entry.dagster_event for entry in logs if entry.dagster_event is not None]
-        step = events[0].step_key if events else None
-        code = failure_code(events) or ("invalid_file" if step == "batch_input" else "batch_failed")
-        failure = BatchErrorItem(code=code, message=failure_message(events))
-    will_retry = run.tags.get(WILL_RETRY_TAG) == "true"
-    return RunState(run.run_id, run.status, record.end_time, starts, failure, will_retry)
+        step = failures[0].step_key if failures else None
+        code = failure_code(failures) or ("invalid_file" if step == "batch_input" else "batch_failed")
+        failure = BatchErrorItem(code=code, message=failure_message(failures))
+    return RunEvents(starts, failure, ended_at if run.status in ENDED_RUN_STATUSES else None)
 
 
-def read_facts(instance: DagsterInstance, paths: BatchPaths, data_dir: Location, stats: ChunkStats) -> BatchFacts:
+def latest_runs(instance: DagsterInstance, batch_ids: Sequence[str],
+                ended: EndedRuns | None = None) -> dict[str, RunState]:
+    """Each batch's latest run, with one query for all of them (every run of batch_job carries its
+    partition tag, however launched); batches without a run are left out.
+
+    `get_runs`, not `get_run_records`: on PostgreSQL every `get_run_records` call also inspects the
+    runs table's columns (a catalog query on a connection of its own), which was most of the time
+    the API server spent describing a batch.
+    """
+    if not batch_ids:
+        return {}
+    ended = ended or EndedRuns()
+    latest: dict[str, RunState] = {}
+    # Newest first, as Dagster orders runs: the first run seen of a partition is its latest.
+    for run in instance.get_runs(RunsFilter(tags={PARTITION_TAG: list(batch_ids)})):
+        batch_id = run.tags.get(PARTITION_TAG)
+        if batch_id is None or batch_id in latest:
+            continue
+        events = ended.events(instance, run)
+        latest[batch_id] = RunState(run.run_id, run.status, events.ended_at, events.step_starts, events.failure,
+                                    run.tags.get(WILL_RETRY_TAG) == "true")
+    return latest
+
+
+def read_facts(instance: DagsterInstance, paths: BatchPaths, data_dir: Location, stats: ChunkStats,
+               ended: EndedRuns | None = None) -> BatchFacts:
     """What the instance and the files say about one batch, now."""
-    spec = load_spec(paths)
-    submission = load_submission(paths)
-    run = latest_run(instance, spec.batch_id)
-    pending = False
-    if submission is not None and submission.ticket and ticket_exists(data_dir, submission.ticket):
-        # The sensor clears a ticket once its run exists; until then the ticket may have a run already.
-        pending = not instance.get_run_records(RunsFilter(tags={RUN_KEY_TAG: submission.ticket}), limit=1)
-    summary = _json_or_none(paths.summary)
-    line_errors: tuple[BatchErrorItem, ...] = ()
-    if run is not None and run.failed_for_good and run.failure is not None and run.failure.code == NO_VALID_REQUESTS:
-        line_errors = tuple(_line_errors(paths, MAX_BATCH_ERRORS))
-    return BatchFacts(spec=spec, submission=submission, run=run, ticket_pending=pending, summary=summary,
-                      stopped=_json_or_none(paths.stopped), progress=stats.progress(paths),
-                      summary_mtime=paths.summary.stat().st_mtime if summary is not None else None,
-                      submission_mtime=paths.submission.stat().st_mtime if submission is not None else None,
-                      line_errors=line_errors)
+    return read_many_facts(instance, [paths], data_dir, stats, ended)[0]
+
+
+def read_many_facts(instance: DagsterInstance, batches: Sequence[BatchPaths], data_dir: Location,
+                    stats: ChunkStats, ended: EndedRuns | None = None) -> list[BatchFacts]:
+    """What the instance and the files say about each of `batches`, now: one query for all their runs
+    and one for their queue tickets, whatever their number (a page of `GET /v1/batches` reads 20 at once)."""
+    specs = [load_spec(paths) for paths in batches]
+    submissions = [load_submission(paths) for paths in batches]
+    runs = latest_runs(instance, [spec.batch_id for spec in specs], ended)
+    # The sensor clears a ticket once its run exists; until then the ticket may have a run already.
+    waiting = [sub.ticket for sub in submissions
+               if sub is not None and sub.ticket and ticket_exists(data_dir, sub.ticket)]
+    launched = set()
+    if waiting:
+        launched = {run.tags.get(RUN_KEY_TAG) for run in instance.get_runs(RunsFilter(tags={RUN_KEY_TAG: waiting}))}
+    facts = []
+    for paths, spec, submission in zip(batches, specs, submissions, strict=True):
+        run = runs.get(spec.batch_id)
+        pending = submission is not None and submission.ticket in waiting and submission.ticket not in launched
+        summary = _json_or_none(paths.summary)
+        line_errors: tuple[BatchErrorItem, ...] = ()
+        if (run is not None and run.failed_for_good and run.failure is not None
+                and run.failure.code == NO_VALID_REQUESTS):
+            line_errors = tuple(_line_errors(paths, MAX_BATCH_ERRORS))
+        facts.append(BatchFacts(
+            spec=spec, submission=submission, run=run, ticket_pending=pending, summary=summary,
+            stopped=_json_or_none(paths.stopped), progress=stats.progress(paths),
+            summary_mtime=paths.summary.stat().st_mtime if summary is not None else None,
+            submission_mtime=paths.submission.stat().st_mtime if submission is not None else None,
+            line_errors=line_errors))
+    return facts
 
 
 def _line_errors(paths: BatchPaths, limit: int) -> list[BatchErrorItem]:

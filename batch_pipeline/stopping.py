@@ -18,7 +18,7 @@ from batch_pipeline.batches import Submission, load_submission, save_submission,
 from batch_pipeline.constants import BATCHES_PARTITIONS
 from batch_pipeline.queue_tickets import clear_ticket
 from batch_pipeline.results import write_stopped_results
-from batch_pipeline.status import BatchFacts, ChunkStats, read_facts, stop_reason
+from batch_pipeline.status import BatchFacts, ChunkStats, EndedRuns, read_facts, read_many_facts, stop_reason
 from resources.storage import BatchPaths, BatchStorage, Location
 
 log = logging.getLogger(__name__)
@@ -58,12 +58,13 @@ def _cancel_requested(paths: BatchPaths) -> bool:
     return submission is not None and submission.cancel_requested_at is not None
 
 
-def enforce_stops(instance: DagsterInstance, data_dir: Location, stats: ChunkStats | None = None) -> list[str]:
+def enforce_stops(instance: DagsterInstance, data_dir: Location, stats: ChunkStats | None = None,
+                  ended: EndedRuns | None = None) -> list[str]:
     """Enforce every due stop on the instance; returns the ids of the batches acted on."""
     storage = BatchStorage(data_dir=str(data_dir))
     stats = stats or ChunkStats()
-    acted = []
     now = time.time()
+    unsettled = []
     for batch_id in instance.get_dynamic_partitions(BATCHES_PARTITIONS):
         if not valid_batch_id(batch_id):
             continue
@@ -72,9 +73,17 @@ def enforce_stops(instance: DagsterInstance, data_dir: Location, stats: ChunkSta
             continue  # not a batch, or already stopped
         if paths.summary.exists() and not _cancel_requested(paths):
             continue  # finished: only a cancel that raced the finish still needs settling
+        unsettled.append(paths)
+    try:  # every unsettled batch's facts at once: this runs every 10 s in the API server and the daemon
+        facts: list[BatchFacts | None] = list(read_many_facts(instance, unsettled, data_dir, stats, ended))
+    except Exception:  # a broken batch among them: read them one by one below, so only it is skipped
+        facts = [None] * len(unsettled)
+    acted = []
+    for paths, read in zip(unsettled, facts, strict=True):
         try:
-            if enforce_stop(instance, paths, data_dir, read_facts(instance, paths, data_dir, stats), now):
-                acted.append(batch_id)
+            if enforce_stop(instance, paths, data_dir, read or read_facts(instance, paths, data_dir, stats, ended),
+                            now):
+                acted.append(paths.root.name)
         except Exception:  # one broken batch must not stop the others from being enforced
-            log.exception("could not enforce the stop of batch %s", batch_id)
+            log.exception("could not enforce the stop of batch %s", paths.root.name)
     return acted

@@ -52,6 +52,12 @@ log = logging.getLogger(__name__)
 PUBLIC_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 WINDOW_CHECK_INTERVAL_S = 10.0
 STALE_UPLOAD_S = 3600.0  # an upload untouched this long was left by a server that stopped mid-upload
+# On PostgreSQL, Dagster's storages open a new connection (and the server a new backend process) for
+# every query unless told that the process is long-lived, as its webserver does. The API server is:
+# one connection stays open, up to DB_POOL_MAX_OVERFLOW more while requests overlap.
+DB_STATEMENT_TIMEOUT_MS = 60_000
+DB_POOL_RECYCLE_S = 3600
+DB_POOL_MAX_OVERFLOW = 40  # Starlette's thread pool: at most this many routes query at once
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": text}
     for status, text in ((400, "Bad request"), (401, "Missing or invalid API key"), (404, "Unknown id"),
@@ -127,6 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         from batch_pipeline.instance import open_instance
 
         instance = open_instance(settings)
+        instance.optimize_for_webserver(DB_STATEMENT_TIMEOUT_MS, DB_POOL_RECYCLE_S, DB_POOL_MAX_OVERFLOW)
         app.state.service = BatchService(settings, instance)
         app.state.service.files.remove_stale_uploads(STALE_UPLOAD_S)
         task = asyncio.create_task(_enforce_windows(app.state.service))

@@ -75,6 +75,9 @@ class FileStore:
 
     def __init__(self, data_dir: Path):
         self.root = data_dir / "files"
+        # Parsed records by file id, with the (inode, mtime, size) of the file.json they were read from:
+        # `GET /v1/files` reads every record, and a record is only ever replaced whole (a new inode).
+        self._records: dict[str, tuple[tuple[int, int, int], StoredFile]] = {}
 
     def _folder(self, file_id: str) -> Path:
         if not valid_file_id(file_id):
@@ -86,7 +89,7 @@ class FileStore:
         expiry has passed, swept or not)."""
         folder = self._folder(file_id)
         try:
-            stored = StoredFile.model_validate_json((folder / "file.json").read_text())
+            stored = self._record(file_id, folder / "file.json")
         except FileNotFoundError:
             tombstone = folder / "expired"
             if tombstone.exists():
@@ -97,6 +100,16 @@ class FileStore:
         expires_at = stored.file.expires_at
         if expires_at is not None and expires_at <= (time.time() if now is None else now):
             raise FileExpired(file_id, expires_at)
+        return stored
+
+    def _record(self, file_id: str, path: Path) -> StoredFile:
+        stat = path.stat()
+        signature = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        cached = self._records.get(file_id)
+        if cached is not None and cached[0] == signature:
+            return cached[1]  # shared: nothing changes a record in place (a change is a new file.json)
+        stored = StoredFile.model_validate_json(path.read_text())
+        self._records[file_id] = (signature, stored)
         return stored
 
     def content(self, file_id: str, tenant: Tenant = OPERATOR) -> Location:
