@@ -61,7 +61,7 @@ def main() -> None:
 
     from batch_pipeline.tiny_model import build_tiny_model
     from bench.warm_batches import gpu_memory_mib
-    from bench.workload import vocabulary_words, write_batch, write_shape
+    from bench.workload import split_batch, vocabulary_words, write_batch, write_shape
 
     work = Path(tempfile.mkdtemp(prefix="bench-concurrent-"))
     model = str(write_shape(args.shape, work / args.shape)) if args.shape else \
@@ -70,14 +70,7 @@ def main() -> None:
     words = vocabulary_words(Path(model))
     total = args.small * args.small_requests
     big = write_batch(work / "big.jsonl", total, args.prompt_len, args.output_len, words, model)
-    lines = big.read_text().splitlines(keepends=True)
-    smalls = []
-    for i in range(args.small):
-        path = work / f"small-{i}.jsonl"
-        path.write_text("".join(lines[i * args.small_requests:(i + 1) * args.small_requests]))
-        smalls.append(path)
-    warmup = work / "warmup.jsonl"
-    warmup.write_text(lines[0])
+    smalls, warmup = split_batch(big, work, args.small, args.small_requests)
 
     env = {
         **os.environ,

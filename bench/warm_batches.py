@@ -51,7 +51,7 @@ def main() -> None:
     from batch_pipeline.local_run import register_local_batch, run_batch_in_process
     from batch_pipeline.settings import Settings
     from batch_pipeline.tiny_model import build_tiny_model
-    from bench.workload import vocabulary_words, write_batch, write_shape
+    from bench.workload import split_batch, vocabulary_words, write_batch, write_shape
     from resources.engine_host import stop_host
 
     work = Path(tempfile.mkdtemp(prefix="bench-warm-"))
@@ -63,14 +63,7 @@ def main() -> None:
     words = vocabulary_words(Path(model))
     total = args.small * args.small_requests
     big = write_batch(work / "big.jsonl", total, args.prompt_len, args.output_len, words, model)
-    lines = big.read_text().splitlines(keepends=True)
-    smalls = []
-    for i in range(args.small):
-        path = work / f"small-{i}.jsonl"
-        path.write_text("".join(lines[i * args.small_requests:(i + 1) * args.small_requests]))
-        smalls.append(path)
-    warmup = work / "warmup.jsonl"
-    warmup.write_text(lines[0])
+    smalls, warmup = split_batch(big, work, args.small, args.small_requests)
     results: dict = {"small": args.small, "small_requests": args.small_requests, "batches": []}
 
     def run(settings: Settings, instance, path: Path, label: str) -> dict:

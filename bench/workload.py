@@ -76,3 +76,16 @@ def read_batch(path: Path) -> list[tuple[list[dict], int]]:
             body = json.loads(line)["body"]
             rows.append((body["messages"], body["max_tokens"]))
     return rows
+
+
+def split_batch(big: Path, work: Path, small: int, small_requests: int) -> tuple[list[Path], Path]:
+    """The big batch's requests as `small` files of `small_requests` each, and a one-request warm-up file."""
+    lines = big.read_text().splitlines(keepends=True)
+    smalls = []
+    for i in range(small):
+        path = work / f"small-{i}.jsonl"
+        path.write_text("".join(lines[i * small_requests:(i + 1) * small_requests]))
+        smalls.append(path)
+    warmup = work / "warmup.jsonl"
+    warmup.write_text(lines[0])
+    return smalls, warmup
