@@ -2,10 +2,12 @@
 
 
 import json
+import logging
 import os
 import time
 
 from dagster import AssetExecutionContext, AssetObservation, Failure, MaterializeResult, MetadataValue, asset
+from dagster_postgres.utils import DagsterPostgresException
 from sqlalchemy.exc import DBAPIError
 
 from assets.batch_input import batch_input
@@ -16,6 +18,10 @@ from resources.device_slots import SlotLease
 from resources.engine_processes import engine_process_facts
 from resources.storage import BatchStorage
 from resources.vllm_engine import EngineLoadError, VLLMEngine, engines_loaded, held_slot
+
+log = logging.getLogger(__name__)
+# What a write to the instance's database raises while the database restarts.
+DATABASE_BLIPS = (DBAPIError, DagsterPostgresException)
 
 
 def restart_engine(context: AssetExecutionContext, engine: VLLMEngine, model: str, engine_args: dict):
@@ -65,12 +71,14 @@ def batch_chunks(context: AssetExecutionContext, storage: BatchStorage, engine: 
                           "completion_tokens": report.completion_tokens, "chunks_done": done,
                           "chunks_total": num_chunks},
             ))
-        except DBAPIError as exc:
+            context.log.info(f"chunk {report.index} written ({done}/{num_chunks} chunks, {report.rows} requests)",
+                             extra={"chunk": report.index})
+        except DATABASE_BLIPS as exc:
             # A progress report only: the chunk is safe on disk, and a database blip (e.g. a
-            # PostgreSQL restart) must not fail a batch that is generating fine.
-            context.log.warning(f"could not record progress of chunk {report.index}: {type(exc).__name__}")
-        context.log.info(f"chunk {report.index} written ({done}/{num_chunks} chunks, {report.rows} requests)",
-                         extra={"chunk": report.index})
+            # PostgreSQL restart, which dagster-postgres reports as "too many retries for DB
+            # connection") must not fail a batch that is generating fine. Not through context.log:
+            # that writes to the same database.
+            log.warning("could not record progress of chunk %s: %s", report.index, type(exc).__name__)
 
     generation_seconds = 0.0
     first_output: list[float] = []  # seconds from the step's start to the first finished request
