@@ -315,21 +315,24 @@ class VLLMEngine(ConfigurableResource):
             slots = self.slots()
             prefer = drain = None
             if self.engine_host and self.state_dir and kwargs is not None:
-                from resources import engine_host
-
                 def prefer(slot: EngineSlot) -> bool:  # a warm host of this model: join its other clients
-                    record = engine_host.read_host(self.host_dir(slot))
-                    return record is not None and engine_host._same_kwargs(record["kwargs"], kwargs)
+                    return self._host_runs(slot, kwargs) is True
 
                 def drain(slot: EngineSlot) -> bool:  # a host of another model: its clients must finish first
-                    record = engine_host.read_host(self.host_dir(slot))
-                    return record is not None and not engine_host._same_kwargs(record["kwargs"], kwargs)
+                    return self._host_runs(slot, kwargs) is False
 
             if len(slots) > 1:
                 log.info("taking a free engine slot (%d on this machine; waiting while all are held)", len(slots))
             _slot.lease = device_slots.acquire_slot(self._lock_dir(), slots, prefer, share=prefer, drain=drain)
             _apply_slot_env(_slot.lease.slot)
         return _slot.lease
+
+    def _host_runs(self, slot: EngineSlot, kwargs: dict[str, Any]) -> bool | None:
+        """Whether the slot's engine host runs an engine with `kwargs` (None: no host is running)."""
+        from resources import engine_host
+
+        record = engine_host.read_host(self.host_dir(slot))
+        return None if record is None else engine_host._same_kwargs(record["kwargs"], kwargs)
 
     def engine_kwargs(self, model: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """The keyword arguments for `vllm.LLM`."""
@@ -405,13 +408,12 @@ class VLLMEngine(ConfigurableResource):
         if model.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(model)):
             raise EngineLoadError(f"could not load model {model!r}: no such directory")
         _shutdown_engine()  # a model swap keeps the process's slot
-        slot = self._lease(kwargs).slot
+        lease = self._lease(kwargs)
+        slot = lease.slot
         if self.engine_host and self.state_dir:
             from resources import engine_host
 
-            lease = self._lease(kwargs)
-            record = engine_host.read_host(self.host_dir(slot))
-            if lease.shared and record is not None and not engine_host._same_kwargs(record["kwargs"], kwargs):
+            if lease.shared and self._host_runs(slot, kwargs) is False:
                 # This process shared the slot with the host's other clients, and now needs another
                 # model (a swap): it waits for the slot on its own, as any batch for another model does.
                 lease.release()
