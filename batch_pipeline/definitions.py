@@ -15,7 +15,7 @@ from assets import batch_chunks, batch_input, batch_results
 from batch_pipeline.enabled_integrations import integration_definitions
 from batch_pipeline.log_format import json_console_logger, json_logs_for_every_run
 from batch_pipeline.schedules import build_catch_up_schedule
-from batch_pipeline.sensors import batch_stops, build_inbox_sensor, queued_batches
+from batch_pipeline.sensors import batch_stops, build_inbox_sensor, dead_run_workers, queued_batches
 from batch_pipeline.settings import Settings, get_settings
 from resources.storage import BatchStorage
 from resources.vllm_engine import VLLMEngine
@@ -68,7 +68,7 @@ def build_definitions(settings: Settings) -> Definitions:
     core = Definitions(
         assets=[batch_input, batch_chunks, batch_results],
         jobs=[batch_job],
-        sensors=[queued_batches, batch_stops, build_inbox_sensor(settings)],
+        sensors=[queued_batches, batch_stops, dead_run_workers, build_inbox_sensor(settings)],
         schedules=[build_catch_up_schedule(settings)],
         resources=build_resources(settings),
         # VBATCH_LOG_FORMAT=json: every run's `console` logger writes JSON lines (with run id, batch id, chunk).

@@ -19,12 +19,14 @@ from batch_pipeline.batches import load_submission, save_submission
 from batch_pipeline.constants import BATCH_ID_TAG, BATCHES_PARTITIONS, INBOX_FILE_TAG, REJECTED_TAG, RUN_KEY_TAG, SOURCE_TAG
 from batch_pipeline.inbox import list_inbox, settle, take
 from batch_pipeline.queue_tickets import clear_ticket, pending_tickets, set_aside
+from batch_pipeline.run_workers import load_cursor, report_dead
 from batch_pipeline.settings import Settings, get_settings
 from batch_pipeline.stopping import enforce_stops
 from resources.storage import BatchStorage, location
 
 QUEUE_SENSOR_INTERVAL_S = 5
 STOPS_SENSOR_INTERVAL_S = 10
+WORKER_WATCH_INTERVAL_S = 15
 
 
 @sensor(
@@ -77,6 +79,23 @@ def batch_stops(context: SensorEvaluationContext) -> SkipReason:
     """Enforce every due stop (batch_pipeline/stopping.py); launches nothing itself."""
     acted = enforce_stops(context.instance, location(get_settings().data_root))
     return SkipReason(f"stopped or settled: {', '.join(acted)}" if acted else "no stop due")
+
+
+@sensor(
+    minimum_interval_seconds=WORKER_WATCH_INTERVAL_S,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Reports failed the runs whose worker process is gone unreported (killed while the database "
+                "was down), so the run retry resumes their batches.",
+)
+def dead_run_workers(context: SensorEvaluationContext) -> SkipReason:
+    """Two ticks in a row with a STARTED run's worker gone: report the run failed (batch_pipeline/run_workers.py)."""
+    reported, suspected = report_dead(context.instance, load_cursor(context.cursor))
+    context.update_cursor(json.dumps(suspected))
+    for run_id in reported:
+        context.log.warning(f"run {run_id}: its worker was gone and unreported; reported failed for the run retry")
+    return SkipReason(f"reported failed: {', '.join(reported)}" if reported else
+                      f"{len(suspected)} run(s) with a worker gone, checked again next tick" if suspected else
+                      "every started run has its worker")
 
 
 def build_inbox_sensor(settings: Settings) -> SensorDefinition:

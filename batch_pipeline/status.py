@@ -11,6 +11,7 @@ explicit call: batch_pipeline/stopping.py.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,8 +288,25 @@ def latest_runs(instance: DagsterInstance, batch_ids: Sequence[str],
             continue
         events = ended.events(instance, run)
         latest[batch_id] = RunState(run.run_id, run.status, events.ended_at, events.step_starts, events.failure,
-                                    run.tags.get(WILL_RETRY_TAG) == "true")
+                                    may_retry(instance, run, events.ended_at))
     return latest
+
+
+# Dagster stores a run's failure first and tags it `dagster/will_retry` a moment later (the event
+# handler, or the run-retry daemon for a run that lacks the tag). In between, the failed run is not
+# yet known to be final: read as failed, a batch whose killed worker was about to be retried showed
+# `failed` for one poll and `in_progress` again after.
+UNTAGGED_FAILURE_GRACE_S = 120.0
+
+
+def may_retry(instance: DagsterInstance, run: DagsterRun, ended_at: float | None) -> bool:
+    """Whether a failed run may still be retried: tagged so, or failed too recently for the tag to be there."""
+    tag = run.tags.get(WILL_RETRY_TAG)
+    if tag is not None or run.status != DagsterRunStatus.FAILURE:
+        return tag == "true"
+    if not instance.run_retries_enabled:
+        return False
+    return ended_at is not None and time.time() - ended_at < UNTAGGED_FAILURE_GRACE_S
 
 
 def read_facts(instance: DagsterInstance, paths: BatchPaths, data_dir: Location, stats: ChunkStats,

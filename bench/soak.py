@@ -456,6 +456,24 @@ def observed_chunk_writes(instance, batch_id: str) -> Counter:
     return writes
 
 
+def stuck_state(instance, batch_id: str, services: Services, tail: int = 40) -> str:
+    """What a soak that timed out was waiting on: the batch's runs, the soak's live processes, the logs' tails."""
+    parts = []
+    try:
+        parts.append("runs: " + json.dumps(batch_runs(instance, batch_id)))
+    except Exception as exc:  # noqa: BLE001 - a diagnosis must not hide the timeout
+        parts.append(f"runs: unreadable ({exc})")
+    processes = []
+    for process in marked(services.marker):
+        with contextlib.suppress(psutil.Error):
+            processes.append(f"{process.pid}<{process.ppid()} {process.status()} {' '.join(_cmdline(process))[:160]}")
+    parts.append("processes:\n  " + "\n  ".join(processes))
+    for name in ("supervisor", "api"):
+        lines = services.log(name).splitlines()[-tail:]
+        parts.append(f"--- {name}.log (last {len(lines)} lines)\n" + "\n".join(lines))
+    return "\n".join(parts)
+
+
 def batch_runs(instance, batch_id: str) -> list[dict]:
     from dagster import RunsFilter
 
@@ -525,7 +543,9 @@ def run_soak(params: SoakParams, root: Path, echo: Callable[[str], None] = print
         status = batch.status
         while status not in ("completed", "failed", "expired", "cancelled"):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the batch is still {status} after {params.timeout_s:.0f}s")
+                raise TimeoutError(f"the batch is still {status} after {params.timeout_s:.0f}s "
+                                   f"({watch.count()}/{report.chunks_total} chunks)\n"
+                                   + stuck_state(instance, batch.id, services))
             if pending and watch.count() >= pending[0].at_fraction * report.chunks_total:
                 fault = pending.pop(0)
                 time.sleep(fault.delay_s)

@@ -514,6 +514,19 @@ def live_engine_record(service: Service) -> dict | None:
     return None
 
 
+def dead(process: psutil.Process) -> bool:
+    try:
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
+def pg_ctl(cluster: str, action: str) -> None:
+    done = subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main", action],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
 def test_killed_worker_and_daemon_and_postgres_restart_recover_without_a_human(service: Service):
     batch_id = "crash"
     lines = slow_lines(batch_id)
@@ -526,15 +539,25 @@ def test_killed_worker_and_daemon_and_postgres_restart_recover_without_a_human(s
     worker = psutil.Process(record["worker"][0])
     daemon = next(p for p in psutil.Process(service.process.pid).children()
                   if "dagster-daemon" in " ".join(p.cmdline()))
-    worker.kill()  # SIGKILL half-way through the batch
-    daemon.kill()  # and the daemon with it
+    first_run = service.runs(batch_id)[0]
+    cluster = sorted(os.listdir("/etc/postgresql"))[0]
+    # SIGKILL half-way through the batch, while PostgreSQL is down: the worker's code server notices
+    # the death at once and fails to report it (its cleanup thread ends on the database error, for
+    # good: a CI soak saw its batch stay in_progress for ever). The daemon goes with it.
+    pg_ctl(cluster, "stop")
+    try:
+        worker.kill()
+        daemon.kill()
+        wait_for(lambda: dead(worker), 10, "the worker to die")
+        time.sleep(12)  # longer than the code server's database retries (5, backing off: about 6 s)
+    finally:
+        pg_ctl(cluster, "start")
     before_kill = chunk_mtimes(batch_dir)
     assert 3 <= len(before_kill) < SLOW_CHUNKS
-    first_run = service.runs(batch_id)[0]
     orphans = [identity[0] for identity in record["engine"]]
 
-    # The worker's code server reports the run failed; the restarted daemon retries it.
-    assert wait_terminal(service, first_run.run_id, 60) == "FAILURE"
+    # The restarted daemon's `dead_run_workers` sensor reports the run failed; the run retry resumes it.
+    assert wait_terminal(service, first_run.run_id, 180) == "FAILURE"
     wait_for(lambda: any(p.pid != daemon.pid and "dagster-daemon" in " ".join(p.cmdline())
                          for p in psutil.Process(service.process.pid).children()), 30, "the daemon to be restarted")
     retry = wait_for(lambda: [r for r in service.runs(batch_id) if r.run_id != first_run.run_id], 120,
@@ -549,10 +572,7 @@ def test_killed_worker_and_daemon_and_postgres_restart_recover_without_a_human(s
     # Restart PostgreSQL while the retry generates.
     count = len(chunk_mtimes(batch_dir))
     wait_for(lambda: len(chunk_mtimes(batch_dir)) > count, 120, "the retry's first new chunk", interval=0.2)
-    cluster = sorted(os.listdir("/etc/postgresql"))[0]
-    restarted = subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main", "restart"],
-                               capture_output=True, text=True, timeout=120)
-    assert restarted.returncode == 0, restarted.stderr
+    pg_ctl(cluster, "restart")
     at_restart = chunk_mtimes(batch_dir)
 
     wait_for(lambda: any(r.status.value == "SUCCESS" for r in service.runs(batch_id)), 420,
