@@ -214,7 +214,7 @@ def run_chunks(
         for position, row in request_rows():
             try:
                 requests = prepare_requests(keys, row["url"], row["body"], engine.tokenizer, engine.max_model_len,
-                                            engine.runner)
+                                            engine.runner, remote=getattr(engine, "remote", False))
             except RequestRejected as exc:
                 assembler.add(position, failed_row(row, exc.code, str(exc)))
                 continue
@@ -249,9 +249,9 @@ def run_chunks(
             for request in source:  # noqa: UP028 (`yield from` would close `source` with this generator)
                 yield request
 
-        def fail(position: int, message: str) -> None:
+        def fail(position: int, message: str, code: str | None = None) -> None:
             parts.pop(position, None)
-            assembler.add(position, failed_row(positions.pop(position), ErrorCode.ENGINE_ERROR, message))
+            assembler.add(position, failed_row(positions.pop(position), code or ErrorCode.ENGINE_ERROR, message))
 
         while True:
             try:
@@ -260,7 +260,7 @@ def run_chunks(
                     if position not in positions:  # another prompt of this row already failed it
                         continue
                     if isinstance(output, EngineFailure):
-                        fail(position, output.message)
+                        fail(position, output.message, output.code)
                         continue
                     finished = parts[position]
                     finished[index] = (request, output)

@@ -28,7 +28,7 @@ from batch_pipeline.records import (
     ResponseFormat,
     ResponsesBody,
 )
-from resources.vllm_engine import EngineRequest
+from resources.vllm_engine import EngineRequest, SamplingSpec, admission_errors
 
 if TYPE_CHECKING:
     from vllm import RequestOutput
@@ -42,15 +42,26 @@ class RequestRejected(Exception):
         self.code = code
 
 
-def _structured_outputs(response_format: ResponseFormat | None) -> Any:
+def _structured_outputs(response_format: ResponseFormat | None) -> dict[str, Any] | None:
+    """vLLM StructuredOutputsParams keyword arguments for an OpenAI response_format."""
     if response_format is None or response_format.type == "text":
         return None
-    from vllm.sampling_params import StructuredOutputsParams
-
     if response_format.type == "json_object":
-        return StructuredOutputsParams(json_object=True)
+        return {"json_object": True}
     assert response_format.json_schema is not None
-    return StructuredOutputsParams(json=response_format.json_schema.json_schema)
+    return {"json": response_format.json_schema.json_schema}
+
+
+def _sampling(kwargs: dict[str, Any], structured: dict[str, Any] | None, remote: bool) -> Any:
+    """The request's sampling parameters: vLLM's SamplingParams, checked now (RequestRejected), or for an
+    engine host (`remote`) a SamplingSpec that the host builds and checks (no vLLM import here)."""
+    spec = SamplingSpec(kwargs, structured)
+    if remote:
+        return spec
+    try:
+        return spec.build()
+    except admission_errors() as exc:  # vLLM's own checks (top_k -5: a VLLMValidationError, no ValueError)
+        raise RequestRejected(ErrorCode.INVALID_BODY, f"invalid sampling parameters: {exc}") from None
 
 
 def _tokenize_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -62,12 +73,13 @@ def _tokenize_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
 
 
 def prepare_requests(
-    keys: Iterator[int], url: str, body_json: str, tokenizer: Any, max_model_len: int, runner: str = "generate"
+    keys: Iterator[int], url: str, body_json: str, tokenizer: Any, max_model_len: int, runner: str = "generate",
+    remote: bool = False,
 ) -> list[EngineRequest]:
-    """Turn a validated body into one EngineRequest per prompt (each keyed by next(keys)), or raise RequestRejected."""
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    """Turn a validated body into one EngineRequest per prompt (each keyed by next(keys)), or raise RequestRejected.
 
+    `remote`: the requests go to an engine host, which builds (and checks) their sampling parameters.
+    """
     if url == EMBEDDINGS_URL:
         raise RequestRejected(
             ErrorCode.UNSUPPORTED_ENDPOINT,
@@ -77,7 +89,7 @@ def prepare_requests(
         raise RequestRejected(ErrorCode.UNSUPPORTED_ENDPOINT,
                               f"this batch runs an embedding (pooling) engine; {url} needs a generative one")
     if url == RESPONSES_URL:
-        return [_prepare_response(next(keys), body_json, tokenizer, max_model_len)]
+        return [_prepare_response(next(keys), body_json, tokenizer, max_model_len, remote)]
     body: ChatCompletionBody | CompletionBody
     wants_logprobs = False
     top_logprobs = 0
@@ -99,17 +111,10 @@ def prepare_requests(
         _check_length(prompt_ids, limit, max_model_len, f"prompt {index}" if len(prompts) > 1 else "the prompt")
     requests = []
     for prompt_ids in prompts:
-        try:
-            params = SamplingParams(
-                n=body.n,
-                **body.sampling_args(),
-                max_tokens=limit if limit is not None else max_model_len - len(prompt_ids),
-                logprobs=top_logprobs if wants_logprobs else None,
-                structured_outputs=_structured_outputs(body.response_format),
-                output_kind=RequestOutputKind.FINAL_ONLY,
-            )
-        except ValueError as exc:  # vLLM's own checks, e.g. n > 1 with temperature 0
-            raise RequestRejected(ErrorCode.INVALID_BODY, f"invalid sampling parameters: {exc}") from None
+        params = _sampling({"n": body.n, **body.sampling_args(),
+                            "max_tokens": limit if limit is not None else max_model_len - len(prompt_ids),
+                            "logprobs": top_logprobs if wants_logprobs else None},
+                           _structured_outputs(body.response_format), remote)
         requests.append(EngineRequest(next(keys), prompt_ids, params, url, wants_logprobs, top_logprobs))
     return requests
 
@@ -127,11 +132,8 @@ def _check_length(prompt_ids: list[int], limit: int | None, max_model_len: int, 
         )
 
 
-def _prepare_response(key: int, body_json: str, tokenizer: Any, max_model_len: int) -> EngineRequest:
+def _prepare_response(key: int, body_json: str, tokenizer: Any, max_model_len: int, remote: bool) -> EngineRequest:
     """A `/v1/responses` body as one engine request: its messages through the chat template, one output."""
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
-
     body = ResponsesBody.model_validate_json(body_json)
     prompt_ids = _tokenize_chat(tokenizer, body.messages())
     limit = body.max_output_tokens
@@ -144,15 +146,8 @@ def _prepare_response(key: int, body_json: str, tokenizer: Any, max_model_len: i
             "text": {"format": (text_format.model_dump(exclude_none=True, by_alias=True) if text_format
                                 else {"type": "text"}),
                      **({"verbosity": body.text.verbosity} if body.text and body.text.verbosity else {})}}
-    try:
-        params = SamplingParams(
-            **sampling,
-            max_tokens=limit if limit is not None else max_model_len - len(prompt_ids),
-            structured_outputs=_structured_outputs(body.response_format()),
-            output_kind=RequestOutputKind.FINAL_ONLY,
-        )
-    except ValueError as exc:
-        raise RequestRejected(ErrorCode.INVALID_BODY, f"invalid sampling parameters: {exc}") from None
+    params = _sampling({**sampling, "max_tokens": limit if limit is not None else max_model_len - len(prompt_ids)},
+                       _structured_outputs(body.response_format()), remote)
     return EngineRequest(key, prompt_ids, params, RESPONSES_URL, False, 0, echo)
 
 

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 _DEVICE_FILE = re.compile(r"^nvidia(\d+)$")
 
@@ -80,14 +80,33 @@ def visible_gpus() -> list[str]:
     return [str(n) for n in sorted(int(m.group(1)) for m in map(_DEVICE_FILE.match, names) if m)]
 
 
+def _vllm_pynvml() -> Any:
+    """vLLM's own copy of the NVML bindings, loaded from its file: importing `vllm.third_party` would
+    import vLLM and torch (tens of seconds), which a run worker attached to an engine host never needs."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("vllm")
+    except (ImportError, ValueError):
+        return None
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        path = Path(folder) / "third_party" / "pynvml.py"
+        module_spec = importlib.util.spec_from_file_location("_vbatch_pynvml", path)
+        if path.is_file() and module_spec is not None and module_spec.loader is not None:
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+            return module
+    return None
+
+
 def _nvml_device_count() -> int | None:
     # NVML sees the GPUs a container was given (device files may show the host's); it never initialises CUDA.
     try:
         import pynvml  # nvidia-ml-py
     except ImportError:
-        try:
-            from vllm.third_party import pynvml
-        except ImportError:
+        pynvml = _vllm_pynvml()
+        if pynvml is None:
             return None
     try:
         pynvml.nvmlInit()

@@ -48,7 +48,10 @@ from resources.vllm_engine import (
     EngineFailure,
     EngineLoadError,
     EngineRequest,
+    SamplingSpec,
     admission_errors,
+    plain_output,
+    resolve_platform_defaults,
     watch_core_death,
 )
 
@@ -104,7 +107,13 @@ def stop_hosts(state_dir: Path) -> bool:
 
 
 class HostedEngine:
-    """A run worker's handle on the host's engine: the same interface as `LoadedEngine`."""
+    """A run worker's handle on the host's engine: the same interface as `LoadedEngine`, without vLLM.
+
+    Requests carry a `SamplingSpec` (`remote` tells the request builders so), outputs come back as
+    `PlainOutput`, and the tokenizer is Hugging Face's own: the worker never imports vLLM or torch.
+    """
+
+    remote = True
 
     def __init__(self, record: dict, conn: Connection, load_seconds: float, tokenizer: Any):
         self.model: str = record["model"]
@@ -113,6 +122,7 @@ class HostedEngine:
         self.max_model_len: int = record["max_model_len"]
         self.max_num_seqs: int = record["max_num_seqs"]
         self.runner: str = record["runner"]
+        self.matryoshka: bool = bool(record.get("matryoshka", False))  # trained for shortened embeddings
         self.load_seconds = load_seconds
         self.tokenizer = tokenizer
         self.conn = conn
@@ -154,8 +164,8 @@ class HostedEngine:
                 if not pending:
                     return
                 outputs, failures = self._call(("step", adds), pending)
-                for request_id, message in failures:
-                    yield pending.pop(request_id), EngineFailure(message)
+                for request_id, message, code in failures:
+                    yield pending.pop(request_id), EngineFailure(message, code)
                 for output in outputs:
                     yield pending.pop(output.request_id), output
         finally:
@@ -212,12 +222,53 @@ def attach(state_dir: Path, kwargs: dict[str, Any], idle_seconds: int, start_tim
         conn = Client(record["address"], family="AF_UNIX", authkey=bytes.fromhex(record["authkey"]))
     except (OSError, EOFError) as exc:
         raise EngineLoadError(f"could not reach the engine host of {kwargs['model']!r}: {exc}") from exc
+    return HostedEngine(record, conn, time.perf_counter() - started, client_tokenizer(kwargs))
+
+
+def client_tokenizer(kwargs: dict[str, Any]) -> Any:
+    """The model's tokenizer for a run worker, without importing vLLM or torch where it can.
+
+    vLLM's `get_tokenizer` returns Hugging Face's AutoTokenizer in the default tokenizer mode. In
+    transformers 5 AutoTokenizer imports torch (through the model configuration classes: 10 s of a
+    20 s import here), so for a model folder that names its tokenizer class the worker loads that
+    class itself, as AutoTokenizer would (the "Fast" variant first); other cases use AutoTokenizer,
+    and other modes (mistral, custom) vLLM's own.
+    """
+    name = kwargs.get("tokenizer") or kwargs["model"]
+    trust_remote_code = kwargs.get("trust_remote_code", False)
+    revision = kwargs.get("tokenizer_revision") or kwargs.get("revision")
+    mode = kwargs.get("tokenizer_mode", "auto")
+    if mode in ("auto", "hf"):
+        tokenizer_class = _named_tokenizer_class(name)
+        if tokenizer_class is not None:
+            return tokenizer_class.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision)
+    if mode in ("auto", "hf", "slow"):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision,
+                                             use_fast=mode != "slow")
     from vllm.tokenizers import get_tokenizer
 
-    tokenizer = get_tokenizer(kwargs.get("tokenizer") or kwargs["model"],
-                              trust_remote_code=kwargs.get("trust_remote_code", False),
-                              revision=kwargs.get("tokenizer_revision") or kwargs.get("revision"))
-    return HostedEngine(record, conn, time.perf_counter() - started, tokenizer)
+    return get_tokenizer(name, trust_remote_code=trust_remote_code, revision=revision,
+                         tokenizer_mode=kwargs["tokenizer_mode"])
+
+
+def _named_tokenizer_class(name: str) -> Any:
+    """The tokenizer class a local model folder names in tokenizer_config.json (None: let AutoTokenizer decide)."""
+    try:
+        config = json.loads((Path(name).expanduser() / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    class_name = config.get("tokenizer_class") if isinstance(config, dict) else None
+    if not isinstance(class_name, str) or config.get("auto_map"):
+        return None  # no class named, or the model's own code
+    import transformers
+
+    for candidate in ([class_name] if class_name.endswith("Fast") else [f"{class_name}Fast", class_name]):
+        found = getattr(transformers, candidate, None)
+        if found is not None:
+            return found
+    return None
 
 
 def _start_host(state_dir: Path, kwargs: dict[str, Any], idle_seconds: int, timeout: float) -> dict:
@@ -256,7 +307,7 @@ def _serve(config: dict) -> None:
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     started = time.perf_counter()
     try:
-        llm = LLM(**kwargs)
+        llm = LLM(**resolve_platform_defaults(kwargs))
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(reason, flush=True)
@@ -272,6 +323,7 @@ def _serve(config: dict) -> None:
               "max_model_len": vllm_config.model_config.max_model_len,
               "max_num_seqs": vllm_config.scheduler_config.max_num_seqs,
               "runner": getattr(vllm_config.model_config, "runner_type", "generate"),
+              "matryoshka": bool(getattr(vllm_config.model_config, "is_matryoshka", False)),
               "load_seconds": time.perf_counter() - started}
     target = state_dir / HOST_RECORD
     tmp = target.with_suffix(f".{me.pid}.tmp")
@@ -376,7 +428,7 @@ class _Host:
                         client = self.owners.pop(output.request_id, None)
                         if client is not None:
                             client.mine.discard(output.request_id)
-                            client.finished.append(output)
+                            client.finished.append(plain_output(output))
                 self.steps += 1
                 self.cond.notify_all()
         # Tell every attached client (each learns it on its next call), then go: the next attach starts a new host.
@@ -400,15 +452,20 @@ class _Host:
                 message = conn.recv()
                 if message[0] == "step":
                     with self.cond:
-                        failures = []
-                        for request_id, token_ids, params in message[1]:
+                        failures: list[tuple[str, str, str | None]] = []
+                        for request_id, token_ids, spec in message[1]:
                             if self.dead is not None:
                                 break
                             engine_id = client.engine_id(request_id)
                             try:
+                                params = spec.build() if isinstance(spec, SamplingSpec) else spec
+                            except admission_errors() as exc:  # vLLM's own checks of the parameters
+                                failures.append((request_id, f"invalid sampling parameters: {exc}", "invalid_body"))
+                                continue
+                            try:
                                 self.engine.add_request(engine_id, TokensPrompt(prompt_token_ids=token_ids), params)
                             except admission_errors() as exc:
-                                failures.append((request_id, str(exc)))
+                                failures.append((request_id, str(exc), None))
                                 continue
                             except EngineDeadError as exc:
                                 self.dead = f"the engine core died: {exc or type(exc).__name__}"

@@ -59,9 +59,82 @@ class EngineDied(Exception):
 
 @dataclass(slots=True)
 class EngineFailure:
-    """A request the engine refused at admission (e.g. vLLM's own parameter checks)."""
+    """A request the engine refused at admission (e.g. vLLM's own parameter checks).
+
+    `code`: the line's error code when it is not `engine_error` (invalid sampling parameters that an
+    engine host found, since its clients build no `SamplingParams` of their own).
+    """
 
     message: str
+    code: str | None = None
+
+
+# ---- what crosses the engine host's socket: plain data, so that run workers never import vLLM ----
+# A run worker attached to a warm host imports neither vLLM nor torch (about 25 s per run on an H100
+# host, where twenty small batches paid it twenty times): it sends sampling parameters as a
+# SamplingSpec, the host builds vLLM's SamplingParams, and outputs come back as PlainOutput.
+
+
+@dataclass(slots=True)
+class SamplingSpec:
+    """vLLM `SamplingParams` keyword arguments, built into the real thing by the engine host."""
+
+    kwargs: dict[str, Any]
+    structured: dict[str, Any] | None = None  # StructuredOutputsParams keyword arguments
+
+    @property
+    def n(self) -> int:
+        return int(self.kwargs.get("n") or 1)
+
+    def build(self) -> SamplingParams:
+        """vLLM's SamplingParams (FINAL_ONLY outputs); one of `admission_errors()` for parameters vLLM refuses."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        structured = StructuredOutputsParams(**self.structured) if self.structured else None
+        return SamplingParams(**self.kwargs, structured_outputs=structured, output_kind=RequestOutputKind.FINAL_ONLY)
+
+
+@dataclass(slots=True)
+class PlainLogprob:
+    logprob: float
+    rank: int | None
+    decoded_token: str | None
+
+
+@dataclass(slots=True)
+class PlainCompletion:
+    """The parts of vLLM's CompletionOutput that the OpenAI bodies read."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, PlainLogprob]] | None
+    finish_reason: str | None
+    stop_reason: int | str | None = None
+
+
+@dataclass(slots=True)
+class PlainOutput:
+    """The parts of vLLM's RequestOutput that the pipeline reads."""
+
+    request_id: str
+    outputs: list[PlainCompletion]
+    num_cached_tokens: int | None = None
+    finished: bool = True
+
+
+def plain_output(output: Any) -> PlainOutput:
+    """A finished vLLM RequestOutput as plain data (in the engine host, before it is sent)."""
+    completions = []
+    for choice in output.outputs:
+        logprobs = None
+        if choice.logprobs is not None:
+            logprobs = [{token: PlainLogprob(float(lp.logprob), lp.rank, lp.decoded_token)
+                         for token, lp in position.items()} for position in choice.logprobs]
+        completions.append(PlainCompletion(choice.index, choice.text, list(choice.token_ids), logprobs,
+                                           choice.finish_reason, choice.stop_reason))
+    return PlainOutput(output.request_id, completions, getattr(output, "num_cached_tokens", None), output.finished)
 
 
 class LoadedEngine:
@@ -207,28 +280,34 @@ def watch_core_death(llm: LLM) -> threading.Event:
     return stop
 
 
-def _import_vllm() -> None:
-    import vllm  # noqa: F401
-    import vllm.tokenizers  # noqa: F401
-
-
-_early_import: threading.Thread | None = None  # the run's vLLM import, started with the run (engine host on)
-
-
-def _await_vllm_import() -> None:
-    """Wait for the import started with the run, if it is still going. vLLM imported from two threads
-    at once breaks: one thread sees `vllm.platforms` half-initialised ("cannot import name
-    'current_platform' ... circular import"), which failed batch_chunks on an H100."""
-    if _early_import is not None and _early_import is not threading.current_thread():
-        _early_import.join()
-
-
 def _on_cpu() -> bool:
-    # vLLM's bfloat16 CPU kernels die with SIGILL on some batch shapes (seen on Sapphire Rapids);
-    # float32 ran every shape tried, so "auto" means float32 on the CPU build.
     from vllm.platforms import current_platform
 
     return current_platform.is_cpu()
+
+
+def resolve_platform_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The `vllm.LLM` arguments with the platform's defaults filled in, in the process that loads the
+    engine (it imports vLLM anyway; a run worker attached to an engine host never does).
+
+    - dtype "auto" is float32 on the CPU build: vLLM's bfloat16 CPU kernels die with SIGILL on some
+      batch shapes (seen on Sapphire Rapids); float32 ran every shape tried.
+    - enforce_eager None: eager on the CPU build, where torch.compile made the load ~8x slower and
+      generation no faster (docs/BENCHMARKS.md); CUDA graphs and torch.compile on a GPU.
+    - no chunked prefill on the CPU build: after a partial prefill step vLLM discards the sampled
+      token and rewinds a seeded request's generator offset, which CPU generators lack ("CPU
+      Generator does not use offset" killed the engine core as soon as seeded requests filled a
+      step). Whole prefills never discard a token, so `seed` works and reproduces.
+    """
+    resolved = dict(kwargs)
+    on_cpu = _on_cpu()
+    if resolved.get("dtype", "auto") == "auto" and on_cpu:
+        resolved["dtype"] = "float32"
+    if resolved.get("enforce_eager") is None:
+        resolved["enforce_eager"] = on_cpu
+    if on_cpu:
+        resolved.setdefault("enable_chunked_prefill", False)
+    return resolved
 
 
 class VLLMEngine(ConfigurableResource):
@@ -270,7 +349,6 @@ class VLLMEngine(ConfigurableResource):
 
     def slots(self) -> list[EngineSlot]:
         """This machine's engine slots (EngineLoadError when the settings do not fit it)."""
-        _await_vllm_import()  # counting GPUs may import vLLM's NVML bindings
         try:
             return device_slots.engine_slots(self.gpus, self.tensor_parallel_size)
         except device_slots.SlotConfigError as exc:
@@ -335,14 +413,13 @@ class VLLMEngine(ConfigurableResource):
         return None if record is None else engine_host._same_kwargs(record["kwargs"], kwargs)
 
     def engine_kwargs(self, model: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The keyword arguments for `vllm.LLM`."""
-        _await_vllm_import()
+        """The keyword arguments for `vllm.LLM`, before `resolve_platform_defaults` (no vLLM import here)."""
         kwargs: dict[str, Any] = {
             "model": model,
-            "dtype": self.dtype if self.dtype != "auto" or not _on_cpu() else "float32",
+            "dtype": self.dtype,
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "tensor_parallel_size": self.tensor_parallel_size,
-            "enforce_eager": self.enforce_eager if self.enforce_eager is not None else _on_cpu(),
+            "enforce_eager": self.enforce_eager,
             "seed": self.seed,
         }
         if self.max_model_len:
@@ -351,13 +428,6 @@ class VLLMEngine(ConfigurableResource):
             kwargs["max_num_seqs"] = self.max_num_seqs
         if self.compact_json:
             kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
-        if _on_cpu():
-            # After a partial (chunked) prefill step vLLM discards the sampled token and rewinds a seeded
-            # request's generator offset, which CPU generators lack: "CPU Generator does not use offset"
-            # kills the engine core as soon as a batch of seeded requests fills a step. Whole prefills
-            # never discard a token, so `seed` works and reproduces (max_num_batched_tokens then covers
-            # max_model_len; vLLM sets that itself).
-            kwargs["enable_chunked_prefill"] = False
         kwargs.update(json.loads(self.engine_args or "{}"))
         kwargs.update(extra or {})
         return kwargs
@@ -438,7 +508,7 @@ class VLLMEngine(ConfigurableResource):
         try:
             from vllm import LLM
 
-            llm = LLM(**kwargs)
+            llm = LLM(**resolve_platform_defaults(kwargs))
         except Exception as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EngineLoadError(f"could not load model {model!r}: {reason}") from exc
@@ -450,16 +520,6 @@ class VLLMEngine(ConfigurableResource):
             engine_processes.record_engine(loaded.record_dir, started_processes, model)
         _slot.loaded = loaded
         return loaded
-
-    def setup_for_execution(self, context: InitResourceContext) -> None:
-        if self.engine_host:
-            # A run worker attaching to a warm host still imports vLLM (sampling parameters, the
-            # tokenizer): started with the run, the import overlaps batch_input instead of delaying
-            # batch_chunks' first token.
-            global _early_import
-            if _early_import is None:
-                _early_import = threading.Thread(target=_import_vllm, name="vllm-import", daemon=True)
-                _early_import.start()
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:
         # A step that failed before its session began may still have a prefetched engine.

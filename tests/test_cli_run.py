@@ -128,18 +128,28 @@ def test_a_killed_engine_core_is_replaced_and_the_batch_completes(tmp_path, tiny
     assert [o["custom_id"] for o in outputs] == [f"q{i}" for i in range(1000)]
 
 
-def test_an_embeddings_batch_loads_exactly_one_engine(tmp_path, tiny_model):
+@pytest.mark.parametrize("host", [False, True], ids=["in-process", "engine-host"])
+def test_an_embeddings_batch_loads_exactly_one_engine(tmp_path, tiny_model, host):
     # The prefetch reads the file's first lines and loads the pooling engine batch_chunks asks for;
     # before, it loaded a generative engine that batch_chunks then swapped for a pooling one.
+    # Through an engine host it failed outright until the host told its clients about matryoshka.
     lines = [{"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
               "body": {"model": "tiny", "input": f"sentence number {i}"}} for i in range(120)]
     batch = write_jsonl(tmp_path / "emb.jsonl", lines)
-    result = run_cli(["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny", "--json"],
-                     cli_env(tmp_path))
+    try:
+        result = run_cli(["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny", "--json"],
+                         cli_env(tmp_path, VBATCH_ENGINE_HOST=str(host).lower()))
+    finally:
+        if host:
+            from resources.engine_host import stop_host
+
+            stop_host(tmp_path / "data" / "engines")
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout[result.stdout.index("{"):])
     assert summary["completed"] == 120
     assert summary["engines_loaded_in_process"] == 1
+    vectors = [o["response"]["body"]["data"][0]["embedding"] for o in read_jsonl(Path(summary["output_file"]))]
+    assert len(vectors) == 120 and all(len(v) == len(vectors[0]) > 0 for v in vectors)
 
 
 @pytest.mark.parametrize(("setup", "message"), [

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import psutil
 
-from tests.conftest import write_jsonl
+from tests.conftest import read_jsonl, write_jsonl
 from tests.test_cli_run import chat_lines, cli_env, run_cli
 
 
@@ -18,8 +19,17 @@ def test_the_second_batch_attaches_to_the_warm_engine_and_an_idle_host_frees_it(
     summaries = []
     for name in ("first", "second"):
         batch = write_jsonl(tmp_path / f"{name}.jsonl", chat_lines(40))
-        result = run_cli(["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny", "--json"], env)
+        # The second run attaches to the warm host: Python lists every module it imports on stderr.
+        run_env = {**env, "PYTHONPROFILEIMPORTTIME": "1"} if name == "second" else env
+        result = run_cli(["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny", "--json"], run_env)
         assert result.returncode == 0, result.stderr[-2000:]
+        if name == "second":
+            imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                        if line.startswith("import time:")}
+            assert "json" in imported and "transformers" in imported  # the listing is there
+            # A run attached to a host never pays for vLLM's import (25 s per run on an H100 host).
+            assert "vllm" not in imported and "torch" not in imported, sorted(
+                m for m in imported if m.split(".")[0] in ("vllm", "torch"))[:20]
         summaries.append(json.loads(result.stdout[result.stdout.index("{"):]))
         assert summaries[-1]["completed"] == 40
         assert host_record.exists(), "the host must outlive the run"
@@ -41,16 +51,14 @@ def test_the_second_batch_attaches_to_the_warm_engine_and_an_idle_host_frees_it(
 def test_two_batches_share_the_host_engine_at_once(tmp_path, tiny_model):
     """A second client is served while the first still has requests in the engine (issue 13, target 2):
     both run on the one engine, each gets exactly its own outputs."""
-    from vllm import RequestOutput, SamplingParams
-
     from resources.engine_host import attach, stop_host
-    from resources.vllm_engine import EngineRequest, VLLMEngine
+    from resources.vllm_engine import EngineRequest, PlainOutput, SamplingSpec, VLLMEngine
 
     kwargs = VLLMEngine(dtype="float32", max_model_len=1024, enforce_eager=True).engine_kwargs(str(tiny_model))
     state = tmp_path / "engines"
 
     def requests(tokenizer, first_key: int, count: int, max_tokens: int) -> list[EngineRequest]:
-        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        params = SamplingSpec({"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
         return [EngineRequest(key, tokenizer.encode(f"Question number {key}?"), params, "/v1/completions", False, 0)
                 for key in range(first_key, first_key + count)]
 
@@ -74,7 +82,7 @@ def test_two_batches_share_the_host_engine_at_once(tmp_path, tiny_model):
         assert not thread.is_alive(), "a second batch must be served while the first is still attached"
         assert b_done["host"] == a.host_pid
         assert sorted(request.key for request, _ in b_done["outputs"]) == [0, 1, 2, 3]
-        assert all(isinstance(out, RequestOutput) and len(out.outputs[0].token_ids) == 8 for _, out in b_done["outputs"])
+        assert all(isinstance(out, PlainOutput) and len(out.outputs[0].token_ids) == 8 for _, out in b_done["outputs"])
         rest = list(stream_a)  # A's requests ran on meanwhile; A gets them, and only them
         outputs_a = first_a + rest
         assert sorted(request.key for request, _ in outputs_a) == list(range(6))
@@ -82,3 +90,66 @@ def test_two_batches_share_the_host_engine_at_once(tmp_path, tiny_model):
     finally:
         a.shutdown()
         stop_host(state)
+
+
+PARITY_LINES = [
+    {"custom_id": "chat-logprobs", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"model": "tiny", "max_tokens": 8, "temperature": 0, "logprobs": True, "top_logprobs": 2,
+              "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"}]}},
+    {"custom_id": "completions-n", "method": "POST", "url": "/v1/completions",
+     "body": {"model": "tiny", "max_tokens": 6, "temperature": 0.8, "seed": 5, "n": 2, "logprobs": 2,
+              "prompt": ["Once upon a time", "The answer is"]}},
+    {"custom_id": "json-schema", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"model": "tiny", "max_tokens": 24, "temperature": 0,
+              "messages": [{"role": "user", "content": "A colour as JSON."}],
+              "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": {
+                  "type": "object", "properties": {"c": {"type": "string"}}, "required": ["c"]}}}}},
+    {"custom_id": "responses", "method": "POST", "url": "/v1/responses",
+     "body": {"model": "tiny", "input": "Say hi.", "instructions": "Be brief.", "max_output_tokens": 6,
+              "temperature": 0}},
+    # vLLM refuses this at SamplingParams: in the worker in-process, in the host for an attached run.
+    {"custom_id": "bad-sampling", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"model": "tiny", "max_tokens": 4, "temperature": 0.5, "top_k": -5,
+              "messages": [{"role": "user", "content": "x"}]}},
+]
+
+
+def _comparable(record: dict) -> dict:
+    """A result line without what differs between two runs of the same request (ids, times)."""
+    record = json.loads(json.dumps(record))
+    record.pop("id", None)
+    body = (record.get("response") or {}).get("body") or {}
+    for key in ("id", "created", "created_at", "completed_at"):
+        body.pop(key, None)
+    for item in body.get("output", []):
+        item.pop("id", None)
+    (record.get("response") or {}).pop("request_id", None)
+    return record
+
+
+def test_a_run_attached_to_the_host_answers_exactly_as_one_with_its_own_engine(tmp_path, tiny_model):
+    """The attached worker builds no vLLM objects (sampling parameters travel as a spec, outputs come
+    back as plain data): every line, errors included, must read as it does from an in-process engine."""
+    from resources.engine_host import stop_host
+
+    batch = write_jsonl(tmp_path / "parity.jsonl", PARITY_LINES)
+    results = {}
+    for host in (False, True):
+        env = cli_env(tmp_path / str(host), VBATCH_ENGINE_HOST=str(host).lower())
+        try:
+            result = run_cli(["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny",
+                              "--batch-id", "parity", "--json"], env)
+        finally:
+            if host:
+                stop_host(tmp_path / str(host) / "data" / "engines")
+        assert result.returncode == 0, result.stderr[-2000:]
+        summary = json.loads(result.stdout[result.stdout.index("{"):])
+        lines = read_jsonl(Path(summary["output_file"])) + read_jsonl(Path(summary["error_file"]))
+        results[host] = {line["custom_id"]: _comparable(line) for line in lines}
+    in_process, attached = results[False], results[True]
+    assert sorted(in_process) == sorted(line["custom_id"] for line in PARITY_LINES)
+    assert in_process["bad-sampling"]["error"]["code"] == "invalid_body", in_process["bad-sampling"]
+    assert in_process["chat-logprobs"]["response"]["body"]["choices"][0]["logprobs"]["content"]
+    assert len(in_process["completions-n"]["response"]["body"]["choices"]) == 4
+    for custom_id in in_process:
+        assert attached[custom_id] == in_process[custom_id], custom_id
