@@ -8,6 +8,7 @@ SIGKILL and a PostgreSQL restart. Runs execute the real CPU vLLM engine on the t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -169,11 +170,17 @@ def submit(service: Service, batch_id: str, lines: list[dict], model: str) -> No
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, postgres_url: str, tiny_model: Path) -> Iterator[Service]:
     """`vllm-batch start` on a fresh PostgreSQL database, with its own data folder and a second model."""
+    with start_service(tmp_path_factory.mktemp("operations"), postgres_url, tiny_model) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def start_service(root: Path, postgres_url: str, tiny_model: Path, **extra_env: str) -> Iterator[Service]:
+    """`vllm-batch start` in `root` on `postgres_url` (models A and B), stopped with every process it started."""
     from dagster import DagsterInstance
 
     from batch_pipeline.settings import Settings
 
-    root = tmp_path_factory.mktemp("operations")
     shutil.copytree(tiny_model, root / MODEL_B)  # another model directory: loading it is a model swap
     (root / "models.yaml").write_text(
         f"models:\n  {MODEL_A}:\n    path: {tiny_model}\n  {MODEL_B}:\n    path: {root / MODEL_B}\n")
@@ -198,6 +205,7 @@ def service(tmp_path_factory, postgres_url: str, tiny_model: Path) -> Iterator[S
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "HF_HUB_OFFLINE": "1",
         "VLLM_LOGGING_LEVEL": "WARNING",
+        **extra_env,
     }
     log = root / "service.log"
     process = subprocess.Popen([str(VENV_BIN / "vllm-batch"), "start", "--host", "127.0.0.1", "--port", str(port)],
