@@ -48,7 +48,6 @@ from resources.vllm_engine import (
     EngineFailure,
     EngineLoadError,
     EngineRequest,
-    SamplingSpec,
     admission_errors,
     plain_output,
     resolve_platform_defaults,
@@ -458,7 +457,7 @@ class _Host:
                                 break
                             engine_id = client.engine_id(request_id)
                             try:
-                                params = spec.build() if isinstance(spec, SamplingSpec) else spec
+                                params = spec.build()  # a SamplingSpec: the client imports no vLLM
                             except admission_errors() as exc:  # vLLM's own checks of the parameters
                                 failures.append((request_id, f"invalid sampling parameters: {exc}", "invalid_body"))
                                 continue
