@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -66,12 +67,13 @@ def sqlite_instance(tmp_path: Path):
         yield instance
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A fresh database on the local PostgreSQL server, dropped at the end of the session."""
+@contextlib.contextmanager
+def fresh_database(prefix: str = "vllm_batch_test") -> Iterator[str]:
+    """A new, empty database on the local PostgreSQL server, dropped (with its connections) afterwards."""
     import psycopg2
 
-    name = f"vllm_batch_test_{uuid.uuid4().hex[:8]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+
     def admin_execute(sql: str) -> None:
         # A new connection each time: tests/test_operations.py restarts the server in between.
         admin = psycopg2.connect(POSTGRES_ADMIN_URL)
@@ -82,9 +84,20 @@ def postgres_url() -> Iterator[str]:
             admin.close()
 
     admin_execute(f"CREATE DATABASE {name}")
-    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
-    yield f"{base}/{name}"
-    admin_execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    try:
+        yield f"{POSTGRES_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    finally:
+        admin_execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the local PostgreSQL server for the session's short PostgreSQL tests.
+
+    A test that starts a whole service takes a database of its own (`fresh_database`): runs, pool
+    slots and sensor state left by one service must not reach the next."""
+    with fresh_database() as url:
+        yield url
 
 
 @pytest.fixture

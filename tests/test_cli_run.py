@@ -50,8 +50,8 @@ def run_cli(args: list[str], env: dict, timeout: int = 600) -> subprocess.Comple
 
 
 def test_killed_run_resumes_without_redoing_finished_chunks(tmp_path, tiny_model):
-    env = cli_env(tmp_path, VBATCH_CHUNK_SIZE="50")
-    batch = write_jsonl(tmp_path / "big.jsonl", chat_lines(1500))
+    env = cli_env(tmp_path, VBATCH_CHUNK_SIZE="20", VBATCH_MAX_NUM_SEQS="128")
+    batch = write_jsonl(tmp_path / "big.jsonl", chat_lines(600))
     args = ["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny", "--batch-id", "big", "--json"]
     chunks = tmp_path / "data" / "batches" / "big" / "chunks"
 
@@ -75,11 +75,11 @@ def test_killed_run_resumes_without_redoing_finished_chunks(tmp_path, tiny_model
     assert summary["chunks_resumed"] + summary["chunks_run"] == 30
     assert {p.name: p.stat().st_mtime_ns for p in chunks.glob("chunk-*.parquet") if p.name in finished} == finished
     outputs = read_jsonl(Path(summary["output_file"]))
-    assert [o["custom_id"] for o in outputs] == [f"q{i}" for i in range(1500)]  # each exactly once, in order
+    assert [o["custom_id"] for o in outputs] == [f"q{i}" for i in range(600)]  # each exactly once, in order
     assert all(o["response"]["body"]["usage"]["completion_tokens"] == 16 for o in outputs)
     # Not a terminal: plain progress lines instead of a bar, ending on the whole batch.
     progress = [line for line in result.stderr.splitlines() if line.startswith("progress: ")]
-    assert progress and progress[-1].startswith("progress: 1500/1500 requests"), result.stderr[-2000:]
+    assert progress and progress[-1].startswith("progress: 600/600 requests"), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
 
 
@@ -87,8 +87,8 @@ def test_killed_run_resumes_without_redoing_finished_chunks(tmp_path, tiny_model
 def test_a_killed_engine_core_is_replaced_and_the_batch_completes(tmp_path, tiny_model, host):
     import psutil
 
-    env = cli_env(tmp_path, VBATCH_CHUNK_SIZE="50", VBATCH_ENGINE_HOST=str(host).lower())
-    batch = write_jsonl(tmp_path / "big.jsonl", chat_lines(1000))
+    env = cli_env(tmp_path, VBATCH_CHUNK_SIZE="20", VBATCH_MAX_NUM_SEQS="128", VBATCH_ENGINE_HOST=str(host).lower())
+    batch = write_jsonl(tmp_path / "big.jsonl", chat_lines(400))
     chunks = tmp_path / "data" / "batches" / "dies" / "chunks"
     proc = subprocess.Popen(CLI + ["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny",
                                    "--batch-id", "dies", "--json"], env=env, cwd=REPO, stdout=subprocess.PIPE,
@@ -121,11 +121,11 @@ def test_a_killed_engine_core_is_replaced_and_the_batch_completes(tmp_path, tiny
             stop_host(tmp_path / "data" / "engines")
     assert proc.returncode == 0, err[-3000:]
     summary = json.loads(out[out.index("{"):])
-    assert summary["completed"] == 1000 and summary["failed"] == 0
+    assert summary["completed"] == 400 and summary["failed"] == 0
     assert summary["engines_loaded_in_process"] == 2
     assert {p.name: p.stat().st_mtime_ns for p in chunks.glob("chunk-*.parquet") if p.name in kept} == kept
     outputs = read_jsonl(Path(summary["output_file"]))
-    assert [o["custom_id"] for o in outputs] == [f"q{i}" for i in range(1000)]
+    assert [o["custom_id"] for o in outputs] == [f"q{i}" for i in range(400)]
 
 
 @pytest.mark.parametrize("host", [False, True], ids=["in-process", "engine-host"])

@@ -103,8 +103,8 @@ def test_two_batches_at_once_run_on_two_slots_with_their_own_cores(tmp_path, tin
 
 def test_a_split_batch_whose_step_is_killed_frees_its_engines_and_slots_and_resumes(tmp_path, tiny_model):
     marker = uuid.uuid4().hex
-    env = cli_env(tmp_path, VBATCH_GPUS="2", VBATCH_CHUNK_SIZE="10", VBATCH_TEST_MARKER=marker)
-    batch = write_jsonl(tmp_path / "batch.jsonl", chat_lines(400, max_tokens=32))
+    env = cli_env(tmp_path, VBATCH_GPUS="2", VBATCH_CHUNK_SIZE="10", VBATCH_MAX_NUM_SEQS="32", VBATCH_TEST_MARKER=marker)
+    batch = write_jsonl(tmp_path / "batch.jsonl", chat_lines(200, max_tokens=32))
     args = ["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny", "--batch-id", "killed", "--json"]
     chunks = tmp_path / "data" / "batches" / "killed" / "chunks"
     step = subprocess.Popen(CLI + args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -130,10 +130,10 @@ def test_a_split_batch_whose_step_is_killed_frees_its_engines_and_slots_and_resu
         lease.release()
 
     summary = summary_of(run_cli(args, env))
-    assert summary["completed"] == 400 and summary["chunks_resumed"] >= len(written) >= 3
-    assert summary["chunks_resumed"] + summary["chunks_run"] == 40
+    assert summary["completed"] == 200 and summary["chunks_resumed"] >= len(written) >= 3
+    assert summary["chunks_resumed"] + summary["chunks_run"] == 20
     output = read_jsonl(tmp_path / "data" / "batches" / "killed" / "results" / "output.jsonl")
-    assert [line["custom_id"] for line in output] == [f"q{i}" for i in range(400)]
+    assert [line["custom_id"] for line in output] == [f"q{i}" for i in range(200)]
 
 
 def marked(marker: str) -> list[psutil.Process]:

@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import REPO, read_jsonl, write_jsonl
+from tests.conftest import REPO, fresh_database, read_jsonl, write_jsonl
 
 pytestmark = pytest.mark.timeout(600)
 VENV_BIN = Path(sys.executable).parent
@@ -65,8 +65,10 @@ class Service:
                               text=True, timeout=timeout)
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 1.0):
-    """Poll until `predicate` returns something truthy; survives a PostgreSQL restart in between."""
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 1.0,
+             explain: Callable[[], str] | None = None):
+    """Poll until `predicate` returns something truthy; survives a PostgreSQL restart in between.
+    On a timeout, `explain()` (if given) says what the service was doing."""
     deadline = time.monotonic() + timeout
     last_error = None
     while time.monotonic() < deadline:
@@ -77,7 +79,32 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, interva
         except Exception as exc:  # the database may be restarting
             last_error = exc
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_error})")
+    context = ""
+    if explain is not None:
+        try:
+            context = "\n" + explain()
+        except Exception as exc:  # the explanation must not hide the timeout
+            context = f"\n(could not explain: {exc!r})"
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_error}){context}")
+
+
+def explain_service(service: Service) -> str:
+    """What a stuck service was doing: its runs, its live processes, and the tails of its logs."""
+    from dagster import RunsFilter
+
+    lines = ["runs:"]
+    for record in service.instance.get_run_records(RunsFilter(), limit=30):
+        run = record.dagster_run
+        lines.append(f"  {run.run_id[:8]} {run.tags.get('dagster/partition')} {run.status.value}")
+    lines.append("processes:")
+    for process in marked_processes(service.marker):
+        with contextlib.suppress(psutil.Error):
+            lines.append(f"  {process.pid} {_name(process)} {' '.join(process.cmdline())[:120]}")
+    for log in (service.log, service.data_dir / "engines" / "host.log"):
+        if log.exists():
+            lines.append(f"--- {log.name} (last 40 lines)")
+            lines.extend(log.read_text(errors="replace").splitlines()[-40:])
+    return "\n".join(lines)
 
 
 def free_port() -> int:
@@ -93,14 +120,26 @@ def request_line(custom_id: str, model: str, max_tokens: int = 8, **body) -> dic
 
 
 def marked_processes(marker: str) -> list[psutil.Process]:
-    """Every live process started for this module (they all carry the marker in their environment)."""
-    found = []
+    """Every live process started for this module (they all carry the marker in their environment).
+
+    vLLM's own processes (VLLM::EngineCore, VLLM::Worker) set their process title, which can overwrite
+    the environment as /proc shows it; they count as marked when the process that started them is.
+    """
+    found, vllm = [], []
     for process in psutil.process_iter():
         try:
             if process.environ().get("VBATCH_TEST_MARKER") == marker:
                 found.append(process)
+            elif _name(process).startswith("VLLM::"):
+                vllm.append(process)
         except psutil.Error:
-            continue
+            if _name(process).startswith("VLLM::"):
+                vllm.append(process)
+    pids = {p.pid for p in found}
+    for process in vllm:
+        with contextlib.suppress(psutil.Error):
+            if any(parent.pid in pids for parent in process.parents()):
+                found.append(process)
     return found
 
 
@@ -168,9 +207,9 @@ def submit(service: Service, batch_id: str, lines: list[dict], model: str) -> No
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, postgres_url: str, tiny_model: Path) -> Iterator[Service]:
+def service(tmp_path_factory, tiny_model: Path) -> Iterator[Service]:
     """`vllm-batch start` on a fresh PostgreSQL database, with its own data folder and a second model."""
-    with start_service(tmp_path_factory.mktemp("operations"), postgres_url, tiny_model) as running:
+    with fresh_database() as url, start_service(tmp_path_factory.mktemp("operations"), url, tiny_model) as running:
         yield running
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import read_jsonl
+from tests.conftest import fresh_database, read_jsonl
 from tests.test_operations import (
     MODEL_A,
     MODEL_B,
@@ -28,6 +28,7 @@ from tests.test_operations import (
     _name,
     chunk_mtimes,
     dead,
+    explain_service,
     log_time,
     marked_processes,
     request_line,
@@ -42,9 +43,9 @@ pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, postgres_url: str, tiny_model: Path) -> Iterator[Service]:
-    with start_service(tmp_path_factory.mktemp("operations-host"), postgres_url, tiny_model,
-                       VBATCH_ENGINE_HOST="true", VBATCH_ENGINE_HOST_CLIENTS="2") as running:
+def service(tmp_path_factory, tiny_model: Path) -> Iterator[Service]:
+    with fresh_database() as url, start_service(tmp_path_factory.mktemp("operations-host"), url, tiny_model,
+                                                VBATCH_ENGINE_HOST="true", VBATCH_ENGINE_HOST_CLIENTS="2") as running:
         yield running
 
 
@@ -58,7 +59,7 @@ def engines(service: Service) -> Iterator[EngineWatch]:
 
 
 class EngineWatch(threading.Thread):
-    """Samples the service's live vLLM engine cores every 0.1 s: never two at once on one slot."""
+    """Samples the service's live vLLM engine cores every 0.25 s: never two at once on one slot."""
 
     def __init__(self, marker: str):
         super().__init__(daemon=True)
@@ -72,7 +73,7 @@ class EngineWatch(threading.Thread):
             cores = [p.pid for p in marked_processes(self.marker) if _name(p).startswith("VLLM::EngineCor")]
             self.most = max(self.most, len(cores))
             self.seen.update(cores)
-            time.sleep(0.1)
+            time.sleep(0.25)
 
 
 def host_record(service: Service) -> dict | None:
@@ -97,7 +98,8 @@ def test_batches_of_two_models_queue_share_and_swap_with_one_engine_at_a_time(se
     for batch_id, model in batches.items():
         submit(service, batch_id, lines[batch_id], model)
     for batch_id in batches:
-        wait_for(lambda b=batch_id: succeeded(service, b), 600, f"batch {batch_id} to succeed", interval=2)
+        wait_for(lambda b=batch_id: succeeded(service, b), 600, f"batch {batch_id} to succeed", interval=2,
+                 explain=lambda: explain_service(service))
 
     for batch_id in batches:
         outputs = read_jsonl(service.batch_dir(batch_id) / "results" / "output.jsonl")
@@ -134,7 +136,8 @@ def test_a_cancelled_batch_leaves_the_host_warm_for_the_next(service: Service, e
     after = "host-after-cancel"
     after_lines = [request_line(f"{after}-{i}", MODEL_A) for i in range(8)]
     submit(service, after, after_lines, MODEL_A)
-    wait_for(lambda: succeeded(service, after), 300, "the next batch to succeed", interval=1)
+    wait_for(lambda: succeeded(service, after), 300, "the next batch to succeed", interval=1,
+             explain=lambda: explain_service(service))
     assert host_loads(service) == loads  # it attached: no engine loaded for it
     assert host_record(service)["pid"] == host["pid"]
     outputs = read_jsonl(service.batch_dir(after) / "results" / "output.jsonl")
@@ -161,7 +164,8 @@ def test_a_killed_worker_leaves_the_host_and_its_retry_attaches_to_it(service: S
     wait_for(lambda: dead(worker), 10, "the worker to die")
 
     assert wait_terminal(service, first_run.run_id, 120) == "FAILURE"
-    wait_for(lambda: succeeded(service, batch_id), 600, "the retry to finish the batch", interval=2)
+    wait_for(lambda: succeeded(service, batch_id), 600, "the retry to finish the batch", interval=2,
+             explain=lambda: explain_service(service))
     retry = next(r for r in service.runs(batch_id) if r.status.value == "SUCCESS")
     assert retry.tags.get("dagster/parent_run_id") == first_run.run_id
     assert host_record(service)["pid"] == host["pid"] and host_loads(service) == loads  # the same warm engine
