@@ -72,8 +72,12 @@ TEST_SERVICES += services-curation
 # The services the tests start are installed (once, cached) by the blocks that add to TEST_SERVICES;
 # second expansion lets those blocks come before or after this rule.
 .SECONDEXPANSION:
+# Two workers (pytest-xdist): most of the suite waits on one core at a time (process start-up, a vLLM CPU
+# engine computes on one thread), so two test files at once use the machine's two cores. A file (and each
+# group of files that share servers) stays in one worker: tests/conftest.py. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: install model browser $$(TEST_SERVICES)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
 
 # ruff, the layer contracts (import-linter, pyproject.toml) and the type checker.
 lint: install

@@ -156,6 +156,7 @@ class ThrowawayPostgres:
         self.data = self.root / "pgdata"
         self.port = free_port()
         self.restarts = 0
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/soak"  # once started
 
     def _run(self, *argv: str) -> None:
         # initdb and postgres refuse to run as root: run them as the `postgres` user then.
@@ -168,7 +169,7 @@ class ThrowawayPostgres:
         self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
         self._pg_ctl("start")
         self._run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "soak")
-        return f"postgresql://postgres@127.0.0.1:{self.port}/soak"
+        return self.url
 
     def _pg_ctl(self, action: str) -> None:
         options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c max_connections=200"
@@ -178,6 +179,13 @@ class ThrowawayPostgres:
     def restart(self) -> None:
         self._pg_ctl("restart")
         self.restarts += 1
+
+    def pause(self) -> None:
+        """Stop the server, keeping its data (`resume` starts it again)."""
+        self._pg_ctl("stop")
+
+    def resume(self) -> None:
+        self._pg_ctl("start")
 
     def stop(self) -> None:
         with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):

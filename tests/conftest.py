@@ -18,6 +18,20 @@ pytest_plugins = ["tests.object_stores"]
 # Settings for the CPU build of vLLM on small CI machines (see docs/ARCHITECTURE.md).
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# `make test` runs two pytest-xdist workers. vLLM's CPU engine computes on one thread, which it binds to
+# core 0 unless told otherwise: each worker's engines get a core of their own instead.
+if worker := os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(int(worker.removeprefix("gw")) % (os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Groups for `--dist loadgroup`: a test file runs in one worker (its module fixtures start once), and so
+    do all the files of tests/api and of each integration, which share session servers (the API stack,
+    Label Studio, Prometheus)."""
+    for item in items:
+        parts = item.path.relative_to(REPO / "tests").parts
+        group = parts[0] if parts[0] == "api" else "/".join(parts[:2]) if parts[0] == "integrations" else parts[0]
+        item.add_marker(pytest.mark.xdist_group(group))
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
