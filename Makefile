@@ -77,7 +77,7 @@ TEST_SERVICES += services-curation
 # group of files that share servers) stays in one worker: tests/conftest.py. TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 test: install model browser $$(TEST_SERVICES)
-	$(PY) -m pytest tests $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
+	$(PY) -m pytest tests $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS))
 
 # ruff, the layer contracts (import-linter, pyproject.toml) and the type checker.
 lint: install

@@ -24,14 +24,6 @@ if worker := os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(int(worker.removeprefix("gw")) % (os.cpu_count() or 1)))
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Groups for `--dist loadgroup`: a test file runs in one worker (its module fixtures start once), and so
-    do all the files of tests/api and of each integration, which share session servers (the API stack,
-    Label Studio, Prometheus)."""
-    for item in items:
-        parts = item.path.relative_to(REPO / "tests").parts
-        group = parts[0] if parts[0] == "api" else "/".join(parts[:2]) if parts[0] == "integrations" else parts[0]
-        item.add_marker(pytest.mark.xdist_group(group))
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -135,3 +127,30 @@ def write_jsonl(path: Path, records: list) -> Path:
 def read_jsonl(path: Path) -> list[dict]:
     """Every line of a JSONL file, parsed."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+
+
+def xdist_group_of(nodeid: str) -> str:
+    """The tests that must run in one pytest-xdist worker: a test file (its module fixtures start once), or
+    all the files of tests/api, or of one integration, which share session servers (the API stack, Label
+    Studio, Prometheus)."""
+    parts = nodeid.split("::", 1)[0].split("/")
+    if parts[:2] == ["tests", "api"]:
+        return "tests/api"
+    if parts[:2] == ["tests", "integrations"]:
+        return "/".join(parts[:3])
+    return "/".join(parts)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Whole groups (`xdist_group_of`) go to a worker. (xdist's own `--dist loadgroup` marks do not take effect
+    with pytest 9, whose node ids it can no longer rewrite.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group_of(nodeid)
+
+    return GroupScheduling(config, log)
