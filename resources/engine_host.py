@@ -34,6 +34,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -270,9 +271,20 @@ def _named_tokenizer_class(name: str) -> Any:
     return None
 
 
+def _socket_address(state_dir: Path, name: str) -> str:
+    """The host's socket: a file in the state folder, unless that path is longer than AF_UNIX allows
+    (108 bytes: a deep data folder); then a Linux abstract socket (no file; the authkey still guards it)."""
+    path = str(state_dir / name)
+    if len(os.fsencode(path)) < 100:
+        return path
+    if sys.platform.startswith("linux"):
+        return f"\0vbatch-{name}"
+    return str(Path(tempfile.gettempdir()) / name)
+
+
 def _start_host(state_dir: Path, kwargs: dict[str, Any], idle_seconds: int, timeout: float) -> dict:
     authkey = secrets.token_hex(16)
-    address = str(state_dir / f"host-{os.getpid()}-{secrets.token_hex(4)}.sock")
+    address = _socket_address(state_dir, f"host-{os.getpid()}-{secrets.token_hex(4)}.sock")
     log_path = state_dir / "host.log"
     with log_path.open("ab") as log_file:
         # Its own session: the host outlives the run worker that started it (and its process group).
@@ -288,14 +300,22 @@ def _start_host(state_dir: Path, kwargs: dict[str, Any], idle_seconds: int, time
         if record is not None and record["pid"] == process.pid:
             return record
         if process.poll() is not None:
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-            raise EngineLoadError(f"could not load model {kwargs['model']!r}: {tail[0]}")
+            raise EngineLoadError(f"could not load model {kwargs['model']!r}: {_failure_reason(log_path)}")
         time.sleep(0.2)
     process.kill()
     raise EngineLoadError(f"could not load model {kwargs['model']!r}: the engine host did not start in {timeout:.0f}s")
 
 
+def _failure_reason(log_path: Path) -> str:
+    """Why a host exited while starting: the reason it wrote last, else the log's last line."""
+    lines = log_path.read_text(errors="replace").strip().splitlines()
+    reasons = [line.removeprefix(FAILED) for line in lines if line.startswith(FAILED)]
+    return (reasons or lines or ["(no output)"])[-1]
+
+
 # ---- the host process ---------------------------------------------------------------------------
+
+FAILED = "engine host failed: "  # the line a host that cannot start writes last
 
 
 def _serve(config: dict) -> None:
@@ -309,13 +329,19 @@ def _serve(config: dict) -> None:
         llm = LLM(**resolve_platform_defaults(kwargs))
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(reason, flush=True)
+        print(f"{FAILED}{reason}", flush=True)
         sys.exit(1)
+    try:
+        listener = Listener(config["address"], family="AF_UNIX", authkey=bytes.fromhex(config["authkey"]))
+    except OSError as exc:
+        print(f"{FAILED}cannot listen on {config['address']!r}: {exc}", flush=True)
+        with contextlib.suppress(Exception):
+            llm.llm_engine.engine_core.shutdown()
+        os._exit(1)
     engine = llm.llm_engine
     watch_core_death(llm)  # a killed core must end a step with EngineDeadError, not hang it
     vllm_config = engine.vllm_config
     me = psutil.Process()
-    listener = Listener(config["address"], family="AF_UNIX", authkey=bytes.fromhex(config["authkey"]))
     record = {"pid": me.pid, "started": me.create_time(), "address": config["address"], "authkey": config["authkey"],
               "model": kwargs["model"], "kwargs": kwargs,
               "engine_pids": sorted({p.pid for p in me.children(recursive=True)} - before),
@@ -337,7 +363,8 @@ def _serve(config: dict) -> None:
             if json.loads(target.read_text()).get("pid") == me.pid:
                 target.unlink()
         with contextlib.suppress(OSError):
-            os.unlink(config["address"])
+            if not config["address"].startswith("\0"):  # an abstract socket has no file
+                os.unlink(config["address"])
         os._exit(code)
 
     signal.signal(signal.SIGTERM, lambda *_: exit_host(0))

@@ -143,6 +143,19 @@ def xdist_group_of(nodeid: str) -> str:
     return "/".join(parts)
 
 
+# The groups that take minutes each (CI durations, longest first): they start first, so that the two workers
+# end together instead of one running the last long file alone.
+LONG_GROUPS = ["tests/test_operations.py", "tests/api", "tests/test_cli_run.py", "tests/test_multi_gpu.py",
+               "tests/test_operations_engine_host.py", "tests/test_engine_host.py", "tests/test_soak.py",
+               "tests/integrations/monitoring", "tests/test_instance_race.py"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Long groups first (stable: a file's tests stay together, in their order)."""
+    rank = {group: index for index, group in enumerate(LONG_GROUPS)}
+    items.sort(key=lambda item: rank.get(xdist_group_of(item.nodeid), len(LONG_GROUPS)))
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     """Whole groups (`xdist_group_of`) go to a worker. (xdist's own `--dist loadgroup` marks do not take effect

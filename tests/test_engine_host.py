@@ -55,7 +55,9 @@ def test_two_batches_share_the_host_engine_at_once(tmp_path, tiny_model):
     from resources.vllm_engine import EngineRequest, PlainOutput, SamplingSpec, VLLMEngine
 
     kwargs = VLLMEngine(dtype="float32", max_model_len=1024, enforce_eager=True).engine_kwargs(str(tiny_model))
-    state = tmp_path / "engines"
+    # A data folder deep enough that a socket file in it would pass AF_UNIX's 108 bytes (pytest-xdist's
+    # temporary folders did: every host failed to start).
+    state = tmp_path / ("deep-data-folder-" * 5) / "engines"
 
     def requests(tokenizer, first_key: int, count: int, max_tokens: int) -> list[EngineRequest]:
         params = SamplingSpec({"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
