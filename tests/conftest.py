@@ -22,8 +22,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # core 0 unless told otherwise: each worker's engines get a core of their own instead.
 if worker := os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(int(worker.removeprefix("gw")) % (os.cpu_count() or 1)))
-
-
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -129,8 +127,6 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-
-
 def xdist_group_of(nodeid: str) -> str:
     """The tests that must run in one pytest-xdist worker: a test file (its module fixtures start once), or
     all the files of tests/api, or of one integration, which share session servers (the API stack, Label
@@ -143,8 +139,9 @@ def xdist_group_of(nodeid: str) -> str:
     return "/".join(parts)
 
 
-# The groups that take minutes each (CI durations, longest first): they start first, so that the two workers
-# end together instead of one running the last long file alone.
+# The groups that take minutes each (CI durations, longest first) come first in the collection order, so that
+# the two workers may end together. (The scope scheduler does not keep to it strictly: a fresh-clone CI run
+# still started test_operations.py 18 minutes in and ran the soak last, alone.)
 LONG_GROUPS = ["tests/test_operations.py", "tests/api", "tests/test_cli_run.py", "tests/test_multi_gpu.py",
                "tests/test_operations_engine_host.py", "tests/test_engine_host.py", "tests/test_soak.py",
                "tests/integrations/monitoring", "tests/test_instance_race.py"]
