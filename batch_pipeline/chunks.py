@@ -31,8 +31,9 @@ from batch_pipeline.openai_bodies import (
     response_body,
 )
 from batch_pipeline.records import EMBEDDINGS_URL, BatchError, ErrorCode
+from resources.engine_types import EngineDied, EngineFailure, EngineRequest
 from resources.storage import BatchPaths, atomic_path, parquet_file
-from resources.vllm_engine import EngineDied, EngineFailure, EngineRequest, LoadedEngine
+from resources.vllm_engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -168,20 +169,27 @@ def engine_args_for(engine_args: dict, endpoints: dict[str, int]) -> dict:
     return engine_args
 
 
+@dataclass(frozen=True, slots=True)
+class ChunkJob:
+    """What `run_chunks` generates: one batch's chunks, where they go and how they are cut."""
+
+    paths: BatchPaths
+    batch_id: str
+    model_name: str  # the name the response bodies carry
+    chunk_size: int
+    total: int  # the batch's valid requests
+    skip: frozenset[int] = frozenset()  # finished chunks
+
+
 def run_chunks(
-    engine: LoadedEngine,
-    paths: BatchPaths,
-    *,
-    batch_id: str,
-    model_name: str,
-    chunk_size: int,
-    total: int,
-    skip: set[int],
+    engine: Engine,
+    job: ChunkJob,
     on_written: Callable[[ChunkReport], None],
-    in_flight: int | None = None,
-    restart: Callable[[], LoadedEngine] | None = None,
+    *,
+    restart: Callable[[], Engine] | None = None,
     on_first_output: Callable[[], None] | None = None,
     claim: Callable[[], int | None] | None = None,
+    in_flight: int | None = None,
 ) -> None:
     """Generate every request not in a finished chunk and write the missing chunks.
 
@@ -191,7 +199,8 @@ def run_chunks(
     stay, the requests that were in flight are admitted again, and a request that was in flight
     through two deaths becomes an `engine_error` line (it may be what kills the engine).
     """
-    assembler = ChunkAssembler(paths, chunk_size, total, on_written)
+    paths, batch_id, model_name, chunk_size = job.paths, job.batch_id, job.model_name, job.chunk_size
+    assembler = ChunkAssembler(paths, chunk_size, job.total, on_written)
     positions: dict[int, RequestRow] = {}
 
     def failed_row(row: RequestRow, code: str, message: str) -> ChunkRow:
@@ -207,8 +216,8 @@ def run_chunks(
 
     def request_rows() -> Iterator[tuple[int, RequestRow]]:
         if claim is None:
-            return iter_requests(paths, chunk_size, skip)
-        return iter_claimed_requests(paths, chunk_size, total, claim)
+            return iter_requests(paths, chunk_size, set(job.skip))
+        return iter_claimed_requests(paths, chunk_size, job.total, claim)
 
     def engine_requests() -> Iterator[EngineRequest]:
         for position, row in request_rows():
@@ -296,7 +305,7 @@ def run_chunks(
         raise RuntimeError(f"chunks {missing} did not receive all their rows; this is a bug")
 
 
-def _run_embedding_chunks(engine: LoadedEngine, rows: Iterator[tuple[int, RequestRow]], chunk_size: int,
+def _run_embedding_chunks(engine: Engine, rows: Iterator[tuple[int, RequestRow]], chunk_size: int,
                           assembler: ChunkAssembler, failed_row: Callable, succeeded_row: Callable,
                           model_name: str) -> None:
     """A pooling engine embeds one chunk per call: prefill-only work leaves little to gain from

@@ -114,7 +114,7 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
     from batch_pipeline.intake import HEAD_LINES, survey
     from batch_pipeline.status import ChunkStats
     from resources.storage import BatchStorage, download
-    from resources.vllm_engine import discard_engine
+    from resources.vllm_engine import VLLMEngine
 
     # The file's first lines tell the engine kind (pooling or generative), so the prefetched engine
     # is the one batch_chunks asks for and the batch loads exactly one engine.
@@ -137,7 +137,7 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
         result = run_batch_in_process(settings, instance, spec.batch_id, log_level=log_level)
     if not result.success:
         # The batch may have failed before its engine was used (a bad file): stop the load first.
-        discard_engine()
+        VLLMEngine.discard()
         _fail(f"batch {spec.batch_id} failed: {result.error}")
     if result.integration_error:
         click.echo(f"warning: an integration failed (the batch's results are complete): {result.integration_error}",

@@ -33,11 +33,12 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, cast
 
-from batch_pipeline.chunks import ChunkReport, run_chunks
+from batch_pipeline.chunks import ChunkJob, ChunkReport, run_chunks
 from resources.device_slots import EngineSlot, SlotLease
 from resources.engine_processes import engine_process_facts
+from resources.engine_types import EngineLoadError
 from resources.storage import BatchPaths, BatchStorage
-from resources.vllm_engine import EngineLoadError, VLLMEngine
+from resources.vllm_engine import VLLMEngine
 
 log = logging.getLogger(__name__)
 
@@ -70,26 +71,24 @@ def run_chunks_data_parallel(
     engine: VLLMEngine,
     leases: list[SlotLease],
     storage: BatchStorage,
-    batch_id: str,
+    job: ChunkJob,
     *,
     model: str,
     engine_args: dict,
-    model_name: str,
-    chunk_size: int,
-    total: int,
     todo: list[int],
     on_written: Callable[[ChunkReport], None],
     on_first_output: Callable[[], None] | None = None,
     on_ready: Callable[[EngineWorker], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the chunks `todo` on one engine per lease; returns one summary per engine.
+    """Run the chunks `todo` of `job` on one engine per lease; returns one summary per engine.
 
     Raises EngineLoadError when no engine could load. The leases stay the caller's to release.
     """
+    batch_id = job.batch_id
     queue = deque(sorted(todo))
     config = {"engine": {**engine.model_dump(), "keep_loaded": False, "engine_host": False},
               "model": model, "engine_args": engine_args, "storage": storage.model_dump(), "batch_id": batch_id,
-              "model_name": model_name, "chunk_size": chunk_size, "total": total}
+              "model_name": job.model_name, "chunk_size": job.chunk_size, "total": job.total}
     workers: list[EngineWorker] = []
     try:
         for lease in leases:
@@ -197,8 +196,6 @@ def _stop(workers: list[EngineWorker]) -> None:
 
 
 def _serve(config: dict) -> None:
-    from resources.vllm_engine import adopt_slot, release_engine
-
     if sys.platform.startswith("linux"):
         # SIGTERM when the step's process dies, even by SIGKILL: no engine outlives its step for long.
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -208,7 +205,7 @@ def _serve(config: dict) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     conn = Connection(config["conn_fd"])
-    adopt_slot(EngineSlot(**{**config["slot"], "devices": tuple(config["slot"]["devices"])}), config["lock_fd"])
+    VLLMEngine.adopt_slot(EngineSlot(**{**config["slot"], "devices": tuple(config["slot"]["devices"])}), config["lock_fd"])
     engine = VLLMEngine(**config["engine"])
     paths = BatchStorage(**config["storage"]).batch(config["batch_id"])
     model, engine_args = config["model"], config["engine_args"]
@@ -224,9 +221,8 @@ def _serve(config: dict) -> None:
             conn.send(("claim",))
             return conn.recv()
 
-        run_chunks(loaded, paths, batch_id=config["batch_id"], model_name=config["model_name"],
-                   chunk_size=config["chunk_size"], total=config["total"], skip=set(),
-                   on_written=lambda report: conn.send(("written", asdict(report))),
+        job = ChunkJob(paths, config["batch_id"], config["model_name"], config["chunk_size"], config["total"])
+        run_chunks(loaded, job, lambda report: conn.send(("written", asdict(report))),
                    restart=lambda: engine.restart(model, engine_args),
                    on_first_output=lambda: conn.send(("first_output",)), claim=claim)
     except (EOFError, OSError):
@@ -236,7 +232,7 @@ def _serve(config: dict) -> None:
             conn.send(("error", f"{type(exc).__name__}: {exc}".splitlines()[0]))
         raise
     finally:
-        release_engine()
+        VLLMEngine.release()
 
 
 if __name__ == "__main__":

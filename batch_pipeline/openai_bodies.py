@@ -28,7 +28,8 @@ from batch_pipeline.records import (
     ResponseFormat,
     ResponsesBody,
 )
-from resources.vllm_engine import EngineRequest, SamplingSpec, admission_errors
+from resources.engine_types import EngineRequest, admission_errors
+from resources.engine_wire import SamplingSpec
 
 if TYPE_CHECKING:
     from vllm import RequestOutput

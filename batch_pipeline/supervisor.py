@@ -109,7 +109,7 @@ def run_service(settings: Settings, host: str, port: int, echo=print) -> int:
     """Start both processes and supervise them until SIGTERM/SIGINT; returns the exit status."""
     home = prepare_instance(settings)
     lock = _hold_instance_lock(home)
-    from resources.engine_host import stop_hosts
+    from resources.engine_host_client import stop_hosts
 
     engines = settings.resolved_data_dir / "engines"
     # A warm engine host outlives run workers by design; one left by a supervisor that was killed

@@ -106,7 +106,7 @@ def main() -> None:
         from batch_pipeline.api.service import BatchService
         from batch_pipeline.instance import open_instance
         from batch_pipeline.settings import Settings
-        from resources.engine_host import read_host
+        from resources.engine_host_client import read_host
 
         settings = Settings()
         service = BatchService(settings, open_instance(settings))
@@ -161,7 +161,7 @@ def main() -> None:
     finally:
         import signal
 
-        from resources.engine_host import stop_host
+        from resources.engine_host_client import stop_host
 
         with_children = supervisor.pid
         try:

@@ -31,7 +31,7 @@ def main() -> None:
     from batch_pipeline.settings import Settings
     from batch_pipeline.tiny_model import build_tiny_model
     from bench.workload import vocabulary_words, write_batch
-    from resources.engine_host import stop_host
+    from resources.engine_host_client import stop_host
 
     model = str(build_tiny_model(REPO / "models" / "tiny-llama").resolve())
     work = Path(tempfile.mkdtemp(prefix="bench-host-"))

@@ -46,7 +46,7 @@ def main() -> None:
     from batch_pipeline.local_run import register_local_batch, run_batch_in_process
     from batch_pipeline.settings import Settings
     from bench.workload import read_batch
-    from resources.vllm_engine import VLLMEngine, release_engine
+    from resources.vllm_engine import VLLMEngine
 
     work = Path(tempfile.mkdtemp(prefix="bench-inproc-"))
     base = dict(home=Path(__file__).resolve().parents[1], data_dir=work / "data", dagster_home=work / "dagster",
@@ -79,7 +79,7 @@ def main() -> None:
                                        "completion_tokens": run.summary["completion_tokens"]})
     result["ceiling_seconds"].append(ceiling(loaded.llm, rows))
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    release_engine()
+    VLLMEngine.release()
     print(json.dumps(result), flush=True)
 
 

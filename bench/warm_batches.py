@@ -52,7 +52,7 @@ def main() -> None:
     from batch_pipeline.settings import Settings
     from batch_pipeline.tiny_model import build_tiny_model
     from bench.workload import split_batch, vocabulary_words, write_batch, write_shape
-    from resources.engine_host import stop_host
+    from resources.engine_host_client import stop_host
 
     work = Path(tempfile.mkdtemp(prefix="bench-warm-"))
     if args.shape:
@@ -131,7 +131,7 @@ def swap_check(args, work: Path, warm, instance, model: str, warmup: Path, run) 
     import threading
 
     from bench.workload import write_shape
-    from resources.engine_host import read_host
+    from resources.engine_host_client import read_host
 
     baseline = gpu_memory_mib()
     if args.shape:

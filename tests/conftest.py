@@ -45,10 +45,10 @@ def settings(tmp_path: Path, tiny_model: Path):
 
 @pytest.fixture(scope="session")
 def _session_engine(tiny_model: Path) -> Iterator[object]:
-    from resources.vllm_engine import VLLMEngine, release_engine
+    from resources.vllm_engine import VLLMEngine
 
     yield VLLMEngine(dtype="float32", max_model_len=1024, enforce_eager=True, keep_loaded=True)
-    release_engine()
+    VLLMEngine.release()
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from assets.batch_input import REQUEST_SCHEMA
-from batch_pipeline.chunks import run_chunks
+from batch_pipeline.chunks import ChunkJob, run_chunks
+from resources.engine_types import EngineDied
 from resources.storage import BatchPaths
-from resources.vllm_engine import EngineDied
 
 
 class FakeTokenizer:
@@ -65,8 +65,7 @@ def test_every_chunk_is_written_once_with_rows_in_input_order(tmp_path):
     paths = BatchPaths(tmp_path)
     write_requests(paths, 10)
     written = []
-    run_chunks(FakeEngine(), paths, batch_id="b", model_name="m", chunk_size=3, total=10, skip=set(),
-               on_written=written.append, in_flight=4)
+    run_chunks(FakeEngine(), ChunkJob(paths, "b", "m", 3, 10), written.append, in_flight=4)
     assert sorted(r.index for r in written) == [0, 1, 2, 3]
     assert [r.rows for r in sorted(written, key=lambda r: r.index)] == [3, 3, 3, 1]
     lines = [pq.read_table(paths.chunk(i))["line"].to_pylist() for i in range(4)]
@@ -78,8 +77,7 @@ def test_finished_chunks_are_skipped_and_not_sent_to_the_engine(tmp_path):
     write_requests(paths, 10)
     engine = FakeEngine()
     written = []
-    run_chunks(engine, paths, batch_id="b", model_name="m", chunk_size=3, total=10, skip={0, 2},
-               on_written=written.append)
+    run_chunks(engine, ChunkJob(paths, "b", "m", 3, 10, frozenset({0, 2})), written.append)
     # Only the rows of chunks 1 and 3 reach the engine (engine keys are its own; the prompts tell the rows).
     assert engine.prompts == [FakeTokenizer().encode(f"request {i}") for i in (3, 4, 5, 9)]
     assert sorted(r.index for r in written) == [1, 3]
@@ -88,8 +86,7 @@ def test_finished_chunks_are_skipped_and_not_sent_to_the_engine(tmp_path):
 def test_a_request_the_engine_cannot_take_is_an_error_row_in_its_chunk(tmp_path):
     paths = BatchPaths(tmp_path)
     write_requests(paths, 4, long_at=1)
-    run_chunks(FakeEngine(), paths, batch_id="b", model_name="m", chunk_size=2, total=4, skip=set(),
-               on_written=lambda r: None)
+    run_chunks(FakeEngine(), ChunkJob(paths, "b", "m", 2, 4), lambda r: None)
     rows = pq.read_table(paths.chunk(0)).to_pylist()
     assert rows[0]["error"] is None and json.loads(rows[0]["response"])["body"]["object"] == "chat.completion"
     assert json.loads(rows[1]["error"])["code"] == "context_length_exceeded" and rows[1]["response"] is None
@@ -126,8 +123,7 @@ def test_a_dead_engine_is_replaced_and_only_a_request_in_flight_through_two_deat
         return engines[-1]
 
     written = []
-    run_chunks(engines[0], paths, batch_id="b", model_name="m", chunk_size=3, total=10, skip=set(),
-               on_written=written.append, in_flight=4, restart=restart)
+    run_chunks(engines[0], ChunkJob(paths, "b", "m", 3, 10), written.append, in_flight=4, restart=restart)
     assert len(engines) == 3  # died with 4 and 5 in flight, then again with 5 (re-admitted first)
     assert engines[1].admitted[:2] == [4, 5] and 5 not in engines[2].admitted
     assert sorted(r.index for r in written) == [0, 1, 2, 3]  # every chunk once, none lost
@@ -142,8 +138,7 @@ def test_without_a_restart_a_dead_engine_fails_the_step(tmp_path):
     paths = BatchPaths(tmp_path)
     write_requests(paths, 10)
     with pytest.raises(EngineDied):
-        run_chunks(DyingEngine(poison={2}), paths, batch_id="b", model_name="m", chunk_size=3, total=10, skip=set(),
-                   on_written=lambda r: None)
+        run_chunks(DyingEngine(poison={2}), ChunkJob(paths, "b", "m", 3, 10), lambda r: None)
 
 
 def test_claimed_chunks_are_the_only_ones_run_across_row_groups_in_claim_order(tmp_path):
@@ -154,8 +149,7 @@ def test_claimed_chunks_are_the_only_ones_run_across_row_groups_in_claim_order(t
     claims = iter([3, 1, 2])
     engine = FakeEngine()
     written = []
-    run_chunks(engine, paths, batch_id="b", model_name="m", chunk_size=3, total=10, skip=set(),
-               on_written=written.append, claim=lambda: next(claims, None))
+    run_chunks(engine, ChunkJob(paths, "b", "m", 3, 10), written.append, claim=lambda: next(claims, None))
     assert engine.prompts == [FakeTokenizer().encode(f"request {i}") for i in (9, 3, 4, 5, 6, 7, 8)]
     assert sorted(r.index for r in written) == [1, 2, 3]
     assert pq.read_table(paths.chunk(1))["line"].to_pylist() == [4, 5, 6]

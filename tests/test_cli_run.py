@@ -116,7 +116,7 @@ def test_a_killed_engine_core_is_replaced_and_the_batch_completes(tmp_path, tiny
         except ProcessLookupError:
             pass
         if host:  # the host outlives the run by design
-            from resources.engine_host import stop_host
+            from resources.engine_host_client import stop_host
 
             stop_host(tmp_path / "data" / "engines")
     assert proc.returncode == 0, err[-3000:]
@@ -141,7 +141,7 @@ def test_an_embeddings_batch_loads_exactly_one_engine(tmp_path, tiny_model, host
                          cli_env(tmp_path, VBATCH_ENGINE_HOST=str(host).lower()))
     finally:
         if host:
-            from resources.engine_host import stop_host
+            from resources.engine_host_client import stop_host
 
             stop_host(tmp_path / "data" / "engines")
     assert result.returncode == 0, result.stderr[-2000:]

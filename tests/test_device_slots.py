@@ -105,7 +105,7 @@ def test_a_slot_passed_to_a_child_stays_held_while_the_child_lives(tmp_path):
 # In a process of its own: the engine resource's slot is process-wide state.
 NARROWED = """
 import json, os, sys
-from resources.vllm_engine import VLLMEngine, release_engine
+from resources.vllm_engine import VLLMEngine
 engine = VLLMEngine(state_dir=sys.argv[1])
 assert engine.data_parallel()
 extra = engine.extra_slots(3)          # takes this process's own slot first, which narrows its view
@@ -114,7 +114,7 @@ own = engine.hand_over_slot()
 print(json.dumps({"own": own.slot.devices, "extra": [l.slot.devices for l in extra], "narrowed": narrowed}))
 for lease in [own, *extra]:
     lease.release()
-release_engine()
+VLLMEngine.release()
 print(json.dumps({"restored": os.environ["CUDA_VISIBLE_DEVICES"]}))
 """
 

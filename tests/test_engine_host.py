@@ -51,8 +51,10 @@ def test_the_second_batch_attaches_to_the_warm_engine_and_an_idle_host_frees_it(
 def test_two_batches_share_the_host_engine_at_once(tmp_path, tiny_model):
     """A second client is served while the first still has requests in the engine (issue 13, target 2):
     both run on the one engine, each gets exactly its own outputs."""
-    from resources.engine_host import attach, stop_host
-    from resources.vllm_engine import EngineRequest, PlainOutput, SamplingSpec, VLLMEngine
+    from resources.engine_host_client import attach, stop_host
+    from resources.engine_types import EngineRequest
+    from resources.engine_wire import PlainOutput, SamplingSpec
+    from resources.vllm_engine import VLLMEngine
 
     kwargs = VLLMEngine(dtype="float32", max_model_len=1024, enforce_eager=True).engine_kwargs(str(tiny_model))
     # A data folder deep enough that a socket file in it would pass AF_UNIX's 108 bytes (pytest-xdist's
@@ -132,7 +134,7 @@ def _comparable(record: dict) -> dict:
 def test_a_run_attached_to_the_host_answers_exactly_as_one_with_its_own_engine(tmp_path, tiny_model):
     """The attached worker builds no vLLM objects (sampling parameters travel as a spec, outputs come
     back as plain data): every line, errors included, must read as it does from an in-process engine."""
-    from resources.engine_host import stop_host
+    from resources.engine_host_client import stop_host
 
     batch = write_jsonl(tmp_path / "parity.jsonl", PARITY_LINES)
     results = {}

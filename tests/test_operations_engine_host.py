@@ -77,7 +77,7 @@ class EngineWatch(threading.Thread):
 
 
 def host_record(service: Service) -> dict | None:
-    from resources.engine_host import read_host
+    from resources.engine_host_client import read_host
 
     return read_host(service.data_dir / "engines")
 

@@ -20,7 +20,7 @@ from openai.types.chat import ChatCompletion
 
 from batch_pipeline.openai_bodies import prepare_requests, response_body
 from batch_pipeline.records import BODY_MODELS, CHAT_URL, COMPLETIONS_URL
-from resources.vllm_engine import EngineFailure, EngineRequest
+from resources.engine_types import EngineFailure, EngineRequest
 
 PROMPT = "Tell me a story about a lighthouse"
 
@@ -183,7 +183,7 @@ def test_a_request_the_engine_refuses_at_admission_fails_alone(loaded_engine):
 
 def test_an_engine_refusal_becomes_that_lines_error_and_the_batch_goes_on(loaded_engine, tmp_path: Path):
     from assets.batch_input import REQUEST_SCHEMA
-    from batch_pipeline.chunks import run_chunks
+    from batch_pipeline.chunks import ChunkJob, run_chunks
     from resources.storage import BatchPaths
 
     prompts = [[5, 6, 7], [5, 10**7], "Item 3 is", "Item 4 is"]  # line 2: an id outside the vocabulary
@@ -194,8 +194,7 @@ def test_an_engine_refusal_becomes_that_lines_error_and_the_batch_goes_on(loaded
     paths.requests.parent.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=REQUEST_SCHEMA), paths.requests)
     written = []
-    run_chunks(loaded_engine, paths, batch_id="b", model_name="tiny-llama", chunk_size=2, total=4, skip=set(),
-               on_written=written.append)
+    run_chunks(loaded_engine, ChunkJob(paths, "b", "tiny-llama", 2, 4), written.append)
     assert sorted((r.index, r.failed) for r in written) == [(0, 1), (1, 0)]
     result = {row["line"]: row for i in (0, 1) for row in pq.read_table(paths.chunk(i)).to_pylist()}
     error = json.loads(result[2]["error"])
