@@ -108,6 +108,10 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
         spec = register_local_batch(settings, instance, local_input, model, model_name, batch_id, chunk_size)
     except (InstanceConfigError, BatchRunError) as exc:
         _fail(str(exc))
+    if settings.engine_host is None:
+        # One batch, one process: the engine loads here and dies with the command, leaving no host behind
+        # (VBATCH_ENGINE_HOST=true runs it on the instance's warm host instead, and leaves it warm).
+        settings = settings.model_copy(update={"engine_host": False})
     from batch_pipeline.chunks import engine_args_for
     from batch_pipeline.console import ProgressDisplay, ProgressWatcher, Snapshot
     from batch_pipeline.definitions import build_resources

@@ -55,7 +55,7 @@ def build_resources(settings: Settings) -> dict:
             seed=settings.seed,
             engine_args=settings.engine_args,
             keep_loaded=settings.keep_engine_loaded,
-            engine_host=settings.engine_host,
+            engine_host=settings.warm_engine,
             idle_seconds=settings.engine_idle_seconds,
             compact_json=settings.compact_json,
             state_dir=str(settings.resolved_data_dir / "engines"),

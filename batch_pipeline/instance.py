@@ -32,8 +32,14 @@ def instance_config(settings: Settings) -> dict:
         slots = engine_slots(settings.gpus, settings.tensor_parallel_size)
     except SlotConfigError as exc:
         raise InstanceConfigError(str(exc)) from None
-    per_slot = settings.engine_host_clients if settings.engine_host else 1
-    config.setdefault("concurrency", {}).setdefault("pools", {})["default_limit"] = len(slots) * per_slot
+    per_slot = settings.engine_host_clients if settings.warm_engine else 1
+    concurrency = config.setdefault("concurrency", {})
+    gpu_steps = len(slots) * per_slot
+    concurrency.setdefault("pools", {})["default_limit"] = gpu_steps
+    # Every batch step that may share an engine needs a run of its own, plus room for the results and
+    # integration runs of batches that finished meanwhile: a run limit below the pool's is a ceiling.
+    runs = concurrency.setdefault("runs", {})
+    runs["max_concurrent_runs"] = max(int(runs.get("max_concurrent_runs", 0)), gpu_steps + 4)
     if settings.postgres_url is not None:
         config.update(yaml.safe_load((settings.home / "dagster.postgres.yaml").read_text()))
     return config

@@ -93,11 +93,17 @@ class Settings(BaseSettings):
     engine_args: str = Field(default="{}", description="Extra vLLM engine arguments as a JSON object.")
     compact_json: bool = Field(default=True, description="JSON response formats without free whitespace.")
     keep_engine_loaded: bool = Field(default=False, description="Keep the engine between runs in one process.")
-    engine_host: bool = Field(default=False, description="Keep the engine warm in a host process between runs.")
+    # The warm engine (docs/ARCHITECTURE.md, "The warm engine host"). Unset: on for every run of the
+    # instance (`vllm-batch start`, `serve`, the daemon's queue, inbox, schedules, the UI), off for
+    # `vllm-batch run` (one batch, one process: its engine dies with the command). true: on for both;
+    # false: off everywhere (each run loads its own engine).
+    engine_host: bool | None = Field(default=None, description="Keep the engine warm in a host process between runs.")
     engine_idle_seconds: int = Field(default=600, ge=1, description="An idle engine host releases the GPU after this.")
-    # With the host on, batches of one model share its engine at once (the `gpu` pool admits this many
-    # batch steps per engine slot; the slot's lock keeps one engine per GPU, docs/ARCHITECTURE.md).
-    engine_host_clients: int = Field(default=8, ge=1, description="Batches of one model sharing a warm host at once.")
+    # With the host on, batches of one model share its engine at once: the `gpu` pool admits this many
+    # batch steps per engine slot (the slot's lock keeps one engine per GPU), and each attached batch
+    # keeps an equal share of the engine's window in flight, at least 16 requests: 32 batches of 16
+    # fill the 512-request window of an engine with 256 sequences (vLLM's GPU default).
+    engine_host_clients: int = Field(default=32, ge=1, description="Batches of one model sharing a warm host at once.")
 
     # Operating with the daemon (docs/OPERATIONS.md): the inbox sensor and the catch-up schedule.
     inbox_dir: Path | None = Field(default=None, description="Folder the inbox sensor watches (default DATA_DIR/inbox).")
@@ -184,6 +190,11 @@ class Settings(BaseSettings):
         if not isinstance(parsed, dict):
             raise ValueError("VBATCH_ENGINE_ARGS must be a JSON object")
         return value
+
+    @property
+    def warm_engine(self) -> bool:
+        """Whether the instance's runs use the warm engine host (on unless VBATCH_ENGINE_HOST=false)."""
+        return self.engine_host is not False
 
     @property
     def data_root(self) -> str:

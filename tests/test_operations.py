@@ -227,8 +227,12 @@ def postgres_server() -> Iterator[ThrowawayPostgres]:
 
 
 @contextlib.contextmanager
-def start_service(root: Path, postgres_url: str, tiny_model: Path, **extra_env: str) -> Iterator[Service]:
-    """`vllm-batch start` in `root` on `postgres_url` (models A and B), stopped with every process it started."""
+def start_service(root: Path, postgres_url: str, tiny_model: Path, warm_engine: bool = False,
+                  **extra_env: str) -> Iterator[Service]:
+    """`vllm-batch start` in `root` on `postgres_url` (models A and B), stopped with every process it started.
+
+    `warm_engine`: the default engine (the warm host); off, the opt-out (VBATCH_ENGINE_HOST=false).
+    """
     from dagster import DagsterInstance
 
     from batch_pipeline.settings import Settings
@@ -259,6 +263,9 @@ def start_service(root: Path, postgres_url: str, tiny_model: Path, **extra_env: 
         "VLLM_LOGGING_LEVEL": "WARNING",
         **extra_env,
     }
+    env.pop("VBATCH_ENGINE_HOST", None)
+    if not warm_engine:  # each run loads its own engine (tests/test_operations_engine_host.py: the default)
+        env["VBATCH_ENGINE_HOST"] = "false"
     log = root / "service.log"
     process = subprocess.Popen([str(VENV_BIN / "vllm-batch"), "start", "--host", "127.0.0.1", "--port", str(port)],
                                env=env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,

@@ -1,4 +1,4 @@
-"""The operations cases with the warm engine host on (`VBATCH_ENGINE_HOST=true`, issue 13).
+"""The operations cases on the default engine: the warm engine host (issues 13 and 19).
 
 The same `vllm-batch start` on PostgreSQL as tests/test_operations.py, with the engine kept in a host
 process between runs and two batch steps of one model allowed to share it. What must still hold:
@@ -45,7 +45,7 @@ pytestmark = pytest.mark.timeout(900)
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_model: Path) -> Iterator[Service]:
     with fresh_database() as url, start_service(tmp_path_factory.mktemp("operations-host"), url, tiny_model,
-                                                VBATCH_ENGINE_HOST="true", VBATCH_ENGINE_HOST_CLIENTS="2") as running:
+                                                warm_engine=True, VBATCH_ENGINE_HOST_CLIENTS="2") as running:
         yield running
 
 
