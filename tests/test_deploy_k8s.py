@@ -176,8 +176,11 @@ def test_the_shared_environment_manifests_are_kubernetes_objects_with_a_valid_da
     kinds = {doc["kind"]: doc for doc in documents}
     config_map = k8s_model_from_dict(k8s.V1ConfigMap, {k: v for k, v in kinds["ConfigMap"].items()
                                                         if k not in ("apiVersion", "kind")})
-    settings = Settings(home=tmp_path, data_dir=config_map.data["VBATCH_DATA_DIR"])
+    ours = {name.removeprefix("VBATCH_").lower(): value for name, value in config_map.data.items()
+            if name.startswith("VBATCH_")}
+    settings = Settings(**{**ours, "home": tmp_path})  # every VBATCH_ value is a valid setting
     assert settings.data_root.startswith("s3://")
+    assert not settings.warm_engine  # a run pod ends with its run: no host to keep warm
     names = {doc["metadata"]["name"] for doc in documents}
     launcher = load_instance(tmp_path)["run_launcher"]["config"]
     assert set(launcher["env_config_maps"][1:]) | set(launcher["env_secrets"]) <= names

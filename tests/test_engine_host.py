@@ -48,9 +48,11 @@ def test_the_second_batch_attaches_to_the_warm_engine_and_an_idle_host_frees_it(
     assert not host_record.exists()
 
 
-def test_two_batches_share_the_host_engine_at_once(tmp_path, tiny_model):
+def test_two_batches_share_the_host_engine_at_once_and_a_huge_one_does_not_starve_a_small_one(tmp_path, tiny_model):
     """A second client is served while the first still has requests in the engine (issue 13, target 2):
-    both run on the one engine, each gets exactly its own outputs."""
+    both run on the one engine, each gets exactly its own outputs. Fairness (issue 19): a small batch that
+    attaches while a huge one runs waits at most the huge one's window, not the huge batch, and while both
+    are attached the huge one keeps only its half of the window in flight."""
     from resources.engine_host_client import attach, stop_host
     from resources.engine_types import EngineRequest
     from resources.engine_wire import PlainOutput, SamplingSpec
@@ -66,31 +68,43 @@ def test_two_batches_share_the_host_engine_at_once(tmp_path, tiny_model):
         return [EngineRequest(key, tokenizer.encode(f"Question number {key}?"), params, "/v1/completions", False, 0)
                 for key in range(first_key, first_key + count)]
 
+    huge = 3000
     a = attach(state, kwargs, idle_seconds=60)
     try:
-        stream_a = a.stream(requests(a.tokenizer, 0, 6, 96))
-        first_a = [next(stream_a)]  # A is attached, with requests still in the engine
+        window = a._host.window()
+        stream_a = a.stream(requests(a.tokenizer, 0, huge, 4))
+        outputs_a = [next(stream_a) for _ in range(50)]  # A is attached, with most of its requests to come
         b_done: dict = {}
 
         def batch_b() -> None:
             b = attach(state, kwargs, idle_seconds=60, replace=False)
             try:
-                b_done["outputs"] = list(b.stream(requests(b.tokenizer, 0, 4, 8)))  # the same request ids as A's
+                b_done["outputs"] = list(b.stream(requests(b.tokenizer, 0, 16, 4)))  # the same request ids as A's
                 b_done["host"] = b.host_pid
             finally:
+                b_done["finished_with_a_at"] = len(outputs_a)
                 b.shutdown()
 
         thread = threading.Thread(target=batch_b, daemon=True)
+        attached_at = len(outputs_a)
         thread.start()
+        windows_while_b = []
+        for output in stream_a:  # A goes on meanwhile
+            outputs_a.append(output)
+            if thread.is_alive():
+                windows_while_b.append(a._host.window())
         thread.join(timeout=120)
         assert not thread.is_alive(), "a second batch must be served while the first is still attached"
         assert b_done["host"] == a.host_pid
-        assert sorted(request.key for request, _ in b_done["outputs"]) == [0, 1, 2, 3]
-        assert all(isinstance(out, PlainOutput) and len(out.outputs[0].token_ids) == 8 for _, out in b_done["outputs"])
-        rest = list(stream_a)  # A's requests ran on meanwhile; A gets them, and only them
-        outputs_a = first_a + rest
-        assert sorted(request.key for request, _ in outputs_a) == list(range(6))
-        assert all(len(out.outputs[0].token_ids) == 96 for _, out in outputs_a)
+        assert sorted(request.key for request, _ in b_done["outputs"]) == list(range(16))
+        assert all(isinstance(out, PlainOutput) and len(out.outputs[0].token_ids) == 4 for _, out in b_done["outputs"])
+        # A gets its requests, and only them.
+        assert sorted(request.key for request, _ in outputs_a) == list(range(huge))
+        assert all(len(out.outputs[0].token_ids) == 4 for _, out in outputs_a)
+        # B finished long before A, behind at most A's window of requests (and what ran beside B's own).
+        a_during_b = b_done["finished_with_a_at"] - attached_at
+        assert a_during_b <= window + window // 2 < huge - 1000, (a_during_b, window)
+        assert windows_while_b and min(windows_while_b) <= window // 2, (window, windows_while_b[:20])
     finally:
         a.shutdown()
         stop_host(state)
