@@ -21,7 +21,15 @@ import pyarrow.compute as pc
 from dagster import DagsterEvent, DagsterEventType, DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
 
 from batch_pipeline.batch_object import Batch, BatchErrorItem, BatchErrors, InputTokensDetails, RequestCounts, Usage
-from batch_pipeline.batches import BatchSpec, BatchSummary, Submission, load_manifest, load_spec, load_submission, load_summary
+from batch_pipeline.batches import (
+    BatchSpec,
+    BatchSummary,
+    Submission,
+    load_manifest,
+    load_spec,
+    load_submission,
+    load_summary,
+)
 from batch_pipeline.constants import (
     ACTIVE_RUN_STATUSES,
     FAILURE_CODE_KEY,
