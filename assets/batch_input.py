@@ -1,7 +1,6 @@
 """Stage 1: read the batch's JSONL file as a stream, keep the valid requests, record every bad line."""
 
 
-import json
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -9,7 +8,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataValue, asset
 
-from batch_pipeline.batches import BatchSpec, batches_partitions, file_digest, load_spec
+from batch_pipeline.batches import (
+    BatchManifest,
+    BatchRecordError,
+    BatchSpec,
+    batches_partitions,
+    file_digest,
+    load_manifest,
+    load_spec,
+    save_manifest,
+)
 from batch_pipeline.chunks import output_line_id
 from batch_pipeline.constants import FAILURE_CODE_KEY, NO_VALID_REQUESTS
 from batch_pipeline.input_file import BatchFileError, InvalidLine, scan_batch_file
@@ -25,15 +33,30 @@ def _fingerprint(digest: str, model: str, chunk_size: int) -> str:
     return f"{digest}:{model}:{chunk_size}"
 
 
-def _drop_stale_outputs(paths: BatchPaths, fingerprint: str) -> bool:
-    """Remove chunks and results made from a different input; True if something was removed."""
-    if not paths.manifest.exists():
-        return False
-    if json.loads(paths.manifest.read_text()).get("fingerprint") == fingerprint:
-        return False
+def input_manifest(paths: BatchPaths) -> BatchManifest:
+    """The manifest batch_input wrote, for the stages after it; a Failure that says why if there is none."""
+    try:
+        manifest = load_manifest(paths)
+    except BatchRecordError as exc:
+        raise Failure(f"{exc}: materialise batch_input again to rewrite it", allow_retries=False) from None
+    if manifest is None:
+        raise Failure("batch_input has not been materialised for this batch", allow_retries=False)
+    return manifest
+
+
+def _drop_stale_outputs(context: AssetExecutionContext, paths: BatchPaths, fingerprint: str) -> None:
+    """Remove chunks and results made from a different input, or that an unreadable manifest cannot vouch for."""
+    try:
+        manifest = load_manifest(paths)
+    except BatchRecordError as exc:
+        why = f"{exc}: the chunks and results it described were removed"
+    else:
+        if manifest is None or manifest.fingerprint == fingerprint:
+            return
+        why = "the input changed since the last run: old chunks and results were removed"
     remove_tree(paths.chunks_dir)
     remove_tree(paths.results_dir)
-    return True
+    context.log.warning(why)
 
 
 def _write_rows(writer: pq.ParquetWriter, columns: tuple[list, list, list, list]) -> None:
@@ -72,8 +95,7 @@ def _validate(context: AssetExecutionContext, spec: BatchSpec, paths: BatchPaths
         raise Failure(f"cannot read input file {input_path}: {exc.strerror or exc}", allow_retries=False,
                       metadata={FAILURE_CODE_KEY: "invalid_file"}) from None
     fingerprint = _fingerprint(digest, spec.model, spec.chunk_size)
-    if _drop_stale_outputs(paths, fingerprint):
-        context.log.warning("the input changed since the last run: old chunks and results were removed")
+    _drop_stale_outputs(context, paths, fingerprint)
 
     valid = invalid = 0
     endpoints: dict[str, int] = {}
@@ -111,12 +133,10 @@ def _validate(context: AssetExecutionContext, spec: BatchSpec, paths: BatchPaths
                       allow_retries=False, metadata={FAILURE_CODE_KEY: NO_VALID_REQUESTS})
 
     num_chunks = -(-valid // spec.chunk_size)
-    manifest = {"batch_id": spec.batch_id, "fingerprint": fingerprint, "input_sha256": digest,
-                "model": spec.model, "model_name": spec.model_name, "chunk_size": spec.chunk_size,
-                "valid_requests": valid, "invalid_lines": invalid, "num_chunks": num_chunks,
-                "endpoints": endpoints}
-    with atomic_path(paths.manifest) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2))
+    save_manifest(paths, BatchManifest(
+        batch_id=spec.batch_id, fingerprint=fingerprint, input_sha256=digest, model=spec.model,
+        model_name=spec.model_name, chunk_size=spec.chunk_size, valid_requests=valid, invalid_lines=invalid,
+        num_chunks=num_chunks, endpoints=endpoints))
     if invalid:
         context.log.warning(f"{invalid} of {valid + invalid} lines were rejected; see {paths.invalid}")
     return MaterializeResult(metadata={

@@ -1,11 +1,10 @@
 """Stage 3: merge the chunks into the OpenAI batch output and error files, plus a parquet copy."""
 
 
-import json
-
 from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataValue, asset
 
 from assets.batch_chunks import batch_chunks
+from assets.batch_input import input_manifest
 from batch_pipeline.batches import batches_partitions
 from batch_pipeline.results import write_results
 from resources.storage import BatchStorage
@@ -15,9 +14,8 @@ from resources.storage import BatchStorage
 def batch_results(context: AssetExecutionContext, storage: BatchStorage) -> MaterializeResult:
     """output.jsonl and errors.jsonl in the OpenAI batch output format, in input order."""
     paths = storage.batch(context.partition_key)
-    manifest = json.loads(paths.manifest.read_text())
-    num_chunks = manifest["num_chunks"]
-    missing = set(range(num_chunks)) - paths.finished_chunks()
+    manifest = input_manifest(paths)
+    missing = set(range(manifest.num_chunks)) - paths.finished_chunks()
     if missing:
         raise Failure(f"cannot merge: {len(missing)} chunks are not finished yet ({sorted(missing)[:10]})")
 

@@ -1,4 +1,5 @@
-"""A batch: its spec on disk, what its submitter asked for, and its partition in `batches`."""
+"""A batch: its spec on disk, what its submitter asked for, its partition in `batches`, and the records its
+stages leave beside it (input/manifest.json, results/summary.json), each read and written in one place."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import hashlib
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from dagster import DynamicPartitionsDefinition
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from batch_pipeline.constants import BATCHES_PARTITIONS
 from batch_pipeline.records import CHAT_URL
@@ -18,6 +19,7 @@ from resources.storage import BatchPaths, BatchStorage, Location, atomic_path
 batches_partitions = DynamicPartitionsDefinition(name=BATCHES_PARTITIONS)
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_Record = TypeVar("_Record", bound=BaseModel)
 
 
 class BatchSpec(BaseModel):
@@ -71,10 +73,14 @@ def default_batch_id(input_path: Path, model: str) -> str:
     return f"{stem}-{digest}"
 
 
+def _save_record(path: Location, record: BaseModel) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(record.model_dump_json(indent=2))
+
+
 def save_spec(paths: BatchPaths, spec: BatchSpec) -> None:
     """Write batch.json atomically."""
-    with atomic_path(paths.spec) as tmp:
-        tmp.write_text(spec.model_dump_json(indent=2))
+    _save_record(paths.spec, spec)
 
 
 def load_spec(paths: BatchPaths) -> BatchSpec:
@@ -108,5 +114,73 @@ def load_submission(paths: BatchPaths) -> Submission | None:
 
 def save_submission(paths: BatchPaths, submission: Submission) -> None:
     """Write submission.json atomically."""
-    with atomic_path(paths.submission) as tmp:
-        tmp.write_text(submission.model_dump_json(indent=2))
+    _save_record(paths.submission, submission)
+
+
+class BatchRecordError(ValueError):
+    """A record a stage left beside the batch (manifest.json, summary.json) cannot be read; one line says why."""
+
+
+class BatchManifest(BaseModel):
+    """input/manifest.json: what batch_input made of the file; it fixes the chunks every later stage reads."""
+
+    batch_id: str
+    fingerprint: str = Field(description="Input sha256, model and chunk size: chunks made under another are stale.")
+    input_sha256: str
+    model: str
+    model_name: str
+    chunk_size: int
+    valid_requests: int
+    invalid_lines: int
+    num_chunks: int
+    # Valid requests per endpoint URL; manifests written before embeddings batches have none.
+    endpoints: dict[str, int] = Field(default_factory=dict)
+
+
+class BatchSummary(BaseModel):
+    """results/summary.json: a finished batch's counts and result files, written by batch_results."""
+
+    batch_id: str
+    model: str = Field(description="The served model name.")
+    total: int
+    completed: int
+    failed: int
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens from vLLM's prefix cache; absent from summaries written before it
+    output_file: str
+    error_file: str
+
+
+def _load_record(model: type[_Record], path: Location) -> _Record | None:
+    # Extra fields are ignored, so a file written by a later version still loads here.
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        return model.model_validate_json(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, error['loc'])) or 'the file'}: {error['msg']}"
+                             for error in exc.errors(include_url=False))
+        raise BatchRecordError(f"{path} is damaged ({problems})") from None
+
+
+def load_manifest(paths: BatchPaths) -> BatchManifest | None:
+    """input/manifest.json, or None before batch_input has written it; BatchRecordError if damaged."""
+    return _load_record(BatchManifest, paths.manifest)
+
+
+def save_manifest(paths: BatchPaths, manifest: BatchManifest) -> None:
+    """Write input/manifest.json atomically."""
+    _save_record(paths.manifest, manifest)
+
+
+def load_summary(paths: BatchPaths) -> BatchSummary | None:
+    """results/summary.json, or None until batch_results has merged the batch; BatchRecordError if damaged."""
+    return _load_record(BatchSummary, paths.summary)
+
+
+def save_summary(paths: BatchPaths, summary: BatchSummary) -> None:
+    """Write results/summary.json atomically."""
+    _save_record(paths.summary, summary)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 from dataclasses import dataclass, field, replace
@@ -12,7 +11,7 @@ from typing import Any
 import psutil
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
-from batch_pipeline.batches import BatchSpec
+from batch_pipeline.batches import BatchSpec, load_summary
 from batch_pipeline.constants import HOST_TAG, LOCAL_PID_STARTED_TAG, LOCAL_PID_TAG, SOURCE_TAG
 from batch_pipeline.intake import IntakeError, checked_input, register, resolve_model
 from batch_pipeline.settings import Settings
@@ -99,7 +98,11 @@ def run_batch_in_process(settings: Settings, instance: DagsterInstance, batch_id
     if not result.success:
         run.error = failure_message(result.all_events)
         return run
-    run.summary = json.loads(paths.summary.read_text())
+    summary = load_summary(paths)
+    if summary is None:  # batch_results, the run's last step, writes it: removed since, by someone else
+        run.success, run.error = False, f"the run ended without writing {paths.summary}"
+        return run
+    run.summary = summary.model_dump()
     for event in result.all_events:
         if event.is_step_materialization and event.step_key == "batch_chunks":
             meta = event.step_materialization_data.materialization.metadata

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from batch_pipeline.batches import BatchManifest, BatchSummary, load_manifest, save_summary
 from batch_pipeline.chunks import CHUNK_COLUMNS, CHUNK_SCHEMA, iter_requests, output_line_id
 from batch_pipeline.records import BatchError
 from resources.storage import BatchPaths, atomic_path, read_parquet
@@ -84,9 +85,9 @@ def _read_chunk(paths: BatchPaths, index: int) -> pa.Table:
     return read_parquet(paths.chunk(index), columns=CHUNK_COLUMNS).cast(CHUNK_SCHEMA)
 
 
-def _write(paths: BatchPaths, manifest: dict, chunks: Iterable[int], not_run: BatchError | None,
+def _write(paths: BatchPaths, manifest: BatchManifest, chunks: Iterable[int], not_run: BatchError | None,
            parquet: bool) -> ResultCounts:
-    counts = ResultCounts(total=manifest["valid_requests"] + manifest["invalid_lines"])
+    counts = ResultCounts(total=manifest.valid_requests + manifest.invalid_lines)
     chunks = sorted(chunks)
     with ExitStack() as files:
         output = files.enter_context(files.enter_context(atomic_path(paths.output)).open("w"))
@@ -115,9 +116,9 @@ def _write(paths: BatchPaths, manifest: dict, chunks: Iterable[int], not_run: Ba
     def unfinished() -> Iterator[tuple[int, str]]:
         if not_run is None:
             return
-        for _, row in iter_requests(paths, manifest["chunk_size"], set(chunks)):
+        for _, row in iter_requests(paths, manifest.chunk_size, set(chunks)):
             error = not_run.model_copy(update={"line": row["line"]})
-            yield row["line"], error_line(output_line_id(manifest["batch_id"], row["line"]), row["custom_id"], error)
+            yield row["line"], error_line(output_line_id(manifest.batch_id, row["line"]), row["custom_id"], error)
 
     with atomic_path(paths.errors) as errors_tmp, errors_tmp.open("w") as errors:
         for _, text in heapq.merge(invalid_lines(paths), chunk_errors(), unfinished(), key=lambda item: item[0]):
@@ -126,13 +127,11 @@ def _write(paths: BatchPaths, manifest: dict, chunks: Iterable[int], not_run: Ba
     return counts
 
 
-def write_results(paths: BatchPaths, manifest: dict) -> ResultCounts:
+def write_results(paths: BatchPaths, manifest: BatchManifest) -> ResultCounts:
     """The result files of a batch whose chunks are all finished, and its summary.json."""
-    counts = _write(paths, manifest, range(manifest["num_chunks"]), None, parquet=True)
-    summary = {"batch_id": manifest["batch_id"], "model": manifest["model_name"], **counts.as_dict(),
-               "output_file": str(paths.output), "error_file": str(paths.errors)}
-    with atomic_path(paths.summary) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
+    counts = _write(paths, manifest, range(manifest.num_chunks), None, parquet=True)
+    save_summary(paths, BatchSummary(batch_id=manifest.batch_id, model=manifest.model_name, **counts.as_dict(),
+                                     output_file=str(paths.output), error_file=str(paths.errors)))
     return counts
 
 
@@ -148,11 +147,10 @@ def contiguous_chunks(paths: BatchPaths, num_chunks: int) -> int:
 def partial_output_lines(paths: BatchPaths) -> Iterator[str]:
     """The output lines of a running batch's finished chunks, as far as they are finished without a gap:
     a prefix of the final output.jsonl, each line byte-identical to its line there."""
-    try:
-        manifest = json.loads(paths.manifest.read_text())
-    except FileNotFoundError:
+    manifest = load_manifest(paths)
+    if manifest is None:
         return
-    for index in range(contiguous_chunks(paths, manifest["num_chunks"])):
+    for index in range(contiguous_chunks(paths, manifest.num_chunks)):
         try:
             table = _read_chunk(paths, index)
         except FileNotFoundError:
@@ -170,14 +168,14 @@ STOP_ERRORS = {
 def write_stopped_results(paths: BatchPaths, reason: str) -> dict:
     """The result files of a batch stopped early: its finished chunks, then one error per request that
     did not run; returns (and writes to stopped.json) the counts with the reason."""
-    manifest = json.loads(paths.manifest.read_text()) if paths.manifest.exists() else None
+    manifest = load_manifest(paths)
     if manifest is None:  # stopped before validation: nothing ran, nothing to report per line
         for path in (paths.output, paths.errors):
             with atomic_path(path) as tmp:
                 tmp.write_text("")
         counts = ResultCounts()
     else:
-        finished = paths.finished_chunks() & set(range(manifest["num_chunks"]))
+        finished = paths.finished_chunks() & set(range(manifest.num_chunks))
         counts = _write(paths, manifest, finished, STOP_ERRORS[reason], parquet=False)
     stopped = {**counts.as_dict(), "reason": reason}
     with atomic_path(paths.stopped) as tmp:

@@ -21,7 +21,15 @@ import pyarrow.compute as pc
 from dagster import DagsterEvent, DagsterEventType, DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
 
 from batch_pipeline.batch_object import Batch, BatchErrorItem, BatchErrors, InputTokensDetails, RequestCounts, Usage
-from batch_pipeline.batches import BatchSpec, Submission, load_spec, load_submission
+from batch_pipeline.batches import (
+    BatchSpec,
+    BatchSummary,
+    Submission,
+    load_manifest,
+    load_spec,
+    load_submission,
+    load_summary,
+)
 from batch_pipeline.constants import (
     ACTIVE_RUN_STATUSES,
     FAILURE_CODE_KEY,
@@ -68,7 +76,7 @@ class BatchFacts:
     submission: Submission | None
     run: RunState | None
     ticket_pending: bool  # queued, and the sensor has not launched its run yet
-    summary: dict | None  # results/summary.json: the batch finished
+    summary: BatchSummary | None  # results/summary.json: the batch finished
     stopped: dict | None  # results/stopped.json: the batch was stopped and its partial results written
     progress: ResultCounts | None  # counts so far, from the manifest and the finished chunks
     summary_mtime: float | None = None
@@ -147,9 +155,10 @@ def derive_batch(facts: BatchFacts, now: float) -> Batch:
         batch.finalizing_at = batch.finalizing_at or batch.completed_at
         batch.in_progress_at = batch.in_progress_at or int(spec.created_at)
 
-    totals = (facts.summary if batch.status == "completed" else
+    summary = facts.summary.model_dump() if facts.summary is not None else None
+    totals = (summary if batch.status == "completed" else
               facts.stopped if batch.status in ("cancelled", "expired") else None)
-    # .get: summaries written before a count existed (cached_tokens) read it as 0.
+    # .get: stopped counts written before a count existed (cached_tokens) read it as 0.
     counts = ResultCounts(**{k: totals.get(k, 0) for k in ResultCounts().as_dict()}) if totals else facts.progress
     if counts is not None:
         batch.request_counts = RequestCounts(total=counts.total, completed=counts.completed, failed=counts.failed)
@@ -182,13 +191,11 @@ class ChunkStats:
 
     def progress(self, paths: BatchPaths) -> ResultCounts | None:
         """Counts so far: every line batch_input rejected, plus the finished chunks' rows."""
-        try:
-            manifest = json.loads(paths.manifest.read_text())
-        except FileNotFoundError:
+        manifest = load_manifest(paths)
+        if manifest is None:
             return None
-        counts = ResultCounts(total=manifest["valid_requests"] + manifest["invalid_lines"],
-                              failed=manifest["invalid_lines"])
-        for index in sorted(paths.finished_chunks() & set(range(manifest["num_chunks"]))):
+        counts = ResultCounts(total=manifest.valid_requests + manifest.invalid_lines, failed=manifest.invalid_lines)
+        for index in sorted(paths.finished_chunks() & set(range(manifest.num_chunks))):
             chunk = self._chunk(paths.chunk(index))
             if chunk is not None:
                 counts.completed += chunk.completed
@@ -332,7 +339,7 @@ def read_many_facts(instance: DagsterInstance, batches: Sequence[BatchPaths], da
     for paths, spec, submission in zip(batches, specs, submissions, strict=True):
         run = runs.get(spec.batch_id)
         pending = submission is not None and submission.ticket in waiting and submission.ticket not in launched
-        summary = _json_or_none(paths.summary)
+        summary = load_summary(paths)
         line_errors: tuple[BatchErrorItem, ...] = ()
         if (run is not None and run.failed_for_good and run.failure is not None
                 and run.failure.code == NO_VALID_REQUESTS):

@@ -24,6 +24,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 
+from batch_pipeline.batches import load_manifest
 from integrations.monitoring.metrics import BatchMetrics
 from resources.storage import BatchStorage
 
@@ -190,13 +191,13 @@ class BatchEventFollower:
 
     def _set_progress(self, state: _RunState) -> None:
         paths = self.storage.batch(state.batch_id)
-        if not paths.manifest.exists():
+        manifest = load_manifest(paths)
+        if manifest is None:
             return
-        manifest = json.loads(paths.manifest.read_text())
-        valid, size = manifest["valid_requests"], manifest["chunk_size"]
-        finished = paths.finished_chunks() & set(range(manifest["num_chunks"]))
-        done = manifest["invalid_lines"] + sum(min(size, valid - index * size) for index in finished)
-        self.metrics.batch_requests.labels(state.batch_id, "total").set(valid + manifest["invalid_lines"])
+        valid, size = manifest.valid_requests, manifest.chunk_size
+        finished = paths.finished_chunks() & set(range(manifest.num_chunks))
+        done = manifest.invalid_lines + sum(min(size, valid - index * size) for index in finished)
+        self.metrics.batch_requests.labels(state.batch_id, "total").set(valid + manifest.invalid_lines)
         self.metrics.batch_requests.labels(state.batch_id, "done").set(done)
 
     def _on_run_end(self, state: _RunState, record) -> None:

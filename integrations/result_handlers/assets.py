@@ -13,7 +13,7 @@ from dagster import (
 )
 
 from assets import batch_results
-from batch_pipeline.batches import batches_partitions
+from batch_pipeline.batches import BatchRecordError, batches_partitions
 from integrations.result_handlers.base import DeliveryRefused, FinishedBatch, ResultHandler
 from resources.storage import BatchStorage
 
@@ -45,10 +45,10 @@ def build_handler_asset(handler: type[ResultHandler]) -> AssetsDefinition:
     def deliver(context: AssetExecutionContext) -> MaterializeResult:
         storage: BatchStorage = context.resources.storage
         paths = storage.batch(context.partition_key)
-        if not paths.summary.is_file():
-            raise Failure(f"batch {context.partition_key} has no merged results (summary.json) to deliver",
-                          allow_retries=False)
-        batch = FinishedBatch.from_paths(paths)
+        try:
+            batch = FinishedBatch.from_paths(paths)
+        except BatchRecordError as exc:  # a retry would read the same file
+            raise Failure(str(exc), allow_retries=False) from None
         try:
             delivered = getattr(context.resources, key).deliver(batch, context.log)
         except DeliveryRefused as exc:

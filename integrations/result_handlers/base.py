@@ -11,7 +11,7 @@ from typing import Any, ClassVar, cast
 
 from dagster import ConfigurableResource
 
-from batch_pipeline.batches import load_spec
+from batch_pipeline.batches import BatchRecordError, load_spec, load_summary
 from batch_pipeline.settings import Settings
 from resources.storage import BatchPaths
 
@@ -41,14 +41,16 @@ class FinishedBatch:
 
     @classmethod
     def from_paths(cls, paths: BatchPaths) -> FinishedBatch:
-        """Read a batch that batch_results has merged (summary.json present)."""
-        summary = json.loads(paths.summary.read_text())
+        """Read a batch that batch_results has merged; BatchRecordError if its summary.json is missing or damaged."""
+        summary = load_summary(paths)
+        if summary is None:
+            raise BatchRecordError(f"batch {paths.root.name} has no merged results (summary.json) to deliver")
         spec = load_spec(paths)
-        counts = {key: int(summary[key]) for key in ("total", "completed", "failed", "prompt_tokens",
-                                                      "completion_tokens") if key in summary}
+        # The counts delivered before cached_tokens existed, so an unchanged batch's manifest keeps its bytes.
+        counts = summary.model_dump(include={"total", "completed", "failed", "prompt_tokens", "completion_tokens"})
         files = {name: path_of(paths) for name, path_of in RESULT_FILES.items() if path_of(paths).is_file()}
-        return cls(batch_id=spec.batch_id, model=summary.get("model", spec.model_name), counts=counts,
-                   metadata=dict(spec.metadata), files=files)
+        return cls(batch_id=spec.batch_id, model=summary.model, counts=counts, metadata=dict(spec.metadata),
+                   files=files)
 
     def manifest(self, checksums: dict[str, str]) -> bytes:
         """A deterministic manifest.json (no timestamps), so an unchanged batch gives identical bytes."""

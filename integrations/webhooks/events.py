@@ -15,7 +15,7 @@ from typing import Any
 from dagster import DagsterInstance, DagsterRunStatus
 
 from batch_pipeline.batch_object import TERMINAL_STATUSES
-from batch_pipeline.batches import load_spec
+from batch_pipeline.batches import load_spec, load_summary
 from batch_pipeline.status import ChunkStats, derive_batch, read_facts
 from resources.storage import BatchPaths
 
@@ -71,7 +71,11 @@ def batch_event(paths: BatchPaths, outcome: BatchOutcome) -> dict[str, Any]:
     """OpenAI's batch webhook event, with the batch's request counts and metadata added to `data`."""
     data: dict[str, Any] = {"id": outcome.batch_id}
     spec = load_spec(paths) if paths.spec.is_file() else None
-    counts = _json(paths.summary) if outcome.type == "batch.completed" else _json(paths.results_dir / "stopped.json")
+    if outcome.type == "batch.completed":
+        summary = load_summary(paths)
+        counts = summary.model_dump() if summary is not None else None
+    else:
+        counts = _json(paths.stopped)
     if counts is not None:
         data["request_counts"] = {key: int(counts.get(key, 0)) for key in ("total", "completed", "failed")}
     if spec is not None and spec.metadata:

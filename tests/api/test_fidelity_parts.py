@@ -12,6 +12,7 @@ import pytest
 
 from batch_pipeline.api.files import FileExpired, FileNotFound, FileStore
 from batch_pipeline.api.schemas import ExpiresAfter, expires_seconds
+from batch_pipeline.batches import BatchManifest, BatchSummary, save_manifest, save_summary
 from batch_pipeline.chunks import CHUNK_SCHEMA, output_line_id
 from batch_pipeline.results import cached_tokens, partial_output_lines, write_results
 from resources.storage import BatchStorage, atomic_path
@@ -70,10 +71,9 @@ def _write_chunk(paths, index: int, lines: list[int], cached: int) -> None:
 
 def test_partial_output_is_the_gapless_prefix_of_chunks_and_equals_the_final_lines(tmp_path: Path):
     paths = BatchStorage(data_dir=str(tmp_path)).batch("b")
-    manifest = {"batch_id": "b", "model_name": "m", "chunk_size": 4, "valid_requests": 12, "invalid_lines": 0,
-                "num_chunks": 3}
-    paths.manifest.parent.mkdir(parents=True)
-    paths.manifest.write_text(json.dumps(manifest))
+    manifest = BatchManifest(batch_id="b", fingerprint="f", input_sha256="s", model="m", model_name="m", chunk_size=4,
+                             valid_requests=12, invalid_lines=0, num_chunks=3)
+    save_manifest(paths, manifest)
     paths.invalid.write_text("")
     assert list(partial_output_lines(paths)) == []
 
@@ -116,7 +116,9 @@ def test_the_sweep_expires_the_results_of_a_batch_nobody_read_and_nothing_before
         paths.results_dir.mkdir(parents=True)
         paths.output.write_text('{"id": "x"}\n')
         paths.errors.write_text('{"id": "y"}\n')
-        paths.summary.write_text(json.dumps({"total": 2, "completed": 1, "failed": 1}))
+        save_summary(paths, BatchSummary(batch_id=batch_id, model="m", total=2, completed=1, failed=1, prompt_tokens=0,
+                                         completion_tokens=0, output_file=str(paths.output),
+                                         error_file=str(paths.errors)))
         for path in (paths.output, paths.errors):
             os.utime(path, (finished_at, finished_at))
 

@@ -16,7 +16,7 @@ def write_finished_batch(data_dir: Path, batch_id: str, output_bytes: int = 0, r
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from batch_pipeline.batches import BatchSpec, save_spec
+    from batch_pipeline.batches import BatchSpec, BatchSummary, save_spec, save_summary
     from resources.storage import BatchStorage
 
     paths = BatchStorage(data_dir=str(data_dir)).batch(batch_id)
@@ -34,9 +34,9 @@ def write_finished_batch(data_dir: Path, batch_id: str, output_bytes: int = 0, r
     paths.errors.write_text(json.dumps({"id": "batch_req_e", "custom_id": "bad", "response": None,
                                         "error": {"code": "invalid_request", "message": "no", "line": 99}}) + "\n")
     pq.write_table(pa.table({"custom_id": [f"req-{i}" for i in range(requests)]}), paths.results_parquet)
-    paths.summary.write_text(json.dumps({"batch_id": batch_id, "model": "tiny", "total": line + 1, "completed": line,
-                                         "failed": 1, "prompt_tokens": 10 * line, "completion_tokens": 20 * line,
-                                         "output_file": str(paths.output), "error_file": str(paths.errors)}))
+    save_summary(paths, BatchSummary(batch_id=batch_id, model="tiny", total=line + 1, completed=line, failed=1,
+                                     prompt_tokens=10 * line, completion_tokens=20 * line,
+                                     output_file=str(paths.output), error_file=str(paths.errors)))
     return paths.root
 
 

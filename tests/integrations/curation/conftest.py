@@ -172,6 +172,7 @@ def failed_item(custom_id: str) -> dict:
 
 def write_batch(settings, instance, batch_id: str, model_name: str, items: list[dict]) -> Path:
     """Write batch.json, requests.parquet, results.parquet, output.jsonl and summary.json; add the partition."""
+    from batch_pipeline.batches import BatchSummary, save_summary
     from batch_pipeline.chunks import CHUNK_SCHEMA, output_line_id
     from batch_pipeline.intake import register
     from batch_pipeline.models import ServedModel
@@ -208,7 +209,12 @@ def write_batch(settings, instance, batch_id: str, model_name: str, items: list[
             if row["error"] is None:
                 output.write(json.dumps({"id": row["id"], "custom_id": row["custom_id"],
                                          "response": json.loads(row["response"]), "error": None}) + "\n")
-    paths.summary.write_text(json.dumps({"batch_id": batch_id, "model": model_name, "total": len(items)}))
+    failed = sum(item["answer"] is None for item in items)
+    save_summary(paths, BatchSummary(batch_id=batch_id, model=model_name, total=len(items),
+                                     completed=len(items) - failed, failed=failed,
+                                     prompt_tokens=sum(row["prompt_tokens"] for row in results),
+                                     completion_tokens=sum(row["completion_tokens"] for row in results),
+                                     output_file=str(paths.output), error_file=str(paths.errors)))
     return paths.root
 
 

@@ -147,7 +147,12 @@ def service(tmp_path_factory, tiny_model: Path, prometheus: Prometheus) -> Itera
 
 
 def summary(service: Service, batch_id: str) -> dict:
-    return json.loads((service.root / "data" / "batches" / batch_id / "results" / "summary.json").read_text())
+    from batch_pipeline.batches import load_summary
+    from resources.storage import BatchStorage
+
+    found = load_summary(BatchStorage(data_dir=str(service.root / "data")).batch(batch_id))
+    assert found is not None, f"batch {batch_id} has no summary.json"
+    return found.model_dump()
 
 
 def test_batch_counters_match_the_batch_results(service: Service, prometheus: Prometheus):
