@@ -14,18 +14,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from batch_pipeline.batches import BatchSpec, load_spec
+from batch_pipeline.batches import BatchRecordError, BatchSpec, load_manifest, load_spec
 from batch_pipeline.chunks import ChunkJob, ChunkReport, engine_args_for, run_chunks
 from batch_pipeline.data_parallel import EngineWorker, run_chunks_data_parallel
 from resources.engine_processes import engine_process_facts
-from resources.storage import BatchPaths, BatchStorage
+from resources.storage import BatchStorage
 from resources.vllm_engine import VLLMEngine
 
 log = logging.getLogger(__name__)
 
 
 class BatchNotReady(Exception):
-    """The batch's input stage has not been materialised: there is nothing to generate yet."""
+    """The batch's input stage has not been materialised (or its manifest is damaged): nothing to generate."""
 
 
 class ChunksMissing(Exception):
@@ -82,16 +82,19 @@ def generate_batch(engine: VLLMEngine, storage: BatchStorage, batch_id: str,
     started = time.perf_counter()
     paths = storage.batch(batch_id)
     spec = load_spec(paths)
-    if not paths.manifest.exists():
+    try:
+        manifest = load_manifest(paths)
+    except BatchRecordError as exc:
+        raise BatchNotReady(f"{exc}: materialise batch_input again to rewrite it") from None
+    if manifest is None:
         raise BatchNotReady("batch_input has not been materialised for this batch")
-    manifest = _read_manifest(paths)
-    num_chunks = manifest["num_chunks"]
+    num_chunks = manifest.num_chunks
     finished = paths.finished_chunks() & set(range(num_chunks))
     result = Generation(chunks_total=num_chunks, chunks_resumed=len(finished))
     todo = sorted(set(range(num_chunks)) - finished)
     if finished:
         say(f"resuming: {len(finished)} of {num_chunks} chunks are already finished")
-    job = ChunkJob(paths, spec.batch_id, spec.model_name, manifest["chunk_size"], manifest["valid_requests"],
+    job = ChunkJob(paths, spec.batch_id, spec.model_name, manifest.chunk_size, manifest.valid_requests,
                    frozenset(finished))
 
     def written(report: ChunkReport) -> None:
@@ -103,7 +106,7 @@ def generate_batch(engine: VLLMEngine, storage: BatchStorage, batch_id: str,
             result.first_output_seconds = time.perf_counter() - started
 
     if todo:
-        engine_args = engine_args_for(spec.engine_args, manifest.get("endpoints", {}))
+        engine_args = engine_args_for(spec.engine_args, manifest.endpoints)
         # Data parallel: more engine slots free right now than this step's own, and more than one chunk to run.
         most = min(engine.engines_per_batch or len(todo), len(todo)) - 1
         extra = engine.extra_slots(most) if most > 0 and engine.data_parallel() else []
@@ -118,12 +121,6 @@ def generate_batch(engine: VLLMEngine, storage: BatchStorage, batch_id: str,
         raise ChunksMissing(f"{len(missing)} chunks are missing after generation: {sorted(missing)[:10]}")
     result.step_seconds = time.perf_counter() - started
     return result
-
-
-def _read_manifest(paths: BatchPaths) -> dict[str, Any]:
-    import json
-
-    return json.loads(paths.manifest.read_text())
 
 
 def _on_this_engine(engine: VLLMEngine, spec: BatchSpec, engine_args: dict, job: ChunkJob,
