@@ -7,9 +7,9 @@ from dagster_postgres.utils import DagsterPostgresException
 from sqlalchemy.exc import DBAPIError
 
 from assets.batch_input import batch_input
-from batch_pipeline.batches import batches_partitions
-from batch_pipeline.chunks import ChunkReport
-from batch_pipeline.generation import BatchNotReady, ChunksMissing, Generation, generate_batch
+from batch_pipeline.domain.batches import batches_partitions
+from batch_pipeline.domain.chunks import ChunkReport
+from batch_pipeline.domain.generation import BatchNotReady, ChunksMissing, Generation, generate_batch
 from resources.engine_types import EngineLoadError
 from resources.storage import BatchStorage
 from resources.vllm_engine import VLLMEngine

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataValue, asset
 
-from batch_pipeline.batches import (
+from batch_pipeline.domain.batches import (
     BatchManifest,
     BatchRecordError,
     BatchSpec,
@@ -18,11 +18,11 @@ from batch_pipeline.batches import (
     load_spec,
     save_manifest,
 )
-from batch_pipeline.chunks import output_line_id
-from batch_pipeline.constants import FAILURE_CODE_KEY, NO_VALID_REQUESTS
-from batch_pipeline.input_file import BatchFileError, InvalidLine, scan_batch_file
-from batch_pipeline.results import error_line
-from batch_pipeline.settings import get_settings
+from batch_pipeline.domain.chunks import output_line_id
+from batch_pipeline.domain.constants import FAILURE_CODE_KEY, NO_VALID_REQUESTS
+from batch_pipeline.domain.input_file import BatchFileError, InvalidLine, scan_batch_file
+from batch_pipeline.domain.results import error_line
+from batch_pipeline.domain.settings import get_settings
 from resources.storage import BatchPaths, BatchStorage, Location, atomic_path, local_copy, remove_tree
 
 REQUEST_SCHEMA = pa.schema([("line", pa.int64()), ("custom_id", pa.string()), ("url", pa.string()), ("body", pa.string())])

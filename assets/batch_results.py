@@ -5,8 +5,8 @@ from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataV
 
 from assets.batch_chunks import batch_chunks
 from assets.batch_input import input_manifest
-from batch_pipeline.batches import batches_partitions
-from batch_pipeline.results import write_results
+from batch_pipeline.domain.batches import batches_partitions
+from batch_pipeline.domain.results import write_results
 from resources.storage import BatchStorage
 
 

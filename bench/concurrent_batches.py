@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / ".bench" / "concurrent-batches.json")
     args = parser.parse_args()
 
-    from batch_pipeline.tiny_model import build_tiny_model
+    from batch_pipeline.domain.tiny_model import build_tiny_model
     from bench.warm_batches import gpu_memory_mib
     from bench.workload import split_batch, vocabulary_words, write_batch, write_shape
 
@@ -95,10 +95,10 @@ def main() -> None:
     (work / "dagster").mkdir()
     supervisor_log = (work / "supervisor.log").open("w")
     if importlib.util.find_spec("dagster_webserver") is not None:
-        command = [sys.executable, "-m", "batch_pipeline.cli", "start", "--port", str(free_port())]
+        command = [sys.executable, "-m", "batch_pipeline.entrypoints.cli", "start", "--port", str(free_port())]
     else:  # a staged GPU machine has no webserver: the daemon alone launches the runs
-        from batch_pipeline.instance import prepare_instance
-        from batch_pipeline.settings import Settings
+        from batch_pipeline.domain.instance import prepare_instance
+        from batch_pipeline.domain.settings import Settings
 
         prepare_instance(Settings())
         command = [sys.executable, "-m", "dagster._daemon", "run", "-w", str(REPO / "workspace.yaml")]
@@ -107,9 +107,9 @@ def main() -> None:
     results: dict = {"small": args.small, "small_requests": args.small_requests, "clients": args.clients,
                      "model": args.shape or "tiny-llama", "stages": []}
     try:
-        from batch_pipeline.api.service import BatchService
-        from batch_pipeline.instance import open_instance
-        from batch_pipeline.settings import Settings
+        from batch_pipeline.domain.instance import open_instance
+        from batch_pipeline.domain.settings import Settings
+        from batch_pipeline.entrypoints.api.service import BatchService
         from resources.engine_host_client import read_host
 
         settings = Settings()

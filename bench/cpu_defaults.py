@@ -6,7 +6,7 @@ Every system is a child process of this one, run one after the other and alterna
 that each pair shares the same (noisy, shared) cores at about the same time:
   bare-eager / bare-compiled   `python bench/cpu_defaults.py --bare`: import vLLM, build `LLM(...)`,
                                `LLM.chat` over the whole file, write one JSON line per output; end to end
-  run-eager / run-compiled     `python -m batch_pipeline.cli run FILE --json` with VBATCH_ENFORCE_EAGER set
+  run-eager / run-compiled     `python -m batch_pipeline.entrypoints.cli run FILE --json` with VBATCH_ENFORCE_EAGER set
   run-default                  the same with VBATCH_ENFORCE_EAGER unset (the resource's platform default)
 Prints one JSON object per run and a summary, and writes them to --out.
 """
@@ -80,7 +80,7 @@ def main() -> None:
         bare(args.model, args.input, args.input.with_suffix(".bare-out.jsonl"), args.eager, args.max_model_len)
         return
 
-    from batch_pipeline.tiny_model import build_tiny_model
+    from batch_pipeline.domain.tiny_model import build_tiny_model
     from bench.workload import vocabulary_words, write_batch
 
     model = str(Path(args.model or build_tiny_model(REPO / "models" / "tiny-llama")).resolve())
@@ -100,7 +100,7 @@ def main() -> None:
                        "--max-model-len", str(args.max_model_len)] + (["--eager"] if system == "bare-eager" else [])
                 child_env = env
             else:
-                cmd = [sys.executable, "-m", "batch_pipeline.cli", "run", str(batch), "--model", model, "--json",
+                cmd = [sys.executable, "-m", "batch_pipeline.entrypoints.cli", "run", str(batch), "--model", model, "--json",
                        "--batch-id", f"defaults-{system}-{repeat}"]
                 child_env = dict(env, VBATCH_HOME=str(REPO), VBATCH_DATA_DIR=str(work / "data"),
                                  DAGSTER_HOME=str(work / f"dagster-{system}-{repeat}"),

@@ -27,9 +27,9 @@ def main() -> None:
 
     from dagster import DagsterInstance
 
-    from batch_pipeline.local_run import register_local_batch, run_batch_in_process
-    from batch_pipeline.settings import Settings
-    from batch_pipeline.tiny_model import build_tiny_model
+    from batch_pipeline.domain.settings import Settings
+    from batch_pipeline.domain.tiny_model import build_tiny_model
+    from batch_pipeline.entrypoints.local_run import register_local_batch, run_batch_in_process
     from bench.workload import vocabulary_words, write_batch
     from resources.engine_host_client import stop_host
 

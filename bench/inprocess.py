@@ -43,8 +43,8 @@ def main() -> None:
 
     from dagster import DagsterInstance
 
-    from batch_pipeline.local_run import register_local_batch, run_batch_in_process
-    from batch_pipeline.settings import Settings
+    from batch_pipeline.domain.settings import Settings
+    from batch_pipeline.entrypoints.local_run import register_local_batch, run_batch_in_process
     from bench.workload import read_batch
     from resources.vllm_engine import VLLMEngine
 

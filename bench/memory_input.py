@@ -43,9 +43,9 @@ def pipeline(path: Path) -> dict:
     from dagster import DagsterInstance, materialize
 
     from assets.batch_input import batch_input
-    from batch_pipeline.intake import register
-    from batch_pipeline.models import ServedModel
-    from batch_pipeline.settings import Settings
+    from batch_pipeline.domain.intake import register
+    from batch_pipeline.domain.models import ServedModel
+    from batch_pipeline.domain.settings import Settings
     from resources.storage import BatchStorage
 
     work = Path(tempfile.mkdtemp(prefix="bench-mem-"))

@@ -52,10 +52,10 @@ def child(args: argparse.Namespace) -> None:
     if args.child == "on":
         os.environ.update(VBATCH_ENABLE_MONITORING="true", VBATCH_METRICS_PORT=str(_free_port()),
                           VBATCH_METRICS_POLL_SECONDS=str(args.poll_seconds))
-    from batch_pipeline.enabled_integrations import start_integration_services
-    from batch_pipeline.instance import open_instance
-    from batch_pipeline.local_run import register_local_batch, run_batch_in_process
-    from batch_pipeline.settings import get_settings
+    from batch_pipeline.domain.instance import open_instance
+    from batch_pipeline.domain.settings import get_settings
+    from batch_pipeline.entrypoints.local_run import register_local_batch, run_batch_in_process
+    from batch_pipeline.orchestration.enabled_integrations import start_integration_services
 
     settings = get_settings()
     instance = open_instance(settings)

@@ -3,7 +3,7 @@
     python bench/multi_gpu.py --shape llama-1b --load-format dummy            # 2 GPUs, 10,000 requests
     python bench/multi_gpu.py --requests 64 --chunk-size 8                    # CPU smoke test: two CPU "devices"
 
-Three stages, each `python -m batch_pipeline.cli run` in child processes of this one, on the same machine
+Three stages, each `python -m batch_pipeline.entrypoints.cli run` in child processes of this one, on the same machine
 and the same input, one stage after the other:
   a  the whole batch on one GPU (VBATCH_GPUS=1);
   b  the same batch over --gpus GPUs: one engine per GPU, the chunks shared among them (data parallel);
@@ -37,7 +37,7 @@ def run_batch(batch: Path, model: str, work: Path, name: str, env: dict, out: Pa
     env = dict(env, VBATCH_DATA_DIR=str(work / "data"), DAGSTER_HOME=str(work / f"dagster-{name}"))
     started = time.perf_counter()
     seconds, rss, stdout = run_measured(
-        [sys.executable, "-m", "batch_pipeline.cli", "run", str(batch), "--model", model, "--model-name", "bench",
+        [sys.executable, "-m", "batch_pipeline.entrypoints.cli", "run", str(batch), "--model", model, "--model-name", "bench",
          "--batch-id", name, "--json"], env, out / f"{work.name}-{name}.log")
     summary = json.loads(stdout[stdout.rfind("\n{\n") + 1:])  # vLLM may log to stdout before the summary
     return {"name": name, "started": started, "ended": started + seconds, "wall_seconds": seconds,
@@ -96,7 +96,7 @@ def main() -> None:
     if args.shape:
         model = str(write_shape(args.shape, work / args.shape))
     else:
-        from batch_pipeline.tiny_model import build_tiny_model
+        from batch_pipeline.domain.tiny_model import build_tiny_model
 
         model = str(Path(args.model or build_tiny_model(REPO / "models" / "tiny-llama")).resolve())
     on_cpu = not shutil.which("nvidia-smi")

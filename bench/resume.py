@@ -39,8 +39,8 @@ def main() -> None:
                VLLM_LOGGING_LEVEL="WARNING")
     if not os.path.exists("/usr/bin/nvidia-smi"):
         env.update(VBATCH_DTYPE="float32", VBATCH_ENFORCE_EAGER="true", VLLM_CPU_KVCACHE_SPACE="2")
-    cmd = [sys.executable, "-m", "batch_pipeline.cli", "run", str(batch), "--model", args.model, "--model-name", "bench",
-           "--batch-id", "resume", "--json"]
+    cmd = [sys.executable, "-m", "batch_pipeline.entrypoints.cli", "run", str(batch), "--model", args.model,
+           "--model-name", "bench", "--batch-id", "resume", "--json"]
     chunks = work / "data" / "batches" / "resume" / "chunks"
     total = -(-args.requests // args.chunk_size)
 

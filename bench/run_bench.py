@@ -77,7 +77,7 @@ def main() -> None:
     if args.shape:
         model = str(write_shape(args.shape, work / args.shape))
     else:
-        from batch_pipeline.tiny_model import build_tiny_model
+        from batch_pipeline.domain.tiny_model import build_tiny_model
 
         model = str(Path(args.model or build_tiny_model(REPO / "models" / "tiny-llama")).resolve())
     on_cpu = not shutil.which("nvidia-smi")
@@ -131,7 +131,7 @@ def run_stage(stage, args, model, batch, work, env, engine_args, dtype, on_cpu, 
                      VBATCH_ENFORCE_EAGER="true" if on_cpu else "false",
                      VBATCH_CHUNK_SIZE=args.chunk_sizes.split(",")[0])
         seconds, rss, out = run_measured(
-            [sys.executable, "-m", "batch_pipeline.cli", "run", str(batch), "--model", model, "--model-name",
+            [sys.executable, "-m", "batch_pipeline.entrypoints.cli", "run", str(batch), "--model", model, "--model-name",
              "bench", "--json"], env_c, args.out / "stage_c.log")
         results["C"] = {"seconds": seconds, "peak_rss_mb": rss, "summary": json.loads(out[out.index("{"):])}
         print(f"stage C done in {seconds:.0f}s", flush=True)

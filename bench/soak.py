@@ -216,7 +216,7 @@ class Services:
 
     def _popen(self, name: str, args: list[str]) -> subprocess.Popen:
         log = (self.root / f"{name}.log").open("a")
-        return subprocess.Popen([sys.executable, "-m", "batch_pipeline.cli", *args], cwd=REPO, env=self.env,
+        return subprocess.Popen([sys.executable, "-m", "batch_pipeline.entrypoints.cli", *args], cwd=REPO, env=self.env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def start_supervisor(self) -> None:
@@ -505,7 +505,7 @@ def soak_environment(params: SoakParams, root: Path, extra_env: dict[str, str] |
     os.environ["VBATCH_POSTGRES_URL"] = url  # the instance's dagster.yaml reads it from the environment
     try:
         # Create the storage once before the processes race for it (as `vllm-batch` does under a lock).
-        subprocess.run([sys.executable, "-m", "batch_pipeline.cli", "list"], cwd=REPO, env=services.env,
+        subprocess.run([sys.executable, "-m", "batch_pipeline.entrypoints.cli", "list"], cwd=REPO, env=services.env,
                        check=True, capture_output=True, timeout=300)
         services.start_supervisor()
         wait_for(services.webserver_up, 300, "the Dagster webserver")

@@ -48,9 +48,9 @@ def main() -> None:
 
     from dagster import DagsterInstance
 
-    from batch_pipeline.local_run import register_local_batch, run_batch_in_process
-    from batch_pipeline.settings import Settings
-    from batch_pipeline.tiny_model import build_tiny_model
+    from batch_pipeline.domain.settings import Settings
+    from batch_pipeline.domain.tiny_model import build_tiny_model
+    from batch_pipeline.entrypoints.local_run import register_local_batch, run_batch_in_process
     from bench.workload import split_batch, vocabulary_words, write_batch, write_shape
     from resources.engine_host_client import stop_host
 
@@ -158,7 +158,7 @@ def swap_check(args, work: Path, warm, instance, model: str, warmup: Path, run) 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     spec_model = str(other)
-    from batch_pipeline.local_run import register_local_batch, run_batch_in_process
+    from batch_pipeline.entrypoints.local_run import register_local_batch, run_batch_in_process
 
     spec = register_local_batch(warm, instance, other_batch, spec_model, "bench", batch_id="swap-other")
     result = run_batch_in_process(warm, instance, spec.batch_id, log_level="WARNING")

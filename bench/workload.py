@@ -25,7 +25,7 @@ def write_shape(name: str, target: Path) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from batch_pipeline.tiny_model import CHAT_TEMPLATE
+    from batch_pipeline.domain.tiny_model import CHAT_TEMPLATE
 
     target.mkdir(parents=True, exist_ok=True)
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": LLAMA3_VOCAB,

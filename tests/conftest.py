@@ -29,7 +29,7 @@ POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_ADMIN_URL", "postgresql://pos
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     """The tiny random Llama (built by `make model`, or here if missing)."""
-    from batch_pipeline.tiny_model import build_tiny_model
+    from batch_pipeline.domain.tiny_model import build_tiny_model
 
     return build_tiny_model(REPO / "models" / "tiny-llama").resolve()
 
@@ -37,7 +37,7 @@ def tiny_model() -> Path:
 @pytest.fixture
 def settings(tmp_path: Path, tiny_model: Path):
     """Settings for one test: its own data folder, the tiny model, CPU engine options."""
-    from batch_pipeline.settings import Settings
+    from batch_pipeline.domain.settings import Settings
 
     return Settings(home=REPO, data_dir=tmp_path / "data", dagster_home=tmp_path / "dagster", dtype="float32",
                     max_model_len=1024, enforce_eager=True, chunk_size=16, keep_engine_loaded=True)

@@ -10,10 +10,10 @@ from pathlib import Path
 from dagster import materialize
 
 from assets.batch_input import batch_input
-from batch_pipeline.inbox import list_inbox, take
-from batch_pipeline.intake import register
-from batch_pipeline.models import ServedModel
-from batch_pipeline.status import ChunkStats, derive_batch, read_facts
+from batch_pipeline.domain.inbox import list_inbox, take
+from batch_pipeline.domain.intake import register
+from batch_pipeline.domain.models import ServedModel
+from batch_pipeline.domain.status import ChunkStats, derive_batch, read_facts
 from resources.storage import BatchStorage
 
 

@@ -9,7 +9,7 @@ import pytest
 from dagster import Failure
 
 from assets.batch_input import input_manifest
-from batch_pipeline.batches import (
+from batch_pipeline.domain.batches import (
     BatchManifest,
     BatchRecordError,
     BatchSummary,
@@ -18,7 +18,7 @@ from batch_pipeline.batches import (
     save_manifest,
     save_summary,
 )
-from batch_pipeline.status import ChunkStats
+from batch_pipeline.domain.status import ChunkStats
 from resources.storage import BatchPaths, BatchStorage
 
 MANIFEST = BatchManifest(batch_id="b1", fingerprint="abc:m:16", input_sha256="abc", model="/models/m", model_name="m",

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from assets.batch_input import REQUEST_SCHEMA
-from batch_pipeline.chunks import ChunkJob, run_chunks
+from batch_pipeline.domain.chunks import ChunkJob, run_chunks
 from resources.engine_types import EngineDied
 from resources.storage import BatchPaths
 

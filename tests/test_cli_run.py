@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import REPO, read_jsonl, write_jsonl
 
-CLI = [sys.executable, "-m", "batch_pipeline.cli"]
+CLI = [sys.executable, "-m", "batch_pipeline.entrypoints.cli"]
 
 
 def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:

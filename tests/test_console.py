@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import time
 
-from batch_pipeline.console import ProgressDisplay, ProgressWatcher, Snapshot
+from batch_pipeline.entrypoints.console import ProgressDisplay, ProgressWatcher, Snapshot
 
 
 def test_plain_lines_only_when_the_count_moves():

@@ -115,7 +115,7 @@ def test_the_code_server_loads_this_projects_definitions():
     deployment = values()["dagster-user-deployments"]["deployments"][0]
     args = deployment["dagsterApiGrpcArgs"]
     module, attribute = args[args.index("--module-name") + 1], args[args.index("--attribute") + 1]
-    assert (module, attribute) == ("batch_pipeline.definitions", "defs")
+    assert (module, attribute) == ("batch_pipeline.orchestration.definitions", "defs")
     workspace = yaml.safe_load((REPO / "workspace.yaml").read_text())["load_from"][0]["python_module"]
     assert (workspace["module_name"], workspace["attribute"]) == (module, attribute)
 
@@ -170,7 +170,7 @@ def test_the_charts_schema_refuses_a_misspelt_or_mistyped_value():
 
 
 def test_the_shared_environment_manifests_are_kubernetes_objects_with_a_valid_data_root(tmp_path):
-    from batch_pipeline.settings import Settings
+    from batch_pipeline.domain.settings import Settings
 
     documents = list(yaml.safe_load_all((DEPLOY / "vllm-batch-env.yaml").read_text()))
     kinds = {doc["kind"]: doc for doc in documents}

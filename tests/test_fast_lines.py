@@ -1,4 +1,4 @@
-"""The msgspec first pass (batch_pipeline/fast_lines.py) never accepts a line the pydantic path refuses,
+"""The msgspec first pass (batch_pipeline/domain/fast_lines.py) never accepts a line the pydantic path refuses,
 and what it stores means the same body."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import random
 
-from batch_pipeline.fast_lines import DROPPED_FIELDS, FAST_BODIES, _GenerativeBody, decode_line, nesting_depth
-from batch_pipeline.input_file import ValidRequest, _check_raw_line, _fast_request, raw_lines
-from batch_pipeline.records import (
+from batch_pipeline.domain.fast_lines import DROPPED_FIELDS, FAST_BODIES, _GenerativeBody, decode_line, nesting_depth
+from batch_pipeline.domain.input_file import ValidRequest, _check_raw_line, _fast_request, raw_lines
+from batch_pipeline.domain.records import (
     _IGNORED_FIELDS,
     BODY_MODELS,
     CHAT_URL,

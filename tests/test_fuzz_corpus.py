@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from batch_pipeline.input_file import InvalidLine, ValidRequest, scan_batch_file
-from batch_pipeline.intake import survey
+from batch_pipeline.domain.input_file import InvalidLine, ValidRequest, scan_batch_file
+from batch_pipeline.domain.intake import survey
 from tests.fuzz_corpus import FuzzLine, build_corpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def test_memory_stays_bounded_by_the_line_cap(corpus):
     path, _ = corpus
     code = (
         "import resource, sys; from pathlib import Path\n"
-        "from batch_pipeline.input_file import scan_batch_file\n"
+        "from batch_pipeline.domain.input_file import scan_batch_file\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         f"count = sum(1 for _ in scan_batch_file(Path({str(path)!r}), None, 1024 * 1024))\n"
         "print(count, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"

@@ -1,6 +1,6 @@
 """The inbox takes a file exactly once even when the daemon dies after launching its run and before moving it.
 
-`vllm-batch start` on SQLite with the test-only fault hook of batch_pipeline/inbox.py
+`vllm-batch start` on SQLite with the test-only fault hook of batch_pipeline/domain/inbox.py
 (VBATCH_TEST_FAULT_BEFORE_SETTLE): the sensor tick that would move the taken file out of the inbox
 stops right before it, with the file's run already launched; the test SIGKILLs the daemon there. The
 supervisor restarts the daemon, whose sensor finds the same file again: it must settle it without a
@@ -62,7 +62,7 @@ def daemons(supervisor: psutil.Process) -> list[psutil.Process]:
 def test_a_daemon_killed_between_launching_and_moving_an_inbox_file_runs_it_once(tmp_path: Path, tiny_model: Path):
     from dagster import DagsterInstance, RunsFilter
 
-    from batch_pipeline.inbox import run_key
+    from batch_pipeline.domain.inbox import run_key
 
     marker_file = tmp_path / "paused-before-settle"
     marker = uuid.uuid4().hex
@@ -74,8 +74,8 @@ def test_a_daemon_killed_between_launching_and_moving_an_inbox_file_runs_it_once
                VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", VLLM_LOGGING_LEVEL="WARNING",
                VBATCH_TEST_FAULT_BEFORE_SETTLE=str(marker_file), VBATCH_TEST_MARKER=marker)
     log = tmp_path / "service.log"
-    service = subprocess.Popen([sys.executable, "-m", "batch_pipeline.cli", "start", "--port", str(free_port())], env=env,
-                               cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    service = subprocess.Popen([sys.executable, "-m", "batch_pipeline.entrypoints.cli", "start", "--port", str(free_port())],
+                               env=env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         supervisor = psutil.Process(service.pid)
         first_daemon = wait_for(lambda: daemons(supervisor), 120, "the daemon")[0]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from batch_pipeline.input_file import BatchFileError, InvalidLine, ValidRequest, scan_batch_file
+from batch_pipeline.domain.input_file import BatchFileError, InvalidLine, ValidRequest, scan_batch_file
 from tests.conftest import write_jsonl
 
 CHAT = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",

@@ -22,8 +22,8 @@ from tests.conftest import REPO, fresh_database
 OPEN_AT_ONCE = """
 import os, sys, time
 from pathlib import Path
-from batch_pipeline.instance import open_instance
-from batch_pipeline.settings import get_settings
+from batch_pipeline.domain.instance import open_instance
+from batch_pipeline.domain.settings import get_settings
 settings = get_settings()
 go = Path(sys.argv[1])
 while not go.exists():
@@ -86,7 +86,7 @@ def test_start_serve_run_and_submit_launched_together_on_a_fresh_home_then_a_bat
     batch_file.write_text("".join(chat_line(f"req-{i}") + "\n" for i in range(3)))
     port = free_port()
     live.base_url = f"http://127.0.0.1:{port}/v1"
-    cli = [sys.executable, "-m", "batch_pipeline.cli"]
+    cli = [sys.executable, "-m", "batch_pipeline.entrypoints.cli"]
     try:
         # All four at once on a home that does not exist yet, as two terminals or systemd units would.
         supervisor = start(live, "start", [*cli, "start", "--host", "127.0.0.1", "--port", str(free_port())])

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from batch_pipeline.definitions import build_definitions
-from batch_pipeline.enabled_integrations import Integration, IntegrationError, check_integrations
-from batch_pipeline.settings import Settings, adopt_legacy_environment
+from batch_pipeline.domain.settings import Settings, adopt_legacy_environment
+from batch_pipeline.orchestration.definitions import build_definitions
+from batch_pipeline.orchestration.enabled_integrations import Integration, IntegrationError, check_integrations
 from tests.conftest import REPO, read_jsonl, write_jsonl
 
 EXAMPLE = "examples.integrations.batch_digest.definitions"
@@ -65,7 +65,7 @@ def test_old_setting_names_are_moved_to_the_new_prefix_with_a_warning(caplog):
 
 
 def run_batch(settings, instance, tiny_model: Path, batch_id: str):
-    from batch_pipeline.local_run import register_local_batch, run_batch_in_process
+    from batch_pipeline.entrypoints.local_run import register_local_batch, run_batch_in_process
 
     lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
               "body": {"model": "tiny-llama", "prompt": f"item {i}", "max_tokens": 4, "temperature": 0}}
@@ -111,7 +111,7 @@ def core_only_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 def test_an_enabled_integration_without_its_extra_stops_with_one_line(tmp_path):
     env = core_only_env(tmp_path, VBATCH_ENABLE_CURATION="true")
-    result = subprocess.run([sys.executable, "-m", "batch_pipeline.cli", "list"], env=env, cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "batch_pipeline.entrypoints.cli", "list"], env=env, cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
@@ -123,14 +123,14 @@ def test_the_core_loads_and_runs_a_batch_without_any_integration_package(tmp_pat
     env = core_only_env(tmp_path)
     probe = "import boto3"
     assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True).returncode != 0
-    load = subprocess.run([sys.executable, "-c", "from batch_pipeline.definitions import defs; "
+    load = subprocess.run([sys.executable, "-c", "from batch_pipeline.orchestration.definitions import defs; "
                            "print(len(list(defs.resolve_all_asset_keys())))"], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert load.returncode == 0 and load.stdout.strip() == "3", load.stderr[-2000:]
     path = write_jsonl(tmp_path / "core.jsonl", [
         {"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
          "body": {"prompt": f"core {i}", "max_tokens": 3, "temperature": 0}} for i in range(5)])
-    run = subprocess.run([sys.executable, "-m", "batch_pipeline.cli", "run", str(path), "--model", str(tiny_model),
+    run = subprocess.run([sys.executable, "-m", "batch_pipeline.entrypoints.cli", "run", str(path), "--model", str(tiny_model),
                           "--json"], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(run.stdout[run.stdout.index("{"):])

@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batch_pipeline.local_run import register_local_batch, run_batch_in_process
-from batch_pipeline.queue_tickets import clear_ticket, pending_tickets
+from batch_pipeline.domain.queue_tickets import clear_ticket, pending_tickets
+from batch_pipeline.entrypoints.local_run import register_local_batch, run_batch_in_process
 from resources.storage import BatchPaths, BatchStorage, atomic_path, location, read_parquet
 from tests.conftest import REPO, write_jsonl
 
@@ -124,7 +124,7 @@ def test_the_input_stage_validates_an_uploaded_file_on_s3(settings, sqlite_insta
     from dagster import materialize
 
     from assets.batch_input import batch_input
-    from batch_pipeline.chunks import iter_requests
+    from batch_pipeline.domain.chunks import iter_requests
 
     s3_settings = settings.model_copy(update={"data_dir": s3_root})
     input_path = write_jsonl(tmp_path / "requests.jsonl", _lines())
@@ -179,8 +179,8 @@ def test_a_failed_write_publishes_nothing(s3_root):
 
 
 def test_queue_tickets_live_on_the_object_store(s3_root):
-    from batch_pipeline.batches import BatchSpec
-    from batch_pipeline.queue_tickets import enqueue, set_aside, ticket_exists
+    from batch_pipeline.domain.batches import BatchSpec
+    from batch_pipeline.domain.queue_tickets import enqueue, set_aside, ticket_exists
 
     root = location(s3_root)
     spec = BatchSpec(batch_id="b1", input_path="input/source.jsonl", model="m", model_name="m", chunk_size=4)
@@ -213,7 +213,7 @@ def test_a_data_root_on_the_gcs_emulator_publishes_and_lists_chunks(gcs_server, 
 def test_a_uri_data_root_is_checked_and_keeps_host_state_local(tmp_path):
     from pydantic import ValidationError
 
-    from batch_pipeline.settings import Settings
+    from batch_pipeline.domain.settings import Settings
 
     settings = Settings(home=tmp_path, data_dir="s3://bucket/prefix/")
     assert settings.data_root == "s3://bucket/prefix"
@@ -225,8 +225,8 @@ def test_a_uri_data_root_is_checked_and_keeps_host_state_local(tmp_path):
 
 
 def test_integrations_that_read_local_result_files_refuse_a_uri_data_root(tmp_path):
-    from batch_pipeline.enabled_integrations import IntegrationError, check_integrations
-    from batch_pipeline.settings import Settings
+    from batch_pipeline.domain.settings import Settings
+    from batch_pipeline.orchestration.enabled_integrations import IntegrationError, check_integrations
 
     for flags in ({"enable_curation": True}, {"result_handlers": ["s3"], "s3_bucket": "b"}):
         with pytest.raises(IntegrationError, match="does not work with VBATCH_DATA_DIR=s3://bucket/prefix"):
@@ -254,8 +254,8 @@ def _write(path, text: str) -> None:
 @pytest.mark.parametrize("root_kind", ["local", "s3", "gcs"])
 def test_the_expiry_sweep_deletes_expired_results_on_every_root_and_survives_dying_halfway(
         root_kind, request, tmp_path, monkeypatch):
-    import batch_pipeline.api.files as files_module
-    from batch_pipeline.api.files import FileExpired, FileStore, result_file_id
+    import batch_pipeline.entrypoints.api.files as files_module
+    from batch_pipeline.entrypoints.api.files import FileExpired, FileStore, result_file_id
 
     local = tmp_path / "data"
     data_root = {"local": str(local), "s3": None, "gcs": None}[root_kind] or request.getfixturevalue(f"{root_kind}_root")
@@ -308,9 +308,9 @@ def test_the_expiry_sweep_deletes_expired_results_on_every_root_and_survives_dyi
 
 
 def test_the_api_s_sweep_deletes_an_expired_output_object_on_an_s3_data_root(s3_root, sqlite_instance, tmp_path):
-    from batch_pipeline.api.files import result_file_id
-    from batch_pipeline.api.service import BatchService
-    from batch_pipeline.settings import Settings
+    from batch_pipeline.domain.settings import Settings
+    from batch_pipeline.entrypoints.api.files import result_file_id
+    from batch_pipeline.entrypoints.api.service import BatchService
 
     service = BatchService(Settings(home=tmp_path, data_dir=s3_root), sqlite_instance)
     output = BatchStorage(data_dir=s3_root).batch("b1").output
@@ -335,7 +335,7 @@ def test_the_api_serves_a_result_file_that_lives_on_an_s3_data_root(s3_root, set
     from openai import OpenAI
     from pydantic import SecretStr
 
-    from batch_pipeline.api.app import create_app
+    from batch_pipeline.entrypoints.api.app import create_app
 
     # An admin key: the result file registered here has no owner (as one of `vllm-batch submit`).
     api_settings = settings.model_copy(update={"data_dir": s3_root, "admin_api_keys": SecretStr("k-test")})

@@ -190,7 +190,7 @@ def chunk_mtimes(batch_dir: Path) -> dict[str, int]:
 
 def register(service: Service, batch_id: str, lines: list[dict], model: str) -> None:
     """Register a batch partition without launching anything (as a user would before `dagster job launch`)."""
-    from batch_pipeline.local_run import register_local_batch
+    from batch_pipeline.entrypoints.local_run import register_local_batch
 
     path = write_jsonl(service.root / "files" / f"{batch_id}.jsonl", lines)
     model_dir = service.settings.home / "models" / "tiny-llama" if model == MODEL_A else service.root / MODEL_B
@@ -199,8 +199,8 @@ def register(service: Service, batch_id: str, lines: list[dict], model: str) -> 
 
 def submit(service: Service, batch_id: str, lines: list[dict], model: str) -> None:
     """Register a batch and leave a queue ticket for the `queued_batches` sensor."""
-    from batch_pipeline.batches import load_spec
-    from batch_pipeline.queue_tickets import enqueue
+    from batch_pipeline.domain.batches import load_spec
+    from batch_pipeline.domain.queue_tickets import enqueue
     from resources.storage import BatchPaths
 
     register(service, batch_id, lines, model)
@@ -235,7 +235,7 @@ def start_service(root: Path, postgres_url: str, tiny_model: Path, warm_engine: 
     """
     from dagster import DagsterInstance
 
-    from batch_pipeline.settings import Settings
+    from batch_pipeline.domain.settings import Settings
 
     shutil.copytree(tiny_model, root / MODEL_B)  # another model directory: loading it is a model swap
     (root / "models.yaml").write_text(

@@ -146,7 +146,7 @@ def test_a_cancelled_batch_leaves_the_host_warm_for_the_next(service: Service, e
 
 
 def test_a_killed_worker_leaves_the_host_and_its_retry_attaches_to_it(service: Service, engines):
-    from batch_pipeline.run_workers import worker_pid
+    from batch_pipeline.orchestration.run_workers import worker_pid
 
     batch_id = "host-crash"
     lines = slow_lines(batch_id)

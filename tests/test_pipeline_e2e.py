@@ -11,7 +11,7 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
-from batch_pipeline.local_run import register_local_batch, run_batch_in_process
+from batch_pipeline.entrypoints.local_run import register_local_batch, run_batch_in_process
 from tests.conftest import read_jsonl, write_jsonl
 
 MODEL_NAME = "tiny-llama"

@@ -7,8 +7,8 @@ import json
 import pytest
 from dagster import build_sensor_context
 
-from batch_pipeline.api.service import BatchService
-from batch_pipeline.settings import Settings, get_settings
+from batch_pipeline.domain.settings import Settings, get_settings
+from batch_pipeline.entrypoints.api.service import BatchService
 from tests.conftest import REPO, write_jsonl
 
 LINES = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
@@ -27,7 +27,7 @@ def service(tmp_path, tiny_model, sqlite_instance, monkeypatch):
 
 
 def test_a_ticket_whose_partition_was_deleted_is_set_aside_and_the_rest_launch(service, tmp_path):
-    from batch_pipeline.sensors import queued_batches
+    from batch_pipeline.orchestration.sensors import queued_batches
 
     gone = service.submit_file(write_jsonl(tmp_path / "gone.jsonl", LINES), "tiny-llama", batch_id="gone")
     kept = service.submit_file(write_jsonl(tmp_path / "kept.jsonl", LINES[:2]), "tiny-llama", batch_id="kept")

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from openai.types.responses import Response
 
-from batch_pipeline.chunks import engine_args_for
-from batch_pipeline.input_file import InvalidLine, ValidRequest, scan_batch_file
-from batch_pipeline.intake import IntakeError, model_for_endpoint
-from batch_pipeline.openai_bodies import prepare_requests
-from batch_pipeline.records import RESPONSES_URL
+from batch_pipeline.domain.chunks import engine_args_for
+from batch_pipeline.domain.input_file import InvalidLine, ValidRequest, scan_batch_file
+from batch_pipeline.domain.intake import IntakeError, model_for_endpoint
+from batch_pipeline.domain.openai_bodies import prepare_requests
+from batch_pipeline.domain.records import RESPONSES_URL
 from tests.conftest import write_jsonl
 from tests.test_pipeline_e2e import MODEL_NAME, by_id, chat, completion, run
 
@@ -136,7 +136,7 @@ def test_a_body_becomes_the_chat_template_tokens_and_vllm_parameters(tmp_path, t
 
 
 def test_a_too_long_input_is_a_context_length_error(tmp_path, tokenizer):
-    from batch_pipeline.openai_bodies import RequestRejected
+    from batch_pipeline.domain.openai_bodies import RequestRejected
 
     [valid] = scan(tmp_path, [respond("long", "word " * 2000)])
     with pytest.raises(RequestRejected) as caught:
@@ -168,7 +168,7 @@ def test_the_api_creates_a_responses_batch_for_the_official_client(api_settings,
     from fastapi.testclient import TestClient
     from openai import OpenAI
 
-    from batch_pipeline.api.app import create_app
+    from batch_pipeline.entrypoints.api.app import create_app
 
     path = write_jsonl(tmp_path / "in.jsonl", [respond("a", "Hi")])
     with TestClient(create_app(api_settings)) as http, \

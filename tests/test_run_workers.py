@@ -1,4 +1,4 @@
-"""The `dead_run_workers` watch (batch_pipeline/run_workers.py) on a real instance and real processes.
+"""The `dead_run_workers` watch (batch_pipeline/orchestration/run_workers.py) on a real instance and real processes.
 
 The end-to-end case (a worker SIGKILLed while PostgreSQL is down, then retried) is in
 tests/test_operations.py; here the watch itself: which runs it reports, and when.
@@ -14,7 +14,7 @@ import pytest
 from dagster import DagsterEventType, DagsterRun, DagsterRunStatus, instance_for_test
 from dagster._core.events import EngineEventData
 
-from batch_pipeline.run_workers import dead_workers, load_cursor, report_dead, worker_alive
+from batch_pipeline.orchestration.run_workers import dead_workers, load_cursor, report_dead, worker_alive
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def test_a_failed_run_not_yet_tagged_by_the_run_retry_reads_as_still_running(tmp
     batch is not failed (the soak saw `failed` for one poll, then `in_progress` again)."""
     import time
 
-    from batch_pipeline.status import UNTAGGED_FAILURE_GRACE_S, may_retry
+    from batch_pipeline.domain.status import UNTAGGED_FAILURE_GRACE_S, may_retry
 
     overrides = {"run_retries": {"enabled": True, "max_retries": 3}}
     for name in ("retries", "no-retries"):

@@ -1,7 +1,7 @@
 """Sampling parameters reach vLLM, the chat template is applied, and an engine refusal is one line's error.
 
 Every test drives the session's real engine (tests/conftest.py: `loaded_engine`) through the same
-conversion the pipeline uses (batch_pipeline/openai_bodies.py), with a few short requests each. The tiny
+conversion the pipeline uses (batch_pipeline/domain/openai_bodies.py), with a few short requests each. The tiny
 model's text is gibberish but deterministic; `ignore_eos` fixes output lengths where a test needs them.
 """
 
@@ -18,8 +18,8 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
-from batch_pipeline.openai_bodies import prepare_requests, response_body
-from batch_pipeline.records import BODY_MODELS, CHAT_URL, COMPLETIONS_URL
+from batch_pipeline.domain.openai_bodies import prepare_requests, response_body
+from batch_pipeline.domain.records import BODY_MODELS, CHAT_URL, COMPLETIONS_URL
 from resources.engine_types import EngineFailure, EngineRequest
 
 PROMPT = "Tell me a story about a lighthouse"
@@ -183,7 +183,7 @@ def test_a_request_the_engine_refuses_at_admission_fails_alone(loaded_engine):
 
 def test_an_engine_refusal_becomes_that_lines_error_and_the_batch_goes_on(loaded_engine, tmp_path: Path):
     from assets.batch_input import REQUEST_SCHEMA
-    from batch_pipeline.chunks import ChunkJob, run_chunks
+    from batch_pipeline.domain.chunks import ChunkJob, run_chunks
     from resources.storage import BatchPaths
 
     prompts = [[5, 6, 7], [5, 10**7], "Item 3 is", "Item 4 is"]  # line 2: an id outside the vocabulary

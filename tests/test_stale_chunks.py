@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from batch_pipeline.local_run import register_local_batch, run_batch_in_process
+from batch_pipeline.entrypoints.local_run import register_local_batch, run_batch_in_process
 from tests.conftest import read_jsonl, write_jsonl
 
 MODEL_NAME = "tiny-llama"

@@ -45,7 +45,7 @@ def children_named(process: psutil.Process, word: str) -> list[psutil.Process]:
 def test_a_killed_supervisor_takes_its_daemon_and_webserver_with_it(tmp_path: Path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VBATCH_", "VLLM_BATCH_", "DAGSTER_"))}
     env.update(VBATCH_HOME=str(REPO), VBATCH_DATA_DIR=str(tmp_path / "data"), DAGSTER_HOME=str(tmp_path / "dagster"))
-    command = [sys.executable, "-m", "batch_pipeline.cli", "start", "--port", str(free_port())]
+    command = [sys.executable, "-m", "batch_pipeline.entrypoints.cli", "start", "--port", str(free_port())]
     first = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         supervisor = psutil.Process(first.pid)

@@ -11,8 +11,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, JSONResponse
 
-from batch_pipeline.batches import existing_batch
-from batch_pipeline.settings import Settings
+from batch_pipeline.domain.batches import existing_batch
+from batch_pipeline.domain.settings import Settings
 from integrations.curation.records import CurationStatus
 from integrations.curation.status import read_status, training_file
 from resources.storage import location

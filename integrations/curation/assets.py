@@ -21,8 +21,8 @@ from dagster import (
 )
 
 from assets import batch_results
-from batch_pipeline.batches import batches_partitions, load_spec
-from batch_pipeline.settings import Settings
+from batch_pipeline.domain.batches import batches_partitions, load_spec
+from batch_pipeline.domain.settings import Settings
 from integrations.curation.annotations import Quality, annotation_record, final_annotation, training_example, win_rates
 from integrations.curation.compare import pair_key, pairwise_tasks
 from integrations.curation.label_config import ANSWER, PAIRWISE_CONFIG, PROMPT, REVIEW_CONFIG

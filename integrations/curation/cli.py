@@ -11,8 +11,8 @@ import click
 
 
 def _batch_paths(batch_id: str):
-    from batch_pipeline.batches import BatchNotFound, existing_batch
-    from batch_pipeline.settings import get_settings
+    from batch_pipeline.domain.batches import BatchNotFound, existing_batch
+    from batch_pipeline.domain.settings import get_settings
     from resources.storage import location
 
     try:

@@ -6,7 +6,7 @@ import os
 
 from dagster import Definitions, EnvVar
 
-from batch_pipeline.settings import ENV_PREFIX, Settings
+from batch_pipeline.domain.settings import ENV_PREFIX, Settings
 from integrations.curation.assets import build_assets
 from integrations.curation.resources import LabelStudio
 from integrations.curation.sensors import build_annotations_sensor

@@ -17,7 +17,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from batch_pipeline.records import EMBEDDINGS_URL, RESPONSES_URL, ResponsesBody
+from batch_pipeline.domain.records import EMBEDDINGS_URL, RESPONSES_URL, ResponsesBody
 from integrations.curation.records import Message, ReviewTaskData
 from resources.storage import BatchPaths
 

@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from batch_pipeline.settings import Settings
+from batch_pipeline.domain.settings import Settings
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 REQUESTS = Counter("vbatch_api_requests_total", "Batch API requests answered, by route template and status.",

@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 
-from batch_pipeline.batches import load_manifest
+from batch_pipeline.domain.batches import load_manifest
 from integrations.monitoring.metrics import BatchMetrics
 from resources.storage import BatchStorage
 

@@ -16,8 +16,8 @@ from dagster import (
 )
 
 from assets import batch_results
-from batch_pipeline.batches import batches_partitions
-from batch_pipeline.settings import Settings
+from batch_pipeline.domain.batches import batches_partitions
+from batch_pipeline.domain.settings import Settings
 
 STEP_METADATA = ("generation_seconds", "engine_load_seconds", "step_seconds", "completion_tokens_per_second",
                  "chunks_run", "chunks_resumed")

@@ -10,7 +10,7 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from batch_pipeline.settings import Settings
+from batch_pipeline.domain.settings import Settings
 from integrations.monitoring.batch_events import BatchEventFollower
 from integrations.monitoring.engine_metrics import EngineMetricsCollector, prepare_worker_environment
 from integrations.monitoring.gpu import GpuCollector
@@ -49,7 +49,7 @@ class MetricsExporter:
             if self.engine_metrics:
                 self.registry.register(EngineMetricsCollector(folder))
         if self._instance is None:
-            from batch_pipeline.instance import open_instance
+            from batch_pipeline.domain.instance import open_instance
 
             self._instance = open_instance(self.settings)
         self.follower = BatchEventFollower(self._instance, self.settings.resolved_data_dir, self.metrics)

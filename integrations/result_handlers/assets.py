@@ -13,7 +13,7 @@ from dagster import (
 )
 
 from assets import batch_results
-from batch_pipeline.batches import BatchRecordError, batches_partitions
+from batch_pipeline.domain.batches import BatchRecordError, batches_partitions
 from integrations.result_handlers.base import DeliveryRefused, FinishedBatch, ResultHandler
 from resources.storage import BatchStorage
 

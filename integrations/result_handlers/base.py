@@ -11,8 +11,8 @@ from typing import Any, ClassVar, cast
 
 from dagster import ConfigurableResource
 
-from batch_pipeline.batches import BatchRecordError, load_spec, load_summary
-from batch_pipeline.settings import Settings
+from batch_pipeline.domain.batches import BatchRecordError, load_spec, load_summary
+from batch_pipeline.domain.settings import Settings
 from resources.storage import BatchPaths
 
 # The files a handler delivers, by the name they keep at the destination. Handlers read them from a

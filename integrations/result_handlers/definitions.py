@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dagster import Definitions
 
-from batch_pipeline.settings import Settings
+from batch_pipeline.domain.settings import Settings
 from integrations.result_handlers.assets import build_handler_asset, resource_key
 from integrations.result_handlers.registry import configured_handler, enabled_handlers
 

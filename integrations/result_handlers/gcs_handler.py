@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import PrivateAttr
 
-from batch_pipeline.settings import Settings
+from batch_pipeline.domain.settings import Settings
 from integrations.result_handlers.base import ObjectStoreHandler
 
 # Uploads above this are resumable, in chunks of this size (a multiple of 256 KiB).

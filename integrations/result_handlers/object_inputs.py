@@ -13,7 +13,7 @@ import json
 import re
 from pathlib import Path
 
-from batch_pipeline.settings import Settings
+from batch_pipeline.domain.settings import Settings
 from resources.storage import atomic_path
 
 _URI = re.compile(r"^(s3|gs)://([^/]+)/(.+)$")

@@ -12,8 +12,8 @@ import importlib
 import importlib.metadata
 import importlib.util
 
-from batch_pipeline.enabled_integrations import IntegrationError
-from batch_pipeline.settings import Settings
+from batch_pipeline.domain.settings import Settings
+from batch_pipeline.orchestration.enabled_integrations import IntegrationError
 from integrations.result_handlers.base import ResultHandler
 
 ENTRY_POINT_GROUP = "vllm_batch.result_handlers"
@@ -92,6 +92,6 @@ def configured_handler(cls: type[ResultHandler], settings: Settings) -> ResultHa
 
 
 def check_handlers(settings: Settings) -> None:
-    """The result_handlers integration's check (batch_pipeline.enabled_integrations calls it)."""
+    """The result_handlers integration's check (batch_pipeline.orchestration.enabled_integrations calls it)."""
     for cls in enabled_handlers(settings):
         configured_handler(cls, settings)

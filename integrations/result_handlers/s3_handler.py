@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import PrivateAttr
 
-from batch_pipeline.settings import Settings
+from batch_pipeline.domain.settings import Settings
 from integrations.result_handlers.base import DeliveryRefused, ObjectStoreHandler
 
 # Answers that a retry will not change.

@@ -9,7 +9,7 @@ import click
 
 
 def _log_and_settings():
-    from batch_pipeline.settings import get_settings
+    from batch_pipeline.domain.settings import get_settings
     from integrations.webhooks.deliveries import DeliveryLog
 
     settings = get_settings()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dagster import Definitions
 
-from batch_pipeline.settings import Settings
+from batch_pipeline.domain.settings import Settings
 from integrations.webhooks.sensors import build_webhook_sensor
 
 

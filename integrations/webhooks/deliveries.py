@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from batch_pipeline.settings import Settings
+from batch_pipeline.domain.settings import Settings
 from resources.storage import atomic_path
 
 # 4xx answers that may succeed later; any other 4xx is final (the receiver refused the event).

@@ -1,6 +1,6 @@
 """Which terminal state a batch is in, and the OpenAI webhook event that announces it.
 
-The status comes from the core's derivation (batch_pipeline/status.py), so a webhook says exactly what
+The status comes from the core's derivation (batch_pipeline/domain/status.py), so a webhook says exactly what
 `GET /v1/batches/{id}` and `vllm-batch status` say.
 """
 
@@ -14,9 +14,9 @@ from typing import Any
 
 from dagster import DagsterInstance, DagsterRunStatus
 
-from batch_pipeline.batch_object import TERMINAL_STATUSES
-from batch_pipeline.batches import load_spec, load_summary
-from batch_pipeline.status import ChunkStats, derive_batch, read_facts
+from batch_pipeline.domain.batch_object import TERMINAL_STATUSES
+from batch_pipeline.domain.batches import load_spec, load_summary
+from batch_pipeline.domain.status import ChunkStats, derive_batch, read_facts
 from resources.storage import BatchPaths
 
 EVENT_TYPES = ("batch.completed", "batch.failed", "batch.cancelled", "batch.expired")
@@ -44,7 +44,7 @@ def _json(path) -> dict | None:
 def batch_outcome(instance: DagsterInstance, paths: BatchPaths) -> BatchOutcome | None:
     """The batch's terminal state, or None while it is queued, running, cancelling or about to be retried.
 
-    Read from the same derivation as the API's and the CLI's status (batch_pipeline/status.py).
+    Read from the same derivation as the API's and the CLI's status (batch_pipeline/domain/status.py).
     """
     if not paths.spec.is_file():
         return None

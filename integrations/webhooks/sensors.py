@@ -22,8 +22,8 @@ from dagster import (
     sensor,
 )
 
-from batch_pipeline.enabled_integrations import IntegrationError
-from batch_pipeline.settings import Settings
+from batch_pipeline.domain.settings import Settings
+from batch_pipeline.orchestration.enabled_integrations import IntegrationError
 from integrations.webhooks.deliveries import DeliveryLog, deliver_due, endpoints_from
 from integrations.webhooks.events import (
     BATCH_JOB,

@@ -44,7 +44,7 @@ class Stack:
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """Run `vllm-batch ARGS` against this stack."""
-        return subprocess.run([sys.executable, "-m", "batch_pipeline.cli", *args], cwd=REPO, env=self.env,
+        return subprocess.run([sys.executable, "-m", "batch_pipeline.entrypoints.cli", *args], cwd=REPO, env=self.env,
                               capture_output=True, text=True, timeout=timeout)
 
     def log(self, name: str) -> str:
@@ -90,8 +90,8 @@ def stack_env(root: Path, tiny_model: Path) -> dict[str, str]:
 
 def install_instance(env: dict[str, str]) -> None:
     """Write dagster.yaml into the stack's DAGSTER_HOME, as `vllm-batch` would."""
-    from batch_pipeline.instance import instance_config
-    from batch_pipeline.settings import Settings
+    from batch_pipeline.domain.instance import instance_config
+    from batch_pipeline.domain.settings import Settings
 
     home = Path(env["DAGSTER_HOME"])
     home.mkdir(parents=True, exist_ok=True)
@@ -177,7 +177,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
     try:
         start(live, "daemon", [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w",
                                str(REPO / "workspace.yaml")])
-        server = start(live, "server", [sys.executable, "-m", "batch_pipeline.cli", "serve", "--host", "127.0.0.1",
+        server = start(live, "server", [sys.executable, "-m", "batch_pipeline.entrypoints.cli", "serve", "--host", "127.0.0.1",
                                         "--port", str(port)])
         wait_for_server(live, server)
         yield live
@@ -200,7 +200,7 @@ def serve_only(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> It
         port = free_port()
         live.base_url = f"http://127.0.0.1:{port}/v1"
         started.append(live)
-        server = start(live, "server", [sys.executable, "-m", "batch_pipeline.cli", "serve", "--host", "127.0.0.1",
+        server = start(live, "server", [sys.executable, "-m", "batch_pipeline.entrypoints.cli", "serve", "--host", "127.0.0.1",
                                         "--port", str(port)])
         wait_for_server(live, server)
         return live

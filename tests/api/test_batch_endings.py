@@ -41,7 +41,7 @@ def chunk_mtimes(stack: Stack, batch_id: str) -> dict[str, int]:
 
 def test_a_running_batch_whose_window_closes_is_expired_by_the_api_servers_sweep(stack: Stack, client: openai.OpenAI,
                                                                                  tmp_path: Path):
-    from batch_pipeline.batches import load_submission, save_submission
+    from batch_pipeline.domain.batches import load_submission, save_submission
     from resources.storage import BatchStorage
 
     # Long enough that it cannot finish between the window closing and the sweep acting (up to 10 s).

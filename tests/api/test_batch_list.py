@@ -1,6 +1,6 @@
 """`GET /v1/batches` describes each batch exactly as `GET /v1/batches/{id}` does, in every state.
 
-The list reads its page's batches together (batch_pipeline/status.py: read_many_facts), the single
+The list reads its page's batches together (batch_pipeline/domain/status.py: read_many_facts), the single
 route one at a time; this checks, through the official client, that both give the same object.
 Real parts: the app served in-process (the client's own HTTP stack over Starlette's test transport),
 a real SQLite instance, real runs of batch_job (the tiny model's engine) and of batch_input.
@@ -19,11 +19,11 @@ from dagster import materialize
 from starlette.testclient import TestClient
 
 from assets.batch_input import batch_input
-from batch_pipeline.api.app import create_app
-from batch_pipeline.batches import load_submission
-from batch_pipeline.constants import RUN_KEY_TAG
-from batch_pipeline.local_run import register_local_batch, run_batch_in_process
-from batch_pipeline.settings import Settings
+from batch_pipeline.domain.batches import load_submission
+from batch_pipeline.domain.constants import RUN_KEY_TAG
+from batch_pipeline.domain.settings import Settings
+from batch_pipeline.entrypoints.api.app import create_app
+from batch_pipeline.entrypoints.local_run import register_local_batch, run_batch_in_process
 from resources.storage import BatchStorage
 from tests.api.conftest import MODEL_NAME, REPO
 

@@ -55,7 +55,7 @@ def test_official_client_runs_a_batch_end_to_end(stack: Stack, client: openai.Op
     assert batch.expires_at == batch.created_at + 24 * 3600
 
     # The CLI follows the same batch with its progress bar while the client polls.
-    watcher = subprocess.Popen([sys.executable, "-m", "batch_pipeline.cli", "status", batch.id, "--wait",
+    watcher = subprocess.Popen([sys.executable, "-m", "batch_pipeline.entrypoints.cli", "status", batch.id, "--wait",
                                 "--interval", "1", "--json"], cwd=REPO, env=stack.env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
@@ -140,8 +140,8 @@ def test_batches_created_elsewhere_are_listed_and_pages_follow_the_cursor(stack:
     client = openai.OpenAI(base_url=stack.base_url, api_key=ADMIN_KEY, max_retries=0, timeout=60)
     from dagster import DagsterInstance
 
-    from batch_pipeline.local_run import register_local_batch
-    from batch_pipeline.settings import Settings
+    from batch_pipeline.domain.settings import Settings
+    from batch_pipeline.entrypoints.local_run import register_local_batch
 
     settings = Settings(home=REPO, data_dir=stack.data_dir)
     with DagsterInstance.from_config(stack.env["DAGSTER_HOME"]) as instance:

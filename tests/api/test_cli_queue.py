@@ -76,8 +76,8 @@ def test_a_closed_completion_window_expires_the_batch_with_an_error_per_request(
     from dagster import DagsterInstance, materialize
 
     from assets import batch_input
-    from batch_pipeline.api.service import BatchService
-    from batch_pipeline.settings import Settings
+    from batch_pipeline.domain.settings import Settings
+    from batch_pipeline.entrypoints.api.service import BatchService
     from resources.storage import BatchStorage
 
     settings = Settings(home=REPO, data_dir=offline.data_dir, models_file=Path(offline.env["VBATCH_MODELS_FILE"]),

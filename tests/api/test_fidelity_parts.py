@@ -10,11 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batch_pipeline.api.files import FileExpired, FileNotFound, FileStore
-from batch_pipeline.api.schemas import ExpiresAfter, expires_seconds
-from batch_pipeline.batches import BatchManifest, BatchSummary, save_manifest, save_summary
-from batch_pipeline.chunks import CHUNK_SCHEMA, output_line_id
-from batch_pipeline.results import cached_tokens, partial_output_lines, write_results
+from batch_pipeline.domain.batches import BatchManifest, BatchSummary, save_manifest, save_summary
+from batch_pipeline.domain.chunks import CHUNK_SCHEMA, output_line_id
+from batch_pipeline.domain.results import cached_tokens, partial_output_lines, write_results
+from batch_pipeline.entrypoints.api.files import FileExpired, FileNotFound, FileStore
+from batch_pipeline.entrypoints.api.schemas import ExpiresAfter, expires_seconds
 from resources.storage import BatchStorage, atomic_path
 
 
@@ -98,11 +98,11 @@ def test_the_sweep_expires_the_results_of_a_batch_nobody_read_and_nothing_before
                                                                                        tiny_model, tmp_path):
     import os
 
-    from batch_pipeline.api.files import result_file_id
-    from batch_pipeline.api.service import BatchService
-    from batch_pipeline.batches import Submission, save_submission
-    from batch_pipeline.intake import register
-    from batch_pipeline.models import ServedModel
+    from batch_pipeline.domain.batches import Submission, save_submission
+    from batch_pipeline.domain.intake import register
+    from batch_pipeline.domain.models import ServedModel
+    from batch_pipeline.entrypoints.api.files import result_file_id
+    from batch_pipeline.entrypoints.api.service import BatchService
 
     source = tmp_path / "in.jsonl"
     source.write_text("{}\n")

@@ -71,8 +71,8 @@ def served(serve_only: Callable[..., Stack]) -> Stack:
 
 
 def test_a_key_sees_only_its_own_files_and_batches_and_an_admin_key_sees_all(served: Stack):
-    from batch_pipeline.batches import Submission
-    from batch_pipeline.tenancy import key_fingerprint
+    from batch_pipeline.domain.batches import Submission
+    from batch_pipeline.domain.tenancy import key_fingerprint
 
     one, other, admin = (client_for(served, key) for key in KEYS)
     own_file, other_file = upload(one, chat_line("a")), upload(other, chat_line("b"))
@@ -138,8 +138,8 @@ def test_a_key_sees_only_its_own_files_and_batches_and_an_admin_key_sees_all(ser
 
 
 def test_the_owner_stamp_goes_on_the_queue_ticket(serve_only: Callable[..., Stack]):
-    from batch_pipeline.constants import OWNER_TAG, SOURCE_TAG
-    from batch_pipeline.tenancy import key_fingerprint
+    from batch_pipeline.domain.constants import OWNER_TAG, SOURCE_TAG
+    from batch_pipeline.domain.tenancy import key_fingerprint
 
     stack = serve_only()
     batch_id = create_batch(client_for(stack, OTHER_KEY), upload(client_for(stack, OTHER_KEY), chat_line("t")))
@@ -169,7 +169,7 @@ def test_every_key_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch)
     import hashlib
     import hmac
 
-    from batch_pipeline.api import app as api_app
+    from batch_pipeline.entrypoints.api import app as api_app
 
     compared: list[bytes] = []
     compare_digest = hmac.compare_digest
@@ -211,8 +211,8 @@ def test_a_finished_batch_s_files_belong_to_its_key(stack: Stack, client: openai
 
     from dagster import DagsterInstance, RunsFilter
 
-    from batch_pipeline.constants import OWNER_TAG
-    from batch_pipeline.tenancy import key_fingerprint
+    from batch_pipeline.domain.constants import OWNER_TAG
+    from batch_pipeline.domain.tenancy import key_fingerprint
 
     with DagsterInstance.from_config(stack.env["DAGSTER_HOME"]) as instance:
         [run] = instance.get_run_records(RunsFilter(tags={"vllm_batch/batch_id": batch_id}))

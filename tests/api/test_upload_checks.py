@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from batch_pipeline.api.uploads import JsonlCheck, UploadError
+from batch_pipeline.entrypoints.api.uploads import JsonlCheck, UploadError
 
 LIMIT = 1024
 REQUEST = b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {}}'
@@ -62,7 +62,7 @@ def test_what_is_not_a_batch_file_is_refused_with_where(data: bytes, message: st
 
 
 def test_tenants_see_their_own_and_admins_see_all():
-    from batch_pipeline.tenancy import OPERATOR, Tenant, key_fingerprint
+    from batch_pipeline.domain.tenancy import OPERATOR, Tenant, key_fingerprint
 
     one, other = key_fingerprint("key-one"), key_fingerprint("key-two")
     assert one != other and len(one) == 32 and "key-one" not in one and one == key_fingerprint("key-one")
@@ -75,7 +75,7 @@ def test_uploads_left_by_a_stopped_server_are_removed_at_start_and_fresh_ones_ke
     import os
     import time
 
-    from batch_pipeline.api.files import FileStore
+    from batch_pipeline.entrypoints.api.files import FileStore
 
     store = FileStore(tmp_path)
     stale, fresh = store.upload_path(), store.upload_path()

@@ -3,7 +3,7 @@
 from dagster import AssetExecutionContext, AutomationCondition, Definitions, Failure, asset
 
 from assets import batch_results
-from batch_pipeline.batches import batches_partitions
+from batch_pipeline.domain.batches import batches_partitions
 
 
 @asset(partitions_def=batches_partitions, deps=[batch_results], automation_condition=AutomationCondition.eager())

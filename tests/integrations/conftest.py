@@ -16,7 +16,7 @@ def write_finished_batch(data_dir: Path, batch_id: str, output_bytes: int = 0, r
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from batch_pipeline.batches import BatchSpec, BatchSummary, save_spec, save_summary
+    from batch_pipeline.domain.batches import BatchSpec, BatchSummary, save_spec, save_summary
     from resources.storage import BatchStorage
 
     paths = BatchStorage(data_dir=str(data_dir)).batch(batch_id)
@@ -43,7 +43,7 @@ def write_finished_batch(data_dir: Path, batch_id: str, output_bytes: int = 0, r
 @pytest.fixture
 def finished_batch(tmp_path: Path, sqlite_instance):
     """Make finished batches in this test's data folder, registered as partitions of the instance."""
-    from batch_pipeline.batches import batches_partitions
+    from batch_pipeline.domain.batches import batches_partitions
 
     def make(batch_id: str = "batch-1", **kwargs) -> Path:
         root = write_finished_batch(tmp_path / "data", batch_id, **kwargs)

@@ -11,8 +11,8 @@ from collections import Counter
 from dagster import AssetExecutionContext, AutomationCondition, Definitions, MaterializeResult, MetadataValue, asset
 
 from assets import batch_results
-from batch_pipeline.batches import batches_partitions
-from batch_pipeline.settings import Settings
+from batch_pipeline.domain.batches import batches_partitions
+from batch_pipeline.domain.settings import Settings
 from resources.storage import BatchStorage, atomic_path
 
 

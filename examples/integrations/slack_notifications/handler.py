@@ -13,7 +13,7 @@ from typing import Any
 
 from dagster import EnvVar
 
-from batch_pipeline.settings import Settings
+from batch_pipeline.domain.settings import Settings
 from integrations.result_handlers.base import Delivered, DeliveryRefused, FinishedBatch, ResultHandler
 
 

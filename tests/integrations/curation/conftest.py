@@ -119,7 +119,7 @@ def curation_settings(tmp_path: Path, label_studio_server: LabelStudioServer):
     """Settings with curation on, pointed at the session's server, one project per batch (no engine needed)."""
     from pydantic import SecretStr
 
-    from batch_pipeline.settings import Settings
+    from batch_pipeline.domain.settings import Settings
 
     return Settings(home=REPO, data_dir=tmp_path / "data", dagster_home=tmp_path / "dagster", enable_curation=True,
                     label_studio_url=label_studio_server.url, label_studio_api_key=SecretStr(label_studio_server.token),
@@ -153,7 +153,7 @@ def responses_item(custom_id: str, input_, answer: str, **body) -> dict:
 
 def response_object(model_name: str, answer: str) -> dict:
     """A `response` body in OpenAI's shape, the answer split over two output_text parts (OpenAI may send several;
-    batch_pipeline/openai_bodies.py writes one), so that a reader that takes only the first is caught."""
+    batch_pipeline/domain/openai_bodies.py writes one), so that a reader that takes only the first is caught."""
     cut = len(answer) // 2
     return {"id": "resp_x", "object": "response", "created_at": 1, "status": "completed", "error": None,
             "incomplete_details": None, "model": model_name, "parallel_tool_calls": True, "tool_choice": "auto",
@@ -172,10 +172,10 @@ def failed_item(custom_id: str) -> dict:
 
 def write_batch(settings, instance, batch_id: str, model_name: str, items: list[dict]) -> Path:
     """Write batch.json, requests.parquet, results.parquet, output.jsonl and summary.json; add the partition."""
-    from batch_pipeline.batches import BatchSummary, save_summary
-    from batch_pipeline.chunks import CHUNK_SCHEMA, output_line_id
-    from batch_pipeline.intake import register
-    from batch_pipeline.models import ServedModel
+    from batch_pipeline.domain.batches import BatchSummary, save_summary
+    from batch_pipeline.domain.chunks import CHUNK_SCHEMA, output_line_id
+    from batch_pipeline.domain.intake import register
+    from batch_pipeline.domain.models import ServedModel
     from resources.storage import BatchStorage
 
     paths = BatchStorage(data_dir=str(settings.resolved_data_dir)).batch(batch_id)
@@ -223,7 +223,7 @@ def materialize_curation(settings, instance, batch_id: str, *asset_names: str, r
     """Materialise curation assets of one batch on a real instance, with the code location's resources."""
     from dagster import materialize
 
-    from batch_pipeline.definitions import build_definitions
+    from batch_pipeline.orchestration.definitions import build_definitions
 
     defs = build_definitions(settings)
     assets = [defs.get_assets_def(name) for name in asset_names]

@@ -46,7 +46,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         with log.open("w") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "batch_pipeline.cli", "serve", "--port",
+            self.process = subprocess.Popen([sys.executable, "-m", "batch_pipeline.entrypoints.cli", "serve", "--port",
                                              str(self.port)], cwd=REPO, env=env, stdout=out,
                                             stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -142,7 +142,7 @@ def test_curation_status_and_training_file_through_the_api_and_cli(curation_sett
             server.stop()
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "batch_pipeline.cli", "curation", *args], cwd=REPO,
+        return subprocess.run([sys.executable, "-m", "batch_pipeline.entrypoints.cli", "curation", *args], cwd=REPO,
                               env=_env(curation_settings, True), capture_output=True, text=True, timeout=120)
 
     shown = cli("status", batch, "--json")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from openai.types.responses import Response
 from pydantic import SecretStr
 
-from batch_pipeline.local_run import register_local_batch, run_batch_in_process
+from batch_pipeline.entrypoints.local_run import register_local_batch, run_batch_in_process
 from tests.conftest import read_jsonl, write_jsonl
 from tests.integrations.curation.conftest import materialize_curation, review_tasks
 from tests.integrations.curation.test_curation_annotations import review

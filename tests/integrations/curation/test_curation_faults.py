@@ -16,7 +16,7 @@ from tests.integrations.curation.conftest import REPO, chat_item, materialize_cu
 
 
 def failure_line(result) -> str:
-    from batch_pipeline.local_run import failure_message
+    from batch_pipeline.entrypoints.local_run import failure_message
 
     return failure_message(result.all_events)
 
@@ -64,7 +64,7 @@ def test_an_import_killed_halfway_resumes_without_duplicates(curation_settings, 
         import sys
         sys.path.insert(0, {str(REPO)!r})
         from dagster import DagsterInstance
-        from batch_pipeline.settings import Settings
+        from batch_pipeline.domain.settings import Settings
         from pydantic import SecretStr
         from tests.integrations.curation.conftest import materialize_curation
         settings = Settings.model_validate_json({settings.model_dump_json()!r}).model_copy(

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 from openai.types.responses import Response
 
-from batch_pipeline.records import RESPONSES_URL, ResponsesBody
+from batch_pipeline.domain.records import RESPONSES_URL, ResponsesBody
 from integrations.curation.annotations import training_example
 from integrations.curation.records import AnnotationRecord
 from integrations.curation.selection import as_chat_body, iter_reviewable, prompt_messages, response_text, schema_failed

@@ -25,7 +25,8 @@ def test_alert_rules_pass_promtool_check_and_unit_tests():
 
 
 def test_with_the_flag_off_prometheus_client_is_never_imported(tmp_path: Path):
-    code = ("import sys; import batch_pipeline.cli, batch_pipeline.supervisor; from batch_pipeline.definitions import defs;"
+    code = ("import sys; import batch_pipeline.entrypoints.cli, batch_pipeline.entrypoints.supervisor; "
+            "from batch_pipeline.orchestration.definitions import defs;"
             "assert 'prometheus_client' not in sys.modules, 'imported'; print(len(defs.assets or []))")
     env = {"PATH": "/usr/bin:/bin", "VBATCH_HOME": str(REPO), "VBATCH_DATA_DIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -33,8 +34,8 @@ def test_with_the_flag_off_prometheus_client_is_never_imported(tmp_path: Path):
 
 
 def test_with_the_flag_off_the_api_server_imports_no_prometheus_client_and_serves_no_metrics(tmp_path: Path):
-    code = ("import sys; from fastapi.testclient import TestClient; from batch_pipeline.api.app import create_app;"
-            "from batch_pipeline.settings import Settings; app = create_app(Settings(api_keys='k'));"
+    code = ("import sys; from fastapi.testclient import TestClient; from batch_pipeline.entrypoints.api.app import create_app;"
+            "from batch_pipeline.domain.settings import Settings; app = create_app(Settings(api_keys='k'));"
             "assert 'prometheus_client' not in sys.modules, 'imported';"
             "assert TestClient(app).get('/metrics', headers={'Authorization': 'Bearer k'}).status_code == 404")
     env = {"PATH": "/usr/bin:/bin", "VBATCH_HOME": str(REPO), "VBATCH_DATA_DIR": str(tmp_path)}
@@ -44,7 +45,7 @@ def test_with_the_flag_off_the_api_server_imports_no_prometheus_client_and_serve
 
 def test_with_the_flag_on_the_definitions_still_import_no_prometheus_client(tmp_path: Path):
     # The code server and run workers load the definitions: they must not start metrics of their own.
-    code = ("import sys; from batch_pipeline.definitions import defs;"
+    code = ("import sys; from batch_pipeline.orchestration.definitions import defs;"
             "assert defs.resolve_assets_def('batch_run_stats'); assert 'prometheus_client' not in sys.modules")
     env = {"PATH": "/usr/bin:/bin", "VBATCH_HOME": str(REPO), "VBATCH_DATA_DIR": str(tmp_path),
            "VBATCH_ENABLE_MONITORING": "true"}
@@ -53,7 +54,7 @@ def test_with_the_flag_on_the_definitions_still_import_no_prometheus_client(tmp_
 
 
 def test_a_busy_port_leaves_the_service_running_without_the_endpoint(tmp_path: Path):
-    from batch_pipeline.settings import Settings
+    from batch_pipeline.domain.settings import Settings
     from integrations.monitoring.exporter import start_exporter
 
     with socket.socket() as taken:

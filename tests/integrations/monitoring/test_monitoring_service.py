@@ -27,7 +27,7 @@ from tests.integrations.monitoring.conftest import Prometheus, free_port
 
 pytestmark = pytest.mark.timeout(600)
 # `python -m` from the repository folder: this checkout's code, whichever one the venv was installed from.
-VLLM_BATCH = [sys.executable, "-m", "batch_pipeline.cli"]
+VLLM_BATCH = [sys.executable, "-m", "batch_pipeline.entrypoints.cli"]
 DASHBOARDS = sorted((REPO / "integrations" / "monitoring" / "grafana_dashboards").glob("*.json"))
 GOOD_REQUESTS, BAD_LINES = 240, 2
 
@@ -147,7 +147,7 @@ def service(tmp_path_factory, tiny_model: Path, prometheus: Prometheus) -> Itera
 
 
 def summary(service: Service, batch_id: str) -> dict:
-    from batch_pipeline.batches import load_summary
+    from batch_pipeline.domain.batches import load_summary
     from resources.storage import BatchStorage
 
     found = load_summary(BatchStorage(data_dir=str(service.root / "data")).batch(batch_id))

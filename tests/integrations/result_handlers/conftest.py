@@ -14,7 +14,7 @@ def materialize_handler():
 def _materialize_handler(settings, instance, batch_id: str, **overrides):
     from dagster import materialize
 
-    from batch_pipeline.definitions import build_resources
+    from batch_pipeline.orchestration.definitions import build_resources
     from integrations.result_handlers.definitions import build_definitions
 
     settings = settings.model_copy(update=overrides)

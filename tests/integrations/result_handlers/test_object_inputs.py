@@ -17,7 +17,7 @@ LINES = "".join(json.dumps({"custom_id": f"c-{i}", "method": "POST", "url": "/v1
 
 
 def cli(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "batch_pipeline.cli", *args], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "batch_pipeline.entrypoints.cli", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=120)
 
 

@@ -95,8 +95,8 @@ def test_a_missing_bucket_fails_the_handler_at_once_and_leaves_the_results_alone
 def test_a_missing_extra_is_one_line_naming_it(monkeypatch: pytest.MonkeyPatch):
     import importlib.util
 
-    from batch_pipeline.enabled_integrations import IntegrationError, check_integrations
-    from batch_pipeline.settings import Settings
+    from batch_pipeline.domain.settings import Settings
+    from batch_pipeline.orchestration.enabled_integrations import IntegrationError, check_integrations
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "boto3" else real(name, *a))
@@ -105,8 +105,8 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_a_handler_without_its_bucket_setting_is_one_line():
-    from batch_pipeline.enabled_integrations import IntegrationError, check_integrations
-    from batch_pipeline.settings import Settings
+    from batch_pipeline.domain.settings import Settings
+    from batch_pipeline.orchestration.enabled_integrations import IntegrationError, check_integrations
 
     with pytest.raises(IntegrationError, match="the s3 result handler is not configured: .*VBATCH_S3_BUCKET"):
         check_integrations(Settings(home=Path.cwd(), result_handlers="s3"))

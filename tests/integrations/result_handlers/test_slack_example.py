@@ -72,7 +72,7 @@ def test_slack_handler_runs_from_its_entry_point_and_posts_once(settings, sqlite
 
 
 def test_an_unknown_handler_name_is_one_line(settings):
-    from batch_pipeline.enabled_integrations import IntegrationError, check_integrations
+    from batch_pipeline.orchestration.enabled_integrations import IntegrationError, check_integrations
 
     with pytest.raises(IntegrationError, match="no result handler named 'nope'.*vllm_batch.result_handlers"):
         check_integrations(settings.model_copy(update={"result_handlers": ["nope"]}))

@@ -36,7 +36,7 @@ def test_completed_batch_sends_openai_event_to_every_endpoint_once(webhook_setti
     from dagster import DagsterRunStatus, SensorResult, build_sensor_context
     from openai.types.webhooks import BatchCompletedWebhookEvent
 
-    from batch_pipeline.definitions import build_definitions
+    from batch_pipeline.orchestration.definitions import build_definitions
 
     finished_batch("done-1")
     add_run(sqlite_instance, "done-1", DagsterRunStatus.SUCCESS)
@@ -77,9 +77,9 @@ def test_failed_cancelled_and_expired_batches_send_their_events(webhook_settings
         BatchFailedWebhookEvent,
     )
 
-    from batch_pipeline.definitions import build_definitions
-    from batch_pipeline.intake import register
-    from batch_pipeline.models import ServedModel
+    from batch_pipeline.domain.intake import register
+    from batch_pipeline.domain.models import ServedModel
+    from batch_pipeline.orchestration.definitions import build_definitions
 
     # failed: a real batch_job run, refused at intake.
     register(webhook_settings, sqlite_instance, Path("/nope.jsonl"), ServedModel("m", "m"), source="test",
@@ -134,7 +134,7 @@ def test_wrong_secret_is_rejected_by_the_receiver_becomes_a_dead_letter_and_rese
         webhook_settings, sqlite_instance, finished_batch, receiver, monkeypatch):
     from dagster import DagsterRunStatus
 
-    from batch_pipeline import settings as settings_module
+    from batch_pipeline.domain import settings as settings_module
     from integrations.webhooks.cli import webhooks
 
     wrong = webhook_settings.model_copy(update={"webhook_url": [f"{receiver.url}/a"],
@@ -184,7 +184,7 @@ def test_a_hanging_receiver_does_not_hold_up_another(webhook_settings, sqlite_in
 TICK_LOOP = """
 import sys, time
 from dagster import DagsterInstance
-from batch_pipeline.settings import Settings
+from batch_pipeline.domain.settings import Settings
 from integrations.webhooks.sensors import webhook_tick
 settings = Settings.model_validate_json(sys.argv[1])
 cursor = None
@@ -256,7 +256,7 @@ def test_a_secret_per_endpoint_and_bad_pairings(settings):
 
 def test_webhooks_alone_add_a_sensor_and_no_integrations_job(webhook_settings):
     """With only sensors enabled there is no asset to run after a batch (an empty job cannot run)."""
-    from batch_pipeline.definitions import build_definitions
+    from batch_pipeline.orchestration.definitions import build_definitions
 
     repository = build_definitions(webhook_settings).get_repository_def()
     assert repository.has_sensor_def("batch_webhooks")
@@ -264,8 +264,8 @@ def test_webhooks_alone_add_a_sensor_and_no_integrations_job(webhook_settings):
 
 
 def test_webhooks_without_an_endpoint_or_secret_are_one_line(settings):
-    from batch_pipeline.definitions import build_definitions
-    from batch_pipeline.enabled_integrations import IntegrationError, check_integrations
+    from batch_pipeline.orchestration.definitions import build_definitions
+    from batch_pipeline.orchestration.enabled_integrations import IntegrationError, check_integrations
 
     with pytest.raises(IntegrationError, match="webhooks integration is not configured: set VBATCH_WEBHOOK_URL"):
         check_integrations(settings.model_copy(update={"enable_webhooks": True}))

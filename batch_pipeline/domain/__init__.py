@@ -1,0 +1,1 @@
+"""The domain: batch files and records, intake, chunks, generation, results, status; no Dagster definitions."""

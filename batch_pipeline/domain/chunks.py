@@ -1,0 +1,340 @@
+"""Chunks: fixed slices of a batch's valid requests, each written atomically as one parquet file.
+
+Chunk `i` holds the requests at positions `[i*chunk_size, (i+1)*chunk_size)` of `requests.parquet`,
+so a chunk's content is fixed by the manifest and a finished chunk file is a checkpoint: a re-run
+skips it and only the missing chunks are computed again.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import itertools
+import json
+import logging
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypedDict, cast
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batch_pipeline.domain.openai_bodies import (
+    RequestRejected,
+    embedding_body,
+    error_json,
+    merge_completion_bodies,
+    prepare_embedding,
+    prepare_requests,
+    response_body,
+)
+from batch_pipeline.domain.records import EMBEDDINGS_URL, BatchError, ErrorCode
+from resources.engine_types import EngineDied, EngineFailure, EngineRequest
+from resources.storage import BatchPaths, atomic_path, parquet_file
+from resources.vllm_engine import Engine
+
+log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from vllm import RequestOutput
+
+CHUNK_SCHEMA = pa.schema([
+    ("line", pa.int64()),
+    ("custom_id", pa.string()),
+    ("id", pa.string()),
+    ("response", pa.string()),  # the response body, JSON
+    ("error", pa.string()),  # the error member, JSON
+    ("prompt_tokens", pa.int64()),
+    ("completion_tokens", pa.int64()),
+])
+CHUNK_COLUMNS = CHUNK_SCHEMA.names
+
+
+class ChunkRow(TypedDict):
+    """One row of a chunk file: a request's response (JSON) or its error member (JSON)."""
+
+    line: int
+    custom_id: str
+    id: str
+    response: str | None
+    error: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class RequestRow(TypedDict):
+    """One row of requests.parquet: a valid request line, its body as compact JSON."""
+
+    line: int
+    custom_id: str
+    url: str
+    body: str
+
+
+def output_line_id(batch_id: str, line: int) -> str:
+    """The `id` of an output line: stable for a (batch, line), so a redone chunk writes the same ids."""
+    return "batch_req_" + hashlib.sha256(f"{batch_id}:{line}".encode()).hexdigest()[:32]
+
+
+@dataclass(slots=True)
+class ChunkReport:
+    index: int
+    rows: int
+    failed: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class _OpenChunk:
+    expected: int
+    rows: list[ChunkRow] = field(default_factory=list)
+
+
+class ChunkAssembler:
+    """Collects finished rows per chunk and writes each chunk the moment its last row arrives."""
+
+    def __init__(self, paths: BatchPaths, chunk_size: int, total: int, on_written: Callable[[ChunkReport], None]):
+        self.paths = paths
+        self.chunk_size = chunk_size
+        self.total = total
+        self.on_written = on_written
+        self.open: dict[int, _OpenChunk] = {}
+
+    def _expected(self, index: int) -> int:
+        return min(self.chunk_size, self.total - index * self.chunk_size)
+
+    def add(self, position: int, row: ChunkRow) -> None:
+        index = position // self.chunk_size
+        chunk = self.open.setdefault(index, _OpenChunk(self._expected(index)))
+        chunk.rows.append(row)
+        if len(chunk.rows) == chunk.expected:
+            del self.open[index]
+            self._write(index, chunk.rows)
+
+    def _write(self, index: int, rows: list[ChunkRow]) -> None:
+        rows.sort(key=lambda r: r["line"])
+        table = pa.Table.from_pylist(rows, schema=CHUNK_SCHEMA)
+        with atomic_path(self.paths.chunk(index)) as tmp:
+            pq.write_table(table, tmp)
+        failed = sum(1 for r in rows if r["error"] is not None)
+        self.on_written(ChunkReport(
+            index, len(rows), failed,
+            sum(r["prompt_tokens"] for r in rows), sum(r["completion_tokens"] for r in rows)))
+
+
+def iter_requests(paths: BatchPaths, chunk_size: int, skip: set[int]) -> Iterator[tuple[int, RequestRow]]:
+    """(position, row) for every request whose chunk is not in `skip`, reading row groups lazily."""
+    with parquet_file(paths.requests) as source:
+        position = 0
+        for record_batch in source.iter_batches(batch_size=max(chunk_size, 1024)):
+            for row in record_batch.to_pylist():
+                if position // chunk_size not in skip:
+                    yield position, cast(RequestRow, row)
+                position += 1
+
+
+def iter_claimed_requests(paths: BatchPaths, chunk_size: int, total: int,
+                          claim: Callable[[], int | None]) -> Iterator[tuple[int, RequestRow]]:
+    """(position, row) for every request of the chunks `claim` hands out, one chunk at a time, until it says None.
+
+    Data parallel (batch_pipeline/domain/data_parallel.py): each engine asks for its next chunk only when its
+    in-flight window needs more requests, so the chunks are shared by how fast each engine goes.
+    """
+    source = pq.ParquetFile(paths.requests)
+    starts = list(itertools.accumulate((source.metadata.row_group(g).num_rows
+                                        for g in range(source.metadata.num_row_groups)), initial=0))
+    group, rows = -1, []
+    while (index := claim()) is not None:
+        for position in range(index * chunk_size, min((index + 1) * chunk_size, total)):
+            wanted = bisect.bisect_right(starts, position) - 1
+            if wanted != group:  # claims mostly go forward: one row group at a time is held
+                group, rows = wanted, source.read_row_group(wanted).to_pylist()
+            yield position, cast(RequestRow, rows[position - starts[group]])
+
+
+def engine_args_for(engine_args: dict, endpoints: dict[str, int]) -> dict:
+    """The kind of request most of the batch asks for decides the engine (one engine per batch, as
+    OpenAI has one endpoint per batch): mostly /v1/embeddings runs a pooling engine, else a generative
+    one; requests of the other kind then fail with `unsupported_endpoint`.
+
+    `batch_chunks` passes the manifest's counts of valid requests; `vllm-batch run` passes the counts
+    of the file's first lines (intake.survey) to prefetch the same engine before validation ends.
+    """
+    embeddings = endpoints.get(EMBEDDINGS_URL, 0)
+    if embeddings and embeddings >= sum(endpoints.values()) - embeddings:
+        return {"runner": "pooling", **engine_args}
+    return engine_args
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkJob:
+    """What `run_chunks` generates: one batch's chunks, where they go and how they are cut."""
+
+    paths: BatchPaths
+    batch_id: str
+    model_name: str  # the name the response bodies carry
+    chunk_size: int
+    total: int  # the batch's valid requests
+    skip: frozenset[int] = frozenset()  # finished chunks
+
+
+def run_chunks(
+    engine: Engine,
+    job: ChunkJob,
+    on_written: Callable[[ChunkReport], None],
+    *,
+    restart: Callable[[], Engine] | None = None,
+    on_first_output: Callable[[], None] | None = None,
+    claim: Callable[[], int | None] | None = None,
+    in_flight: int | None = None,
+) -> None:
+    """Generate every request not in a finished chunk and write the missing chunks.
+
+    With `claim`, only the chunks it hands out are run (one engine of several sharing a batch).
+
+    If the engine dies mid-batch and `restart` is given, a new engine takes over: finished chunks
+    stay, the requests that were in flight are admitted again, and a request that was in flight
+    through two deaths becomes an `engine_error` line (it may be what kills the engine).
+    """
+    paths, batch_id, model_name, chunk_size = job.paths, job.batch_id, job.model_name, job.chunk_size
+    assembler = ChunkAssembler(paths, chunk_size, job.total, on_written)
+    positions: dict[int, RequestRow] = {}
+
+    def failed_row(row: RequestRow, code: str, message: str) -> ChunkRow:
+        error = BatchError(code=code, message=message, line=row["line"])
+        return {"line": row["line"], "custom_id": row["custom_id"], "id": output_line_id(batch_id, row["line"]),
+                "response": None, "error": error_json(error), "prompt_tokens": 0, "completion_tokens": 0}
+
+    # A completions body with several prompts is one engine request per prompt; its row is written
+    # once every part has finished (or as an error as soon as one part fails).
+    part_of: dict[int, tuple[int, int]] = {}  # engine key -> (position, prompt index)
+    parts: dict[int, list[tuple[EngineRequest, RequestOutput] | None]] = {}
+    keys = itertools.count()
+
+    def request_rows() -> Iterator[tuple[int, RequestRow]]:
+        if claim is None:
+            return iter_requests(paths, chunk_size, set(job.skip))
+        return iter_claimed_requests(paths, chunk_size, job.total, claim)
+
+    def engine_requests() -> Iterator[EngineRequest]:
+        for position, row in request_rows():
+            try:
+                requests = prepare_requests(keys, row["url"], row["body"], engine.tokenizer, engine.max_model_len,
+                                            engine.runner, remote=getattr(engine, "remote", False))
+            except RequestRejected as exc:
+                assembler.add(position, failed_row(row, exc.code, str(exc)))
+                continue
+            positions[position] = row
+            parts[position] = [None] * len(requests)
+            for index, request in enumerate(requests):
+                part_of[request.key] = (position, index)
+            yield from requests
+
+    def succeeded_row(row: RequestRow, body: dict[str, Any]) -> ChunkRow:
+        usage = body["usage"]
+        return {
+            "line": row["line"], "custom_id": row["custom_id"], "id": output_line_id(batch_id, row["line"]),
+            "response": json.dumps({"status_code": 200, "request_id": f"vllm-batch-{uuid.uuid4().hex}",
+                                    "body": body}, separators=(",", ":")),
+            "error": None,
+            # `/v1/responses` counts input and output tokens; the other endpoints prompt and completion tokens.
+            "prompt_tokens": usage.get("prompt_tokens", usage.get("input_tokens", 0)),
+            "completion_tokens": usage.get("completion_tokens", usage.get("output_tokens", 0)),
+        }
+
+    if engine.runner == "pooling":
+        _run_embedding_chunks(engine, request_rows(), chunk_size, assembler, failed_row, succeeded_row, model_name)
+    else:
+        source = engine_requests()
+        readmit: deque[EngineRequest] = deque()
+        deaths: dict[int, int] = {}
+
+        def admissions() -> Iterator[EngineRequest]:
+            while readmit:
+                yield readmit.popleft()
+            for request in source:  # noqa: UP028 (`yield from` would close `source` with this generator)
+                yield request
+
+        def fail(position: int, message: str, code: str | None = None) -> None:
+            parts.pop(position, None)
+            assembler.add(position, failed_row(positions.pop(position), code or ErrorCode.ENGINE_ERROR, message))
+
+        while True:
+            try:
+                for request, output in engine.stream(admissions(), in_flight=in_flight):
+                    position, index = part_of.pop(request.key)
+                    if position not in positions:  # another prompt of this row already failed it
+                        continue
+                    if isinstance(output, EngineFailure):
+                        fail(position, output.message, output.code)
+                        continue
+                    finished = parts[position]
+                    finished[index] = (request, output)
+                    if any(part is None for part in finished):
+                        continue
+                    bodies = [response_body(part[0], part[1], model_name) for part in finished if part is not None]
+                    body = bodies[0] if len(bodies) == 1 else merge_completion_bodies(bodies, request.params.n)
+                    del parts[position]
+                    assembler.add(position, succeeded_row(positions.pop(position), body))
+                    if on_first_output is not None:
+                        on_first_output()
+                        on_first_output = None
+                break
+            except EngineDied as died:
+                if restart is None:
+                    raise
+                log.warning("%s; finished chunks are kept, starting a new engine", died)
+                survivors = []
+                for request in died.in_flight:
+                    position, _ = part_of[request.key]
+                    deaths[request.key] = deaths.get(request.key, 0) + 1
+                    if position not in positions:  # its row already failed
+                        part_of.pop(request.key)
+                    elif deaths[request.key] >= 2:
+                        part_of.pop(request.key)
+                        fail(position, "the engine died twice while running this request")
+                    else:
+                        survivors.append(request)
+                readmit.extendleft(reversed(survivors))
+                engine = restart()
+    if assembler.open:
+        missing = sorted(assembler.open)
+        raise RuntimeError(f"chunks {missing} did not receive all their rows; this is a bug")
+
+
+def _run_embedding_chunks(engine: Engine, rows: Iterator[tuple[int, RequestRow]], chunk_size: int,
+                          assembler: ChunkAssembler, failed_row: Callable, succeeded_row: Callable,
+                          model_name: str) -> None:
+    """A pooling engine embeds one chunk per call: prefill-only work leaves little to gain from
+    keeping requests in flight across chunk boundaries."""
+
+    def flush(rows: list[tuple[int, RequestRow]]) -> None:
+        prepared = []
+        for position, row in rows:
+            try:
+                if row["url"] != EMBEDDINGS_URL:
+                    raise RequestRejected(ErrorCode.UNSUPPORTED_ENDPOINT, "this batch runs an embedding (pooling) "
+                                          f"engine; {row['url']} needs a generative one")
+                prepared.append((position, row, prepare_embedding(position, row["body"], engine.tokenizer,
+                                                                  engine.max_model_len, engine.matryoshka)))
+            except RequestRejected as exc:
+                assembler.add(position, failed_row(row, exc.code, str(exc)))
+        vectors = engine.embed([ids for _, _, request in prepared for ids in request.inputs])
+        offset = 0
+        for position, row, request in prepared:
+            count = len(request.inputs)
+            assembler.add(position, succeeded_row(row, embedding_body(request, vectors[offset:offset + count],
+                                                                      model_name)))
+            offset += count
+
+    pending: list[tuple[int, RequestRow]] = []
+    for position, row in rows:
+        if pending and pending[0][0] // chunk_size != position // chunk_size:
+            flush(pending)
+            pending = []
+        pending.append((position, row))
+    if pending:
+        flush(pending)

@@ -1,0 +1,287 @@
+"""The file store behind `/v1/files`: uploaded batch inputs, and batch results exposed as files.
+
+Every file is a folder `DATA_DIR/files/<file_id>/` holding `file.json` (the record) and, for uploads,
+`content`. A batch's output and error files are not copied: their record points at the results
+folder, and their ids are derived from the batch id, so they can be registered again at any time.
+File ids are opaque (`file-` and hex digits) and are checked before they touch a path.
+
+A file may expire (`expires_at`, from the upload's `expires_after` or the batch's
+`output_expires_after`). From that moment it answers 404, as a deleted file does; `expire_due` (the
+API server's timer) then deletes its bytes and leaves `expired` beside the folder's record in place of
+`file.json`, so the id is never handed out or registered again.
+
+Every record carries its owner (batch_pipeline/domain/tenancy.py: the fingerprint of the key that uploaded
+it, or that created the batch a results file belongs to; None for no tenant). Reading a record another
+tenant owns is FileNotFound, as for an id that does not exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from batch_pipeline.domain.tenancy import OPERATOR, Tenant
+from batch_pipeline.entrypoints.api.schemas import Batch, FileObject
+from resources.storage import BatchPaths, Location, atomic_path, is_inside, location, remove_file
+
+log = logging.getLogger(__name__)
+
+_FILE_ID_RE = re.compile(r"^file-[0-9a-f]{24,64}$")
+
+
+class FileNotFound(Exception):
+    """No file has this id (or the id is not a file id at all)."""
+
+
+class FileExpired(FileNotFound):
+    """The file had an expiry and it passed: its bytes are deleted (or about to be)."""
+
+    def __init__(self, file_id: str, expires_at: int):
+        super().__init__(f"{file_id} (it expired at {expires_at} and was deleted)")
+        self.file_id = file_id
+        self.expires_at = expires_at
+
+
+class StoredFile(BaseModel):
+    """file.json: the public record plus where the bytes are."""
+
+    file: FileObject
+    path: str
+    batch_id: str | None = None
+    owner: str | None = None  # the tenant's key fingerprint (never the key); None: no tenant, admin keys only
+
+
+def valid_file_id(file_id: str) -> bool:
+    """True for ids this store hands out."""
+    return bool(_FILE_ID_RE.match(file_id))
+
+
+def result_file_id(batch_id: str, kind: str) -> str:
+    """The stable id of a batch's output ('output') or error ('errors') file."""
+    return "file-" + hashlib.sha256(f"{batch_id}:{kind}".encode()).hexdigest()[:32]
+
+
+class FileStore:
+    """Files under `DATA_DIR/files`."""
+
+    def __init__(self, data_dir: Path):
+        self.root = data_dir / "files"
+        # Parsed records by file id, with the (inode, mtime, size) of the file.json they were read from:
+        # `GET /v1/files` reads every record, and a record is only ever replaced whole (a new inode).
+        self._records: dict[str, tuple[tuple[int, int, int], StoredFile]] = {}
+
+    def _folder(self, file_id: str) -> Path:
+        if not valid_file_id(file_id):
+            raise FileNotFound(file_id)
+        return self.root / file_id
+
+    def get(self, file_id: str, tenant: Tenant = OPERATOR, now: float | None = None) -> StoredFile:
+        """The record of a file, or FileNotFound (also when `tenant` does not see it; FileExpired once its
+        expiry has passed, swept or not)."""
+        folder = self._folder(file_id)
+        try:
+            stored = self._record(file_id, folder / "file.json")
+        except FileNotFoundError:
+            tombstone = folder / "expired"
+            if tombstone.exists():
+                raise FileExpired(file_id, int(tombstone.read_text() or 0)) from None
+            raise FileNotFound(file_id) from None
+        if not tenant.sees(stored.owner):
+            raise FileNotFound(file_id)
+        expires_at = stored.file.expires_at
+        if expires_at is not None and expires_at <= (time.time() if now is None else now):
+            raise FileExpired(file_id, expires_at)
+        return stored
+
+    def _record(self, file_id: str, path: Path) -> StoredFile:
+        stat = path.stat()
+        signature = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        cached = self._records.get(file_id)
+        if cached is not None and cached[0] == signature:
+            return cached[1]  # shared: nothing changes a record in place (a change is a new file.json)
+        stored = StoredFile.model_validate_json(path.read_text())
+        self._records[file_id] = (signature, stored)
+        return stored
+
+    def content(self, file_id: str, tenant: Tenant = OPERATOR) -> Location:
+        """Where a file's bytes are (a local path, or an object under an object-store data root), or
+        FileNotFound if they are gone (or `tenant` does not see them)."""
+        path = location(self.get(file_id, tenant).path)
+        if not path.is_file():
+            raise FileNotFound(file_id)
+        return path
+
+    def content_path(self, file_id: str, tenant: Tenant = OPERATOR) -> Path:
+        """The local path of an uploaded file's bytes (uploads stay on this host), or FileNotFound."""
+        path = self.content(file_id, tenant)
+        if not isinstance(path, Path):
+            raise FileNotFound(file_id)
+        return path
+
+    def _save(self, stored: StoredFile) -> StoredFile:
+        with atomic_path(self.root / stored.file.id / "file.json") as tmp:
+            tmp.write_text(stored.model_dump_json())
+        return stored
+
+    def upload_path(self) -> Path:
+        """A fresh path for an upload in progress (hidden from listings until `adopt`)."""
+        folder = self.root / ".uploads"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / uuid.uuid4().hex
+
+    def remove_stale_uploads(self, older_than_s: float) -> int:
+        """Remove uploads left by a server that died mid-upload (untouched for `older_than_s`); returns how many."""
+        folder = self.root / ".uploads"
+        if not folder.is_dir():
+            return 0
+        removed = 0
+        cutoff = time.time() - older_than_s
+        for entry in os.scandir(folder):
+            try:
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
+    def adopt(self, upload: Path, filename: str, purpose: str, owner: str | None = None,
+              expires_after: int | None = None) -> FileObject:
+        """Turn a finished upload into a file with a new id, owned by `owner` (a key fingerprint), expiring
+        `expires_after` seconds from now."""
+        file_id = "file-" + uuid.uuid4().hex
+        folder = self.root / file_id
+        folder.mkdir(parents=True)
+        os.replace(upload, folder / "content")
+        created_at = int(time.time())
+        file = FileObject(id=file_id, bytes=(folder / "content").stat().st_size, created_at=created_at,
+                          filename=filename, purpose=purpose,  # type: ignore[arg-type]
+                          expires_at=created_at + expires_after if expires_after else None)
+        self._save(StoredFile(file=file, path=str(folder / "content"), owner=owner))
+        return file
+
+    def expired(self, file_id: str) -> bool:
+        """True for a file the sweep deleted at its expiry."""
+        return (self._folder(file_id) / "expired").exists()
+
+    def register_path(self, file_id: str, path: Location, filename: str, purpose: str, batch_id: str,
+                      owner: str | None, expires_after: int | None = None) -> str | None:
+        """Expose a file that lives elsewhere (a batch's input or results) under a derived id, unless deleted
+        (an expired one keeps its id, which answers 404 as OpenAI's expired files do)."""
+        folder = self.root / file_id
+        if (folder / "deleted").exists():
+            return None
+        if (folder / "expired").exists():
+            return file_id
+        stat = path.stat()
+        if (folder / "file.json").exists():
+            stored = StoredFile.model_validate_json((folder / "file.json").read_text())
+            if stored.file.bytes == stat.st_size and stored.path == str(path) and stored.owner == owner:
+                return file_id
+        created_at = int(stat.st_mtime)  # OpenAI anchors an output file's expiry at the file's creation
+        file = FileObject(id=file_id, bytes=stat.st_size, created_at=created_at, filename=filename,
+                          purpose=purpose,  # type: ignore[arg-type]
+                          expires_at=created_at + expires_after if expires_after else None)
+        self._save(StoredFile(file=file, path=str(path), batch_id=batch_id, owner=owner))
+        return file_id
+
+    def register_result(self, batch_id: str, kind: str, path: Location, owner: str | None,
+                        expires_after: int | None = None) -> str | None:
+        """Expose a batch's results file ('output' or 'errors') as a `batch_output` file; returns its id."""
+        name = "output.jsonl" if kind == "output" else "errors.jsonl"
+        return self.register_path(result_file_id(batch_id, kind), path, f"{batch_id}_{name}", "batch_output",
+                                  batch_id, owner, expires_after)
+
+    def attach(self, batch: Batch, paths: BatchPaths, input_path: Path, owner: str | None,
+               output_expires_after: int | None = None) -> Batch:
+        """Fill in the batch's file ids: its input (for batches not made from an upload) and its results,
+        owned by the batch's owner."""
+        if not batch.input_file_id and input_path.is_file():
+            batch.input_file_id = self.register_path(result_file_id(batch.id, "input"), input_path, input_path.name,
+                                                     "batch", batch.id, owner) or ""
+        if batch.status in ("completed", "cancelled", "expired"):
+            for kind, path in (("output", paths.output), ("errors", paths.errors)):
+                file_id = result_file_id(batch.id, kind)
+                if self.expired(file_id):
+                    found: str | None = file_id  # its bytes are gone; the id stays and answers 404
+                # A finished batch always has an output file (maybe empty); a stopped one only if it got
+                # somewhere, and an error file only if there was an error.
+                elif path.exists() and (path.stat().st_size > 0 or (kind == "output" and batch.status == "completed")):
+                    found = self.register_result(batch.id, kind, path, owner, output_expires_after)
+                else:
+                    found = None
+                if kind == "output":
+                    batch.output_file_id = found
+                else:
+                    batch.error_file_id = found
+        return batch
+
+    def expire_due(self, roots: Sequence[Location], now: float) -> list[str]:
+        """Delete every file whose expiry has passed (bytes and record; a tombstone keeps the id); returns
+        the ids. Only bytes under one of `roots` (the local data folder, the data root: a folder or an
+        object-store prefix) are ever deleted.
+
+        Each step may be repeated: a sweep that dies part-way leaves the record of a file whose bytes
+        may already be gone, and the next sweep deletes again (a missing file or object is no error),
+        then writes the tombstone and removes the record. A file whose bytes cannot be deleted now (the
+        object store is unreachable) keeps its record and is tried again by the next sweep; it answers
+        404 meanwhile all the same.
+        """
+        expired = []
+        for file_id in self._ids():
+            folder = self.root / file_id
+            try:
+                stored = StoredFile.model_validate_json((folder / "file.json").read_text())
+            except (FileNotFoundError, ValueError):
+                continue
+            expires_at = stored.file.expires_at
+            if expires_at is None or expires_at > now:
+                continue
+            try:
+                path = location(stored.path)
+                if any(is_inside(path, root) for root in roots):
+                    remove_file(path)
+            except Exception:  # one unreachable object must not keep the other files from expiring
+                log.exception("could not delete the bytes of expired file %s at %s", file_id, stored.path)
+                continue
+            (folder / "expired").write_text(str(expires_at))  # before the record goes: the id never 404s as unknown
+            (folder / "file.json").unlink(missing_ok=True)
+            expired.append(file_id)
+        return expired
+
+    def _ids(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return [entry.name for entry in os.scandir(self.root) if valid_file_id(entry.name)]
+
+    def delete(self, file_id: str, tenant: Tenant = OPERATOR) -> None:
+        """Remove an uploaded file; for a file that lives elsewhere only the record goes (the batch keeps it)."""
+        stored = self.get(file_id, tenant)
+        folder = self._folder(file_id)
+        if stored.batch_id is None:
+            shutil.rmtree(folder)
+            return
+        (folder / "deleted").touch()  # so reading the batch again does not bring the record back
+        (folder / "file.json").unlink()
+
+    def list(self, purpose: str | None = None, tenant: Tenant = OPERATOR) -> Iterator[FileObject]:
+        """Every file `tenant` sees, newest first."""
+        if not self.root.is_dir():
+            return iter(())
+        files = []
+        for file_id in self._ids():
+            try:
+                files.append(self.get(file_id, tenant).file)
+            except (FileNotFound, ValueError):
+                continue  # another tenant's, expired, or being written or deleted right now
+        files.sort(key=lambda f: (f.created_at, f.id), reverse=True)
+        return iter(f for f in files if purpose is None or f.purpose == purpose)

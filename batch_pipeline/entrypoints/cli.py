@@ -1,0 +1,446 @@
+"""`vllm-batch`: run batches from the command line.
+
+Every command exits non-zero with a one-line message on failure; `--json` prints machine-readable output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+import click
+from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from batch_pipeline.entrypoints.api.service import BatchService
+
+T = TypeVar("T")
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+def _settings():
+    from batch_pipeline.domain.settings import get_settings
+    from batch_pipeline.orchestration.enabled_integrations import IntegrationError, check_integrations
+
+    try:
+        settings = get_settings()
+        check_integrations(settings)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        _fail(f"invalid setting VBATCH_{str(err['loc'][0]).upper()}: {err['msg']}")
+    except IntegrationError as exc:
+        _fail(str(exc))
+    return settings
+
+
+_INTEGRATION_FLAGS = ("monitoring", "curation", "webhooks")
+
+
+def integration_flags(command):
+    """`--enable-monitoring`, `--enable-curation`, `--enable-webhooks`: the same as VBATCH_ENABLE_<NAME>=true."""
+    for name in reversed(_INTEGRATION_FLAGS):
+        command = click.option(f"--enable-{name}", f"enable_{name}", is_flag=True, expose_value=False,
+                               callback=_enable_integration, help=f"Switch on the {name} integration.")(command)
+    return command
+
+
+def _enable_integration(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    # Through the environment, so that the daemon, the webserver and run workers started from here see it too.
+    if value and param.name:
+        os.environ[f"VBATCH_{param.name.upper()}"] = "true"
+
+
+class _Commands(click.Group):
+    """The core commands, plus the command groups integrations add (`vllm-batch webhooks ...`), loaded on use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        from batch_pipeline.orchestration.enabled_integrations import integration_commands
+
+        return sorted({*super().list_commands(ctx), *integration_commands()})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        from batch_pipeline.orchestration.enabled_integrations import integration_commands, load_attribute
+
+        command = super().get_command(ctx, cmd_name)
+        if command is None and cmd_name in integration_commands():
+            command = load_attribute(integration_commands()[cmd_name])
+        return command
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Run OpenAI-format batch files through vLLM as a Dagster pipeline."""
+
+
+@main.command()
+@click.argument("input_file", type=click.Path(path_type=str))
+@click.option("--model", "-m", required=True, help="Model to load: a local directory or a hub id.")
+@click.option("--model-name", help="Name reported in responses (default: the --model value).")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Copy output.jsonl and errors.jsonl here.")
+@click.option("--batch-id", help="Partition key for the batch (default: derived from the file and model).")
+@click.option("--chunk-size", type=click.IntRange(1), help="Requests per chunk (default: VBATCH_CHUNK_SIZE).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--verbose", "-v", is_flag=True, help="Show vLLM's and Dagster's logs.")
+@integration_flags
+def run(input_file: str, model: str, model_name: str | None, output: Path | None, batch_id: str | None,
+        chunk_size: int | None, as_json: bool, verbose: bool) -> None:
+    """Materialise one batch end to end on the configured instance and print where the results are.
+
+    INPUT_FILE is a local file, or an s3:// or gs:// URI (downloaded first; needs the s3 / gcs extra).
+    """
+    if not verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    settings = _settings()
+    local_input = _input_path(settings, input_file)
+    from batch_pipeline.domain.instance import InstanceConfigError, open_instance
+    from batch_pipeline.entrypoints.local_run import BatchRunError, register_local_batch, run_batch_in_process
+
+    try:
+        instance = open_instance(settings)
+        spec = register_local_batch(settings, instance, local_input, model, model_name, batch_id, chunk_size)
+    except (InstanceConfigError, BatchRunError) as exc:
+        _fail(str(exc))
+    if settings.engine_host is None:
+        # One batch, one process: the engine loads here and dies with the command, leaving no host behind
+        # (VBATCH_ENGINE_HOST=true runs it on the instance's warm host instead, and leaves it warm).
+        settings = settings.model_copy(update={"engine_host": False})
+    from batch_pipeline.domain.chunks import engine_args_for
+    from batch_pipeline.domain.intake import HEAD_LINES, survey
+    from batch_pipeline.domain.status import ChunkStats
+    from batch_pipeline.entrypoints.console import ProgressDisplay, ProgressWatcher, Snapshot
+    from batch_pipeline.orchestration.definitions import build_resources
+    from resources.storage import BatchStorage, download
+    from resources.vllm_engine import VLLMEngine
+
+    # The file's first lines tell the engine kind (pooling or generative), so the prefetched engine
+    # is the one batch_chunks asks for and the batch loads exactly one engine.
+    head = survey(local_input, settings.max_line_bytes, HEAD_LINES)
+    engine = build_resources(settings)["engine"]
+    if not engine.data_parallel():  # data parallel engines load in batch_chunks' worker processes
+        engine.prefetch(spec.model, engine_args_for(spec.engine_args, head.url_counts))  # overlaps validation
+    display = ProgressDisplay(spec.batch_id)
+    paths = BatchStorage(data_dir=settings.data_root).batch(spec.batch_id)
+    stats = ChunkStats()
+
+    def snapshot() -> Snapshot | None:
+        counts = stats.progress(paths)
+        return None if counts is None else Snapshot(counts.completed + counts.failed, counts.total,
+                                                    counts.completion_tokens)
+
+    # On a terminal the bar replaces the per-chunk log lines; elsewhere both are printed.
+    log_level = "DEBUG" if verbose else "WARNING" if display.tty else "INFO"
+    with ProgressWatcher(display, snapshot):
+        result = run_batch_in_process(settings, instance, spec.batch_id, log_level=log_level)
+    if not result.success:
+        # The batch may have failed before its engine was used (a bad file): stop the load first.
+        VLLMEngine.discard()
+        _fail(f"batch {spec.batch_id} failed: {result.error}")
+    if result.integration_error:
+        click.echo(f"warning: an integration failed (the batch's results are complete): {result.integration_error}",
+                   err=True)
+    summary = dict(result.summary, run_id=result.run_id, seconds=round(result.seconds, 2))
+    if output:
+        output.mkdir(parents=True, exist_ok=True)
+        for name, source in (("output.jsonl", result.paths.output), ("errors.jsonl", result.paths.errors)):
+            download(source, output / name)
+        summary["output_file"] = str(output / "output.jsonl")
+        summary["error_file"] = str(output / "errors.jsonl")
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"batch {spec.batch_id}: {summary['completed']} completed, {summary['failed']} failed "
+               f"in {result.seconds:.1f}s (engine load {summary.get('engine_load_seconds', 0):.1f}s, "
+               f"{summary.get('completion_tokens_per_second', 0):.0f} generated tokens/s)")
+    click.echo(f"output: {summary['output_file']}")
+    click.echo(f"errors: {summary['error_file']}")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the Dagster UI listens on.")
+@click.option("--port", default=3000, show_default=True, type=click.IntRange(1, 65535), help="Port of the Dagster UI.")
+@integration_flags
+def start(host: str, port: int) -> None:
+    """Start the Dagster webserver and daemon on the configured instance and keep them running."""
+    from batch_pipeline.domain.instance import InstanceConfigError
+    from batch_pipeline.entrypoints.supervisor import AlreadyRunning, run_service
+
+    settings = _settings()
+    echo = click.echo
+    if settings.log_format == "json":
+        from batch_pipeline.domain.log_format import json_echo, use_json_logging
+
+        use_json_logging("supervisor", "WARNING")
+        echo = json_echo("supervisor")
+    try:
+        sys.exit(run_service(settings, host, port, echo=echo))
+    except (InstanceConfigError, AlreadyRunning) as exc:
+        _fail(str(exc))
+
+
+@main.command("tiny-model")
+@click.argument("target", type=click.Path(path_type=Path), default=Path("models/tiny-llama"))
+def tiny_model(target: Path) -> None:
+    """Build the tiny random-weight Llama used by the tests and the demo (no download needed)."""
+    from batch_pipeline.domain.tiny_model import build_tiny_model
+
+    click.echo(str(build_tiny_model(target).resolve()))
+
+
+
+# ---- the queue: submit, status, list, results, cancel, serve ------------------------------------
+# These go through batch_pipeline.entrypoints.api.service, the same code the API server uses, so a status shown
+# here is the status the API reports.
+
+
+def _input_path(settings, value: str) -> Path:
+    """A local input file as given; an s3:// or gs:// URI is downloaded (streamed) into DATA_DIR/inputs/ first."""
+    from batch_pipeline.orchestration.enabled_integrations import IntegrationError, input_path
+
+    try:
+        return input_path(settings, value)
+    except IntegrationError as exc:
+        _fail(str(exc))
+
+
+def _service() -> BatchService:
+    settings = _settings()
+    from batch_pipeline.domain.instance import InstanceConfigError, open_instance
+    from batch_pipeline.entrypoints.api.service import BatchService
+
+    try:
+        return BatchService(settings, open_instance(settings))
+    except InstanceConfigError as exc:
+        _fail(str(exc))
+
+
+def _call(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a service call; its known errors become one line and exit code 1."""
+    from batch_pipeline.domain.batches import BatchNotFound
+    from batch_pipeline.entrypoints.api.files import FileNotFound
+    from batch_pipeline.entrypoints.api.service import BatchRequestError
+
+    try:
+        return function(*args, **kwargs)
+    except BatchNotFound as exc:
+        _fail(f"no batch with id {str(exc)!r}")
+    except FileNotFound as exc:
+        _fail(f"no such file: {exc}")
+    except BatchRequestError as exc:
+        _fail(str(exc))
+
+
+def _print_batch(batch, as_json: bool) -> None:
+    if as_json:
+        click.echo(batch.model_dump_json(indent=2))
+        return
+    counts = batch.request_counts
+    click.echo(f"{batch.id}  {batch.status}  {counts.completed} completed, {counts.failed} failed of {counts.total}"
+               f"  ({batch.usage.output_tokens} output tokens)")
+    for error in (batch.errors.data if batch.errors else []):
+        click.echo(f"  error: {error.message}")
+
+
+def _wait(service: BatchService, batch_id: str, interval: float):
+    """Poll until the batch is finished, showing its progress on stderr."""
+    import time
+
+    from batch_pipeline.entrypoints.api.schemas import TERMINAL_STATUSES
+    from batch_pipeline.entrypoints.console import ProgressDisplay, Snapshot
+
+    with ProgressDisplay(batch_id) as display:
+        while True:
+            progress = _call(service.progress, batch_id)
+            display.show(Snapshot(progress.done, progress.total, progress.output_tokens, progress.batch.status))
+            if progress.batch.status in TERMINAL_STATUSES:
+                return progress.batch
+            time.sleep(interval)
+
+
+def _finish(batch, as_json: bool) -> None:
+    _print_batch(batch, as_json)
+    if batch.status != "completed":
+        reason = batch.errors.data[0].message if batch.errors and batch.errors.data else batch.status
+        _fail(f"batch {batch.id} {batch.status}: {reason}")
+
+
+@main.command()
+@click.argument("input_file", type=click.Path(path_type=str))
+@click.option("--model", "-m", required=True, help="A served model name (models file) or a local model directory.")
+@click.option("--batch-id", help="Partition key for the batch (default: derived from the file and model).")
+@click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="Metadata to keep with the batch; repeatable.")
+@click.option("--wait", is_flag=True, help="Wait for the batch, with a progress bar; exit 1 unless it completes.")
+@click.option("--interval", type=click.FloatRange(0.1), default=2.0, show_default=True, help="Seconds between polls.")
+@click.option("--json", "as_json", is_flag=True, help="Print the Batch object as JSON.")
+def submit(input_file: str, model: str, batch_id: str | None, metadata: tuple[str, ...], wait: bool,
+           interval: float, as_json: bool) -> None:
+    """Queue a batch file for the daemon (`dagster-daemon` or `vllm-batch start` must be running).
+
+    INPUT_FILE is a local file, or an s3:// or gs:// URI (downloaded first; needs the s3 / gcs extra).
+    """
+    pairs = {}
+    for item in metadata:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(f"--metadata takes KEY=VALUE, got {item!r}")
+        pairs[key] = value
+    service = _service()
+    batch = _call(service.submit_file, _input_path(service.settings, input_file), model, batch_id, pairs)
+    if not wait:
+        _print_batch(batch, as_json)
+        return
+    if not as_json:
+        click.echo(f"queued {batch.id}", err=True)
+    _finish(_wait(service, batch.id, interval), as_json)
+
+
+@main.command()
+@click.argument("batch_id")
+@click.option("--wait", is_flag=True, help="Wait for the batch, with a progress bar; exit 1 unless it completes.")
+@click.option("--interval", type=click.FloatRange(0.1), default=2.0, show_default=True, help="Seconds between polls.")
+@click.option("--json", "as_json", is_flag=True, help="Print the Batch object as JSON.")
+def status(batch_id: str, wait: bool, interval: float, as_json: bool) -> None:
+    """Show a batch's status, request counts and token usage."""
+    service = _service()
+    if wait:
+        _finish(_wait(service, batch_id, interval), as_json)
+        return
+    _print_batch(_call(service.describe, batch_id), as_json)
+
+
+@main.command("list")
+@click.option("--limit", type=click.IntRange(1, 100), default=20, show_default=True)
+@click.option("--after", help="List the batches after this id (the last id of the previous page).")
+@click.option("--json", "as_json", is_flag=True, help="Print the page as JSON (OpenAI's list shape).")
+def list_batches(limit: int, after: str | None, as_json: bool) -> None:
+    """List batches, newest first, however they were started (API, CLI, UI, sensor)."""
+    page = _call(_service().list, limit, after)
+    if as_json:
+        click.echo(page.model_dump_json(indent=2))
+        return
+    for batch in page.data:
+        counts = batch.request_counts
+        click.echo(f"{batch.id}  {batch.status:<11} {counts.completed + counts.failed}/{counts.total}  "
+                   f"{batch.model or ''}")
+    if page.has_more:
+        click.echo(f"(more: vllm-batch list --after {page.last_id})")
+
+
+@main.command()
+@click.argument("batch_id")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Write the file here instead of stdout.")
+@click.option("--errors", "which", flag_value="errors", help="The error file instead of the output file.")
+@click.option("--partial", is_flag=True,
+              help="While the batch runs: the output lines of its chunks finished so far (a prefix of the final file).")
+@click.option("--json", "as_json", is_flag=True, help="With -o: print where the file went, as JSON.")
+def results(batch_id: str, output: Path | None, which: str | None, partial: bool, as_json: bool) -> None:
+    """Print (or save) a finished batch's output file, or its error file with --errors."""
+    import shutil
+
+    from resources.storage import download
+
+    kind = which or "output"
+    service = _service()
+    if partial:
+        if which == "errors":
+            _fail("--partial gives output lines only; the error file is written when the batch ends")
+        _write_lines(_call(service.partial_output, batch_id), output, batch_id, as_json)
+        return
+    path = _call(service.result_path, batch_id, kind)
+    if path is None:
+        batch = _call(service.describe, batch_id)
+        _fail(f"batch {batch_id} has no {kind} file (status {batch.status})")
+    if output is None:
+        with path.open("rb") as handle:
+            shutil.copyfileobj(handle, sys.stdout.buffer)
+        return
+    try:
+        download(path, output)
+    except OSError as exc:
+        _fail(f"cannot write {output}: {exc.strerror or exc}")
+    if as_json:
+        click.echo(json.dumps({"batch_id": batch_id, "kind": kind, "path": str(output.resolve()),
+                               "bytes": output.stat().st_size}))
+    else:
+        click.echo(str(output))
+
+
+def _write_lines(lines: Iterator[str], output: Path | None, batch_id: str, as_json: bool) -> None:
+    """Write output lines to stdout or, atomically, to `output`."""
+    from resources.storage import atomic_path
+
+    if output is None:
+        for line in lines:
+            sys.stdout.write(line)
+        sys.stdout.flush()
+        return
+    count = 0
+    try:
+        with atomic_path(output.resolve()) as tmp, tmp.open("w") as handle:
+            for line in lines:
+                handle.write(line)
+                count += 1
+    except OSError as exc:
+        _fail(f"cannot write {output}: {exc.strerror or exc}")
+    if as_json:
+        click.echo(json.dumps({"batch_id": batch_id, "kind": "output", "partial": True, "lines": count,
+                               "path": str(output.resolve()), "bytes": output.stat().st_size}))
+    else:
+        click.echo(str(output))
+
+
+@main.command()
+@click.argument("batch_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the Batch object as JSON.")
+def cancel(batch_id: str, as_json: bool) -> None:
+    """Cancel a queued or running batch; what it finished stays in its output file."""
+    _print_batch(_call(_service().cancel, batch_id), as_json)
+
+
+@main.command()
+@click.option("--host", help="Address to bind (default: VBATCH_API_HOST, 127.0.0.1).")
+@click.option("--port", type=click.IntRange(1, 65535), help="Port (default: VBATCH_API_PORT, 8000).")
+@click.option("--json", "as_json", is_flag=True, help="Print the address as JSON before serving.")
+def serve(host: str | None, port: int | None, as_json: bool) -> None:
+    """Serve the OpenAI-compatible Batch API (files, batches, models) on HTTP."""
+    settings = _settings()
+    try:
+        import uvicorn
+
+        from batch_pipeline.entrypoints.api.app import create_app
+    except ImportError as exc:
+        _fail(f"the API server needs the 'api' extra (pip install 'vllm-batch-pipeline[api]'): {exc}")
+    try:
+        keys = settings.api_key_set()
+    except OSError as exc:
+        _fail(f"cannot read VBATCH_API_KEYS_FILE: {exc.strerror or exc}")
+    try:
+        keys |= settings.admin_key_set()
+    except OSError as exc:
+        _fail(f"cannot read VBATCH_ADMIN_API_KEYS_FILE: {exc.strerror or exc}")
+    if not keys:
+        _fail("no API keys configured: set VBATCH_API_KEYS (comma-separated) or VBATCH_API_KEYS_FILE")
+    host, port = host or settings.api_host, port or settings.api_port
+    log_config: dict[str, Any] | None = None
+    if settings.log_format == "json":
+        from batch_pipeline.domain.log_format import json_echo, logging_config, use_json_logging
+
+        use_json_logging("api", "WARNING")
+        log_config = logging_config("api", "WARNING")
+        json_echo("api")(f"serving the Batch API on http://{host}:{port}/v1")
+    if as_json:
+        click.echo(json.dumps({"url": f"http://{host}:{port}/v1"}))
+    elif log_config is None:
+        click.echo(f"serving the Batch API on http://{host}:{port}/v1", err=True)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning",
+                log_config=log_config or uvicorn.config.LOGGING_CONFIG)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Run one batch end to end in this process, on a given instance (the `vllm-batch run` path)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import psutil
+from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+
+from batch_pipeline.domain.batches import BatchSpec, load_summary
+from batch_pipeline.domain.constants import HOST_TAG, LOCAL_PID_STARTED_TAG, LOCAL_PID_TAG, SOURCE_TAG
+from batch_pipeline.domain.intake import IntakeError, checked_input, register, resolve_model
+from batch_pipeline.domain.settings import Settings
+from batch_pipeline.domain.status import failure_message
+from resources.storage import BatchPaths, BatchStorage
+
+
+class BatchRunError(Exception):
+    """The batch could not be run; the message is one readable line."""
+
+
+@dataclass
+class BatchRun:
+    batch_id: str
+    run_id: str
+    success: bool
+    paths: BatchPaths
+    seconds: float
+    error: str | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+    integration_error: str | None = None  # the enabled integrations failed; the batch itself is complete
+
+
+def register_local_batch(settings: Settings, instance: DagsterInstance, input_file: Path, model: str,
+                         model_name: str | None = None, batch_id: str | None = None,
+                         chunk_size: int | None = None, source: str = "cli") -> BatchSpec:
+    """Register a file for `vllm-batch run`: `model` is a served name, a local model folder or a hub id."""
+    try:
+        path = checked_input(input_file)
+        served = resolve_model(settings, model, allow_hub_ids=True)
+        if model_name:
+            served = replace(served, name=model_name)
+        return register(settings, instance, path, served, source=source, batch_id=batch_id, chunk_size=chunk_size)
+    except IntakeError as exc:
+        raise BatchRunError(str(exc)) from None
+
+
+def _process_alive(pid: int, started: float) -> bool:
+    # (pid, start time) identifies a process; a new process that reused the pid has another start time.
+    try:
+        return abs(psutil.Process(pid).create_time() - started) < 1.0
+    except psutil.Error:
+        return False
+
+
+def reap_dead_local_runs(instance: DagsterInstance) -> list[str]:
+    """Fail the in-process runs whose process died, and free their `gpu` pool slots.
+
+    A run executed in-process (`vllm-batch run`) that is killed never reports its end, and no daemon
+    watches it, so it would hold its pool slot forever and block every later run. Returns the run ids.
+    """
+    reaped = []
+    records = instance.get_run_records(RunsFilter(statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.STARTING]))
+    for record in records:
+        run = record.dagster_run
+        if LOCAL_PID_TAG not in run.tags or run.tags.get(HOST_TAG) != socket.gethostname():
+            continue
+        if _process_alive(int(run.tags[LOCAL_PID_TAG]), float(run.tags[LOCAL_PID_STARTED_TAG])):
+            continue
+        instance.report_run_failed(run, "the process running it (vllm-batch run) died")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        reaped.append(run.run_id)
+    return reaped
+
+
+def run_batch_in_process(settings: Settings, instance: DagsterInstance, batch_id: str, tags: dict | None = None,
+                         log_level: str = "INFO") -> BatchRun:
+    """Execute batch_job for one partition in this process and collect the summary."""
+    from batch_pipeline.orchestration.definitions import build_definitions
+
+    reap_dead_local_runs(instance)
+    paths = BatchStorage(data_dir=settings.data_root).batch(batch_id)
+    defs = build_definitions(settings)
+    job = defs.resolve_job_def("batch_job")
+    me = psutil.Process()
+    run_tags = {SOURCE_TAG: "cli", **(tags or {}), HOST_TAG: socket.gethostname(),
+                LOCAL_PID_TAG: str(me.pid), LOCAL_PID_STARTED_TAG: repr(me.create_time())}
+    started = time.perf_counter()
+    # The console shows the run's own messages (chunk progress, warnings); the event log keeps everything.
+    run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+    result = job.execute_in_process(instance=instance, partition_key=batch_id, raise_on_error=False, tags=run_tags,
+                                    run_config=run_config)
+    run = BatchRun(batch_id, result.run_id, result.success, paths, time.perf_counter() - started)
+    if not result.success:
+        run.error = failure_message(result.all_events)
+        return run
+    summary = load_summary(paths)
+    if summary is None:  # batch_results, the run's last step, writes it: removed since, by someone else
+        run.success, run.error = False, f"the run ended without writing {paths.summary}"
+        return run
+    run.summary = summary.model_dump()
+    for event in result.all_events:
+        if event.is_step_materialization and event.step_key == "batch_chunks":
+            meta = event.step_materialization_data.materialization.metadata
+            for key in ("generation_seconds", "engine_load_seconds", "completion_tokens_per_second",
+                        "chunks_resumed", "chunks_run", "engines_loaded_in_process", "first_output_seconds", "engines"):
+                run.summary[key] = meta[key].value
+    if defs.get_repository_def().has_job("batch_integrations"):
+        # The daemon runs them by automation after batch_results; in-process nobody else would.
+        # A separate run, so a failing integration leaves the batch's run successful.
+        follow_up = defs.resolve_job_def("batch_integrations").execute_in_process(
+            instance=instance, partition_key=batch_id, raise_on_error=False, tags=run_tags, run_config=run_config)
+        if not follow_up.success:
+            run.integration_error = failure_message(follow_up.all_events)
+    return run

@@ -1,0 +1,1 @@
+"""The Dagster definitions: the code location's Definitions, sensors, schedules and the enabled integrations."""
