@@ -3,20 +3,17 @@
 import logging
 
 from dagster import AssetExecutionContext, AssetObservation, Failure, MaterializeResult, MetadataValue, asset
-from dagster_postgres.utils import DagsterPostgresException
-from sqlalchemy.exc import DBAPIError
 
 from assets.batch_input import batch_input
 from batch_pipeline.domain.batches import batches_partitions
 from batch_pipeline.domain.chunks import ChunkReport
 from batch_pipeline.domain.generation import BatchNotReady, ChunksMissing, Generation, generate_batch
+from batch_pipeline.domain.instance import database_blip
 from resources.engine_types import EngineLoadError
 from resources.storage import BatchStorage
 from resources.vllm_engine import VLLMEngine
 
 log = logging.getLogger(__name__)
-# What a write to the instance's database raises while the database restarts.
-DATABASE_BLIPS = (DBAPIError, DagsterPostgresException)
 
 
 @asset(partitions_def=batches_partitions, deps=[batch_input], pool="gpu", group_name="batch", kinds={"vllm", "parquet"})
@@ -31,7 +28,9 @@ def batch_chunks(context: AssetExecutionContext, storage: BatchStorage, engine: 
                 "completion_tokens": report.completion_tokens, "chunks_total": total}))
             context.log.info(f"chunk {report.index} written ({done}/{total} chunks, {report.rows} requests)",
                              extra={"chunk": report.index})
-        except DATABASE_BLIPS as exc:
+        except Exception as exc:
+            if not database_blip(exc):
+                raise
             # A progress report only: the chunk is safe on disk, and a database blip (a PostgreSQL restart,
             # which dagster-postgres reports as "too many retries for DB connection") must not fail a batch
             # that is generating fine. Not through context.log: that writes to the same database.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sys
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import yaml
 from dagster import DagsterInstance
+from sqlalchemy.exc import DBAPIError
 
 from batch_pipeline.domain.settings import Settings
 from resources.device_slots import SlotConfigError, engine_slots
@@ -124,3 +126,13 @@ def _locked_open(settings: Settings) -> DagsterInstance:
 def open_instance(settings: Settings) -> DagsterInstance:
     """The configured instance (SQLite by default, Postgres when configured), created once whoever comes first."""
     return _locked_open(settings)
+
+
+def database_blip(exc: Exception) -> bool:
+    """Whether a write to the instance's database failed because the database is restarting.
+
+    dagster-postgres reports it as its own exception; it is checked only when the instance already
+    loaded it (importing it here cost every run worker 2.7 s, and a SQLite instance never raises it).
+    """
+    postgres = sys.modules.get("dagster_postgres.utils")
+    return isinstance(exc, DBAPIError) or (postgres is not None and isinstance(exc, postgres.DagsterPostgresException))
