@@ -164,3 +164,44 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
             return xdist_group_of(nodeid)
 
     return GroupScheduling(config, log)
+
+
+class EngineCount:
+    """Counts the vLLM engines the suite starts: every engine core process seen, by pid and start time.
+
+    vLLM titles its engine core process `VLLM::EngineCore`; one appears per engine loaded, in a test's own
+    process, a run worker or an engine host alike. Polled in the process that runs the session (the xdist
+    controller with workers), so every worker's engines are seen, and printed at the end of the run.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self.seen: set[tuple[int, float]] = set()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, name="engine-count", daemon=True)
+
+    def _poll(self) -> None:
+        import psutil
+
+        while not self.stop.wait(0.5):
+            for process in psutil.process_iter(["pid", "create_time", "cmdline"]):
+                cmdline = process.info["cmdline"] or []
+                if cmdline and cmdline[0].startswith("VLLM::EngineCore"):
+                    self.seen.add((process.info["pid"], process.info["create_time"]))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):  # the controller (or the only process): it outlives every test
+        config.stash[ENGINE_COUNT] = EngineCount()
+        config.stash[ENGINE_COUNT].thread.start()
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    count = config.stash.get(ENGINE_COUNT, None)
+    if count is not None:
+        count.stop.set()
+        terminalreporter.write_line(f"vLLM engines started during the tests: {len(count.seen)}")
+
+
+ENGINE_COUNT = pytest.StashKey[EngineCount]()
