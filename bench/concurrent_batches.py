@@ -116,7 +116,7 @@ def main() -> None:
         service = BatchService(settings, open_instance(settings))
 
         def stage(label: str, paths: list[Path], repeat: int) -> dict:
-            started = time.perf_counter()
+            started, started_wall = time.perf_counter(), time.time()
             ids = [service.submit_file(path, model, f"{label}-{repeat}-{path.stem}", {}).id for path in paths]
             submitted = time.perf_counter() - started
             ended: dict[str, float] = {}
@@ -141,6 +141,7 @@ def main() -> None:
                     raise SystemExit(f"{batch_id} ended {batch.status} with {counts}; see {work}")
             host = read_host(work / "data" / "engines")
             steps = [chunk_step_facts(service.instance, batch_id) for batch_id in ids]
+            spans = [run_span(service.instance, batch_id) for batch_id in ids]
             first_outputs = sorted(step["first_output_seconds"] for step in steps if step)
             row = {"label": label, "repeat": repeat, "batches": len(ids),
                    "requests": sum(b.request_counts.total for b in batches.values()),
@@ -149,7 +150,11 @@ def main() -> None:
                    "host_pid": host["pid"] if host else None,
                    # Seconds from each batch step's start to its first finished request (sorted).
                    "first_output_seconds": first_outputs,
-                   "engines_loaded_in_steps": sum(step.get("engines_loaded_in_process", 0) for step in steps if step)}
+                   "engines_loaded_in_steps": sum(step.get("engines_loaded_in_process", 0) for step in steps if step),
+                   # Where a batch's time goes, mean over the stage's batches: submit -> run start (sensor,
+                   # queue, launch), run start -> end outside the generation step (process start, input,
+                   # results), and the generation step itself.
+                   "mean_seconds": mean_breakdown(started_wall, spans, steps)}
             results["stages"].append(row)
             print(json.dumps(row), flush=True)
             return row
@@ -185,6 +190,28 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
         else:
             print(f"kept {work}", file=sys.stderr)
+
+
+def run_span(instance, batch_id: str) -> tuple[float, float] | None:
+    """(start, end) wall-clock times of the batch's latest run, if it ran."""
+    from dagster import RunsFilter
+
+    from batch_pipeline.domain.constants import PARTITION_TAG
+
+    records = instance.get_run_records(RunsFilter(tags={PARTITION_TAG: batch_id}), limit=1)
+    if not records or records[0].start_time is None or records[0].end_time is None:
+        return None
+    return records[0].start_time, records[0].end_time
+
+
+def mean_breakdown(submitted: float, spans: list, steps: list[dict]) -> dict:
+    """Mean seconds per batch: waiting for its run, its run outside the generation step, the step."""
+    rows = [(span[0] - submitted, span[1] - span[0] - step.get("step_seconds", 0.0), step.get("step_seconds", 0.0))
+            for span, step in zip(spans, steps, strict=True) if span and step]
+    if not rows:
+        return {}
+    return {name: round(sum(row[index] for row in rows) / len(rows), 2)
+            for index, name in enumerate(("to_run_start", "run_outside_step", "generation_step"))}
 
 
 def chunk_step_facts(instance, batch_id: str) -> dict:
