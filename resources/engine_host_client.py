@@ -170,11 +170,12 @@ class HostedEngine(Streaming):
 
 
 def attach(state_dir: Path, kwargs: dict[str, Any], idle_seconds: int, start_timeout: float = 1800.0,
-           replace: bool = True) -> HostedEngine:
+           replace: bool = True, service_pid: int | None = None) -> HostedEngine:
     """The host's engine for `kwargs`: the running host if it has them, else a new host (after
     stopping one that runs another model, so its memory is free before the new model loads).
 
     `replace=False` (a client sharing the slot with others): a host of another model is not stopped.
+    `service_pid`: the service a new host belongs to (`vllm-batch start`); the host ends when it is gone.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -190,7 +191,7 @@ def attach(state_dir: Path, kwargs: dict[str, Any], idle_seconds: int, start_tim
         if record is None:
             (state_dir / HOST_RECORD).unlink(missing_ok=True)
             engine_processes.reap_orphaned_engines(state_dir)
-            record = _start_host(state_dir, kwargs, idle_seconds, start_timeout)
+            record = _start_host(state_dir, kwargs, idle_seconds, start_timeout, service_pid)
     try:
         conn = Client(record["address"], family="AF_UNIX", authkey=bytes.fromhex(record["authkey"]))
     except (OSError, EOFError) as exc:
@@ -255,7 +256,12 @@ def _socket_address(state_dir: Path, name: str) -> str:
     return str(Path(tempfile.gettempdir()) / name)
 
 
-def _start_host(state_dir: Path, kwargs: dict[str, Any], idle_seconds: int, timeout: float) -> dict:
+def _start_host(state_dir: Path, kwargs: dict[str, Any], idle_seconds: int, timeout: float,
+                service_pid: int | None) -> dict:
+    service = None
+    if service_pid is not None:
+        with contextlib.suppress(psutil.Error):  # (pid, start time): a later process with the pid is not it
+            service = [service_pid, psutil.Process(service_pid).create_time()]
     authkey = secrets.token_hex(16)
     address = _socket_address(state_dir, f"host-{os.getpid()}-{secrets.token_hex(4)}.sock")
     log_path = state_dir / "host.log"
@@ -265,7 +271,8 @@ def _start_host(state_dir: Path, kwargs: dict[str, Any], idle_seconds: int, time
                                    stdout=log_file, stderr=log_file, start_new_session=True)
     assert process.stdin is not None
     process.stdin.write(json.dumps({"kwargs": kwargs, "idle_seconds": idle_seconds, "address": address,
-                                    "authkey": authkey, "state_dir": str(state_dir)}).encode())
+                                    "authkey": authkey, "state_dir": str(state_dir),
+                                    "service": service}).encode())
     process.stdin.close()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

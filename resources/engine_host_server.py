@@ -77,7 +77,7 @@ def _serve(config: dict) -> None:
 
     signal.signal(signal.SIGTERM, lambda *_: exit_host(0))
     host = _Host(engine, llm, exit_host, config["idle_seconds"], max(2 * record["max_num_seqs"], 512))
-    threading.Thread(target=host.idle_watch, name="idle-watch", daemon=True).start()
+    threading.Thread(target=host.idle_watch, args=(config.get("service"),), name="idle-watch", daemon=True).start()
     threading.Thread(target=host.engine_loop, name="engine-loop", daemon=True).start()
     print(f"engine host for {kwargs['model']} ready after {record['load_seconds']:.1f}s", flush=True)
     while True:
@@ -86,6 +86,15 @@ def _serve(config: dict) -> None:
         except (OSError, EOFError, ValueError):  # a client that failed the handshake (wrong key, gone)
             continue
         threading.Thread(target=host.serve_client, args=(conn,), name="client", daemon=True).start()
+
+
+def _alive(identity: list) -> bool:
+    """Whether the process (pid, start time) still runs."""
+    try:
+        process = psutil.Process(identity[0])
+        return abs(process.create_time() - identity[1]) < 1e-3 and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 class _Client:
@@ -128,13 +137,19 @@ class _Host:
         self.dead: str | None = None
         self.last_active = time.monotonic()
 
-    def idle_watch(self) -> None:
+    def idle_watch(self, service: list | None) -> None:
+        """Exit when idle for `idle_seconds`, or at once when idle and the service it belongs to is gone
+        (a `vllm-batch start` killed with SIGKILL cannot stop its host; nobody else would use it)."""
         while True:
             time.sleep(1.0)
             with self.cond:
-                idle = self.clients == 0 and time.monotonic() - self.last_active > self.idle_seconds
+                unused = self.clients == 0
+                idle = unused and time.monotonic() - self.last_active > self.idle_seconds
             if idle:
                 print(f"idle for {self.idle_seconds}s; releasing the engine", flush=True)
+                self.exit_host(0)
+            if unused and service is not None and not _alive(service):
+                print(f"the service (pid {service[0]}) is gone; releasing the engine", flush=True)
                 self.exit_host(0)
 
     def _died(self, exc: BaseException) -> None:

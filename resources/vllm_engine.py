@@ -120,6 +120,8 @@ class VLLMEngine(ConfigurableResource):
     # and run workers drive it over a local socket. Needs state_dir. Off: the engine lives in the worker.
     engine_host: bool = False
     idle_seconds: int = 600
+    # The service (`vllm-batch start`) whose runs these are: a host it starts ends when the service is gone.
+    service_pid: int | None = None
     # Where each loaded engine records its processes, so the next load can kill those of a worker
     # that was SIGKILLed (see resources/engine_processes.py). None: no record is kept.
     state_dir: str | None = None
@@ -267,7 +269,8 @@ class VLLMEngine(ConfigurableResource):
                 self.process.lease = None
                 lease = self._lease(kwargs)
                 slot = lease.slot
-            hosted = engine_host_client.attach(self.host_dir(slot), kwargs, self.idle_seconds, replace=not lease.shared)
+            hosted = engine_host_client.attach(self.host_dir(slot), kwargs, self.idle_seconds,
+                                               replace=not lease.shared, service_pid=self.service_pid)
             lease.share()  # the host runs this model now: other batches of it may join
             if hosted.host_pid not in self.process.hosts:
                 self.process.loads += 1

@@ -52,7 +52,11 @@ def test_two_batches_share_the_host_engine_at_once_and_a_huge_one_does_not_starv
     """A second client is served while the first still has requests in the engine (issue 13, target 2):
     both run on the one engine, each gets exactly its own outputs. Fairness (issue 19): a small batch that
     attaches while a huge one runs waits at most the huge one's window, not the huge batch, and while both
-    are attached the huge one keeps only its half of the window in flight."""
+    are attached the huge one keeps only its half of the window in flight. At the end the service the host
+    belongs to is killed (SIGKILL, so it cannot stop its host): the host ends at once, not when idle."""
+    import subprocess
+    import sys
+
     from resources.engine_host_client import attach, stop_host
     from resources.engine_types import EngineRequest
     from resources.engine_wire import PlainOutput, SamplingSpec
@@ -69,7 +73,8 @@ def test_two_batches_share_the_host_engine_at_once_and_a_huge_one_does_not_starv
                 for key in range(first_key, first_key + count)]
 
     huge = 3000
-    a = attach(state, kwargs, idle_seconds=60)
+    service = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    a = attach(state, kwargs, idle_seconds=600, service_pid=service.pid)
     try:
         window = a._host.window()
         stream_a = a.stream(requests(a.tokenizer, 0, huge, 4))
@@ -105,8 +110,15 @@ def test_two_batches_share_the_host_engine_at_once_and_a_huge_one_does_not_starv
         a_during_b = b_done["finished_with_a_at"] - attached_at
         assert a_during_b <= window + window // 2 < huge - 1000, (a_during_b, window)
         assert windows_while_b and min(windows_while_b) <= window // 2, (window, windows_while_b[:20])
+
+        a.shutdown()
+        host = psutil.Process(a.host_pid)
+        assert host.is_running()  # detached, idle for less than its 600 s: still warm
+        service.kill()
+        host.wait(timeout=30)  # gone with its service (within its 1 s watch), long before the idle limit
     finally:
         a.shutdown()
+        service.kill()
         stop_host(state)
 
 

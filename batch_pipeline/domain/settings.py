@@ -99,6 +99,8 @@ class Settings(BaseSettings):
     # false: off everywhere (each run loads its own engine).
     engine_host: bool | None = Field(default=None, description="Keep the engine warm in a host process between runs.")
     engine_idle_seconds: int = Field(default=600, ge=1, description="An idle engine host releases the GPU after this.")
+    # Set by `vllm-batch start` for everything it launches: a warm engine host ends when that process is gone.
+    service_pid: int | None = Field(default=None, description="(set by vllm-batch start) the service's process id.")
     # With the host on, batches of one model share its engine at once: the `gpu` pool admits this many
     # batch steps per engine slot (the slot's lock keeps one engine per GPU), and each attached batch
     # keeps an equal share of the engine's window in flight, at least 16 requests: 32 batches of 16

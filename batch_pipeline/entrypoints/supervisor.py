@@ -116,6 +116,9 @@ def run_service(settings: Settings, host: str, port: int, echo=print) -> int:
     # would hold the GPU with nobody to own it, so a new service starts without it.
     if stop_hosts(engines):
         echo("stopped an engine host left behind by an earlier service")
+    # What the service launches (its runs, through the daemon) knows it: a warm engine host one of them
+    # starts ends with this process, even when this process is killed with SIGKILL.
+    os.environ["VBATCH_SERVICE_PID"] = str(os.getpid())
     # Before the children start: they inherit what these set up (e.g. where vLLM writes its metrics).
     stop_services = start_integration_services(settings, echo)
     children = [_Child(name, argv) for name, argv in service_commands(settings, host, port).items()]

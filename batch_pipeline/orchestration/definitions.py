@@ -57,6 +57,7 @@ def build_resources(settings: Settings) -> dict:
             keep_loaded=settings.keep_engine_loaded,
             engine_host=settings.warm_engine,
             idle_seconds=settings.engine_idle_seconds,
+            service_pid=settings.service_pid,
             compact_json=settings.compact_json,
             state_dir=str(settings.resolved_data_dir / "engines"),
         ),
