@@ -331,6 +331,9 @@ def _serve(config: dict) -> None:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"{FAILED}{reason}", flush=True)
         sys.exit(1)
+    from resources.engine_processes import guard_engine
+
+    guard_engine({p.pid for p in psutil.Process().children(recursive=True)} - before)  # dies with the host
     try:
         listener = Listener(config["address"], family="AF_UNIX", authkey=bytes.fromhex(config["authkey"]))
     except OSError as exc:

@@ -512,6 +512,7 @@ class VLLMEngine(ConfigurableResource):
         except Exception as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EngineLoadError(f"could not load model {model!r}: {reason}") from exc
+        engine_processes.guard_engine(engine_processes.child_processes() - children_before)  # dies with us
         loaded = LoadedEngine(model, kwargs, llm, time.perf_counter() - started)
         _slot.loads += 1
         if self.state_dir:
