@@ -128,7 +128,8 @@ def engine_process_facts(env_names: list[str]) -> list[dict]:
 
 def guard_engine(engine_pids: set[int]) -> None:
     """Have a watchdog stop the engine processes `engine_pids` as soon as this process exits, however it exits."""
-    engine, companions = [], []
+    engine: list[list] = []
+    companions: list[list] = []
     for pid in sorted(engine_pids):
         try:
             process = psutil.Process(pid)

@@ -4,6 +4,7 @@ are reaped before the next engine loads."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -15,7 +16,8 @@ import psutil
 import pytest
 
 from resources.engine_processes import read_records, reap_orphaned_engines, record_engine
-from tests.conftest import REPO
+from tests.conftest import REPO, write_jsonl
+from tests.test_cli_run import CLI, chat_lines, cli_env
 
 # A stand-in run worker: it starts a long-lived child (the "engine"), records it, and dies without
 # stopping it, the way a SIGKILLed worker leaves vLLM's EngineCore behind.
@@ -161,3 +163,99 @@ def wait_until(condition, timeout: float, what: str):
             return value
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+# ---- the real CPU engine ------------------------------------------------------------------------
+
+
+def test_a_sigkilled_vllm_batch_run_takes_its_engine_with_it(tmp_path: Path, tiny_model: Path):
+    env = cli_env(tmp_path, VBATCH_CHUNK_SIZE="10", VBATCH_MAX_NUM_SEQS="8")
+    batch = write_jsonl(tmp_path / "big.jsonl", chat_lines(300, max_tokens=64))
+    chunks = tmp_path / "data" / "batches" / "big" / "chunks"
+    with (tmp_path / "run.err").open("w+") as stderr:
+        run = subprocess.Popen(CLI + ["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny",
+                                      "--batch-id", "big"], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=stderr, start_new_session=True)
+        descendants: list[psutil.Process] = []
+        try:
+            wait_until(lambda: run.poll() is not None or list(chunks.glob("chunk-*.parquet")), 400, "a first chunk")
+            assert run.poll() is None, "the run ended before it could be killed; make the batch bigger"
+            # Recorded before the kill: vLLM's process titles hide the environment that would name them later.
+            descendants = psutil.Process(run.pid).children(recursive=True)
+            assert any("EngineCore" in p.name() for p in descendants), [p.name() for p in descendants]
+            run.send_signal(signal.SIGKILL)  # the OOM killer, a CI timeout: no chance to clean up
+            run.wait()
+            left = running(descendants, 15)
+            assert not left, f"still running 15 s after the run was killed: {[(p.pid, p.name()) for p in left]}"
+            assert not running(watchdogs_of(run.pid), 5)
+            # The watchdog writes to the owner's stderr: here the step's compute log, where the engine loaded.
+            assert any("engine watchdog: pid" in log.read_text(errors="replace") for log in tmp_path.rglob("*.err"))
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(run.pid, signal.SIGKILL)
+            kill_all(descendants + watchdogs_of(run.pid))
+
+
+def test_a_sigkilled_engine_host_takes_its_engine_with_it(tmp_path: Path, tiny_model: Path):
+    from resources.engine_host import attach, stop_host
+    from resources.vllm_engine import EngineDied, EngineRequest, SamplingSpec, VLLMEngine
+
+    kwargs = VLLMEngine(dtype="float32", max_model_len=1024, enforce_eager=True).engine_kwargs(str(tiny_model))
+    state = tmp_path / "engines"
+    client = attach(state, kwargs, idle_seconds=600)
+    engine: list[psutil.Process] = []
+    try:
+        host = psutil.Process(client.host_pid)
+        engine = host.children(recursive=True)
+        assert any("EngineCore" in p.name() for p in engine), [p.name() for p in engine]
+        # One short request and long ones: after the short one comes back, the long ones are still running.
+        requests = [EngineRequest(key, client.tokenizer.encode(f"Question number {key}?"),
+                                  SamplingSpec({"max_tokens": 8 if key == 0 else 900, "temperature": 0,
+                                                "ignore_eos": True}), "/v1/completions", False, 0)
+                    for key in range(4)]
+        stream = client.stream(requests)
+        next(stream)
+        host.kill()
+        left = running(engine, 15)
+        assert not left, f"still running 15 s after the host was killed: {[(p.pid, p.name()) for p in left]}"
+        with pytest.raises(EngineDied):
+            list(stream)
+        assert not running(watchdogs_of(host.pid), 5)
+        assert "engine watchdog: pid" in (state / "host.log").read_text()
+    finally:
+        client.shutdown()
+        stop_host(state)
+        kill_all(engine)
+
+
+def test_a_finished_run_leaves_no_engine_process_and_no_watchdog(tmp_path: Path, tiny_model: Path):
+    batch = write_jsonl(tmp_path / "small.jsonl", chat_lines(20, max_tokens=8))
+    with (tmp_path / "run.err").open("w") as stderr:
+        run = subprocess.Popen(CLI + ["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny"],
+                               env=cli_env(tmp_path), cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr,
+                               start_new_session=True)
+    seen: dict[int, psutil.Process] = {}
+    names: dict[int, str] = {}
+    watchdogs: dict[int, psutil.Process] = {}
+    try:
+        deadline = time.monotonic() + 400
+        while run.poll() is None and time.monotonic() < deadline:  # every process the run starts, engine included
+            with contextlib.suppress(psutil.Error):
+                for process in psutil.Process(run.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        names[process.pid] = process.name()
+                        seen[process.pid] = process
+            watchdogs.update({p.pid: p for p in watchdogs_of(run.pid)})
+            time.sleep(0.2)
+        run.wait(timeout=60)
+        assert run.returncode == 0, (tmp_path / "run.err").read_text()[-2000:]
+        assert any("EngineCor" in name for name in names.values()), names  # titles are cut at 15 bytes
+        assert watchdogs, "the engine had no watchdog"
+        left = running(list(seen.values()) + list(watchdogs.values()), 5)
+        assert not left, [(p.pid, names.get(p.pid, "watchdog")) for p in left]
+        # The engine was shut down by its owner, not stopped by the watchdog.
+        assert not any("engine watchdog" in log.read_text(errors="replace") for log in tmp_path.rglob("*.err"))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+        kill_all(list(seen.values()) + list(watchdogs.values()))
