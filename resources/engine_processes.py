@@ -143,8 +143,11 @@ def guard_engine(engine_pids: set[int]) -> None:
     spec = {"owner": _identity(psutil.Process()), "engine": engine, "companions": companions}
     # -I: the watchdog imports only the standard library and psutil, whatever this process's sys.path.
     # It double-forks (see _watch), so this waits only for the fork, and the watchdog is nobody's child.
-    subprocess.run([sys.executable, "-I", __file__, json.dumps(spec)], stdin=subprocess.DEVNULL,
-                   stdout=subprocess.DEVNULL, start_new_session=True, check=False, timeout=60)
+    try:
+        subprocess.run([sys.executable, "-I", __file__, json.dumps(spec)], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, start_new_session=True, check=False, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:  # the engine still works; reap_orphaned_engines remains
+        log.warning("could not start the engine watchdog (the engine may outlive this process): %s", exc)
 
 
 def _is_resource_tracker(process: psutil.Process) -> bool:

@@ -18,6 +18,7 @@ import pytest
 from resources.engine_processes import read_records, reap_orphaned_engines, record_engine
 from tests.conftest import REPO, write_jsonl
 from tests.test_cli_run import CLI, chat_lines, cli_env
+from tests.test_supervisor import wait_for
 
 # A stand-in run worker: it starts a long-lived child (the "engine"), records it, and dies without
 # stopping it, the way a SIGKILLed worker leaves vLLM's EngineCore behind.
@@ -123,14 +124,15 @@ def test_a_guarded_engine_dies_with_its_owner_however_the_owner_ends(tmp_path: P
     with (tmp_path / "owner.err").open("w+") as stderr:
         owner, engine = start_owner(ending, stderr)
         try:
-            assert watchdogs_of(owner.pid), "no watchdog started"
+            watchdogs = watchdogs_of(owner.pid)
             if ending == "exit":
                 owner.communicate("go\n", timeout=30)
             else:
                 owner.send_signal(signal.SIGKILL if ending == "sigkill" else signal.SIGTERM)
                 owner.wait(timeout=30)
             assert not running(engine, 10), "the engine outlived its owner"
-            assert not running(watchdogs_of(owner.pid), 5), "the watchdog must leave with the engine"
+            assert watchdogs, "no watchdog started"
+            assert not running(watchdogs, 5), "the watchdog must leave with the engine"
             stderr.seek(0)
             assert "engine watchdog: pid" in stderr.read()
         finally:
@@ -155,15 +157,6 @@ def test_the_watchdog_leaves_when_the_engine_is_shut_down_and_its_owner_lives_on
         kill_all(engine + watchdogs_of(owner.pid))
 
 
-def wait_until(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
 
 # ---- the real CPU engine ------------------------------------------------------------------------
 
@@ -178,7 +171,7 @@ def test_a_sigkilled_vllm_batch_run_takes_its_engine_with_it(tmp_path: Path, tin
                                stderr=stderr, start_new_session=True)
         descendants: list[psutil.Process] = []
         try:
-            wait_until(lambda: run.poll() is not None or list(chunks.glob("chunk-*.parquet")), 400, "a first chunk")
+            wait_for(lambda: run.poll() is not None or list(chunks.glob("chunk-*.parquet")), 400, "a first chunk")
             assert run.poll() is None, "the run ended before it could be killed; make the batch bigger"
             # Recorded before the kill: vLLM's process titles hide the environment that would name them later.
             descendants = psutil.Process(run.pid).children(recursive=True)
