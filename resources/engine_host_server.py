@@ -20,6 +20,7 @@ from typing import Any
 
 import psutil
 
+from resources.engine_processes import guard_engine
 from resources.engine_types import admission_errors
 from resources.engine_wire import FAILED, HOST_RECORD, plain_output
 from resources.local_engine import load_failure_reason, resolve_platform_defaults, watch_core_death
@@ -39,6 +40,7 @@ def _serve(config: dict) -> None:
     except Exception as exc:
         print(f"{FAILED}{load_failure_reason(exc)}", flush=True)
         sys.exit(1)
+    guard_engine({p.pid for p in psutil.Process().children(recursive=True)} - before)  # dies with the host
     try:
         listener = Listener(config["address"], family="AF_UNIX", authkey=bytes.fromhex(config["authkey"]))
     except OSError as exc:

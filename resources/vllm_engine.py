@@ -284,6 +284,7 @@ class VLLMEngine(ConfigurableResource):
         children_before = engine_processes.child_processes()
         started = time.perf_counter()
         llm = build_llm(kwargs)
+        engine_processes.guard_engine(engine_processes.child_processes() - children_before)  # dies with us
         loaded = LoadedEngine(model, kwargs, llm, time.perf_counter() - started)
         self.process.loads += 1
         if self.state_dir:

@@ -143,7 +143,8 @@ def xdist_group_of(nodeid: str) -> str:
 # the two workers may end together. (The scope scheduler does not keep to it strictly: a fresh-clone CI run
 # still started test_operations.py 18 minutes in and ran the soak last, alone.)
 LONG_GROUPS = ["tests/test_operations.py", "tests/api", "tests/test_cli_run.py", "tests/test_multi_gpu.py",
-               "tests/test_operations_engine_host.py", "tests/test_engine_host.py", "tests/test_soak.py",
+               "tests/test_operations_engine_host.py", "tests/test_engine_host.py", "tests/test_engine_processes.py",
+               "tests/test_soak.py",
                "tests/integrations/monitoring", "tests/test_instance_race.py"]
 
 
