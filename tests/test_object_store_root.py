@@ -83,6 +83,10 @@ def test_a_batch_on_s3_gives_the_local_run_s_results_and_a_lost_chunk_is_redone(
 
     s3_settings = settings.model_copy(update={"data_dir": s3_root})
     assert s3_settings.data_root == s3_root
+    # The local data folder of an object-store root is HOME/data: the checkout's, which may hold a user's
+    # batches (`make demo`). The run must add nothing there.
+    local_batches = s3_settings.resolved_data_dir / "batches"
+    before = sorted(local_batches.rglob("*")) if local_batches.exists() else []
     with_s3 = _run(s3_settings, sqlite_instance, tiny_model, input_path)
 
     # Every file of the batch is on the object store, none on the local disk.
@@ -92,7 +96,7 @@ def test_a_batch_on_s3_gives_the_local_run_s_results_and_a_lost_chunk_is_redone(
         "batch.json", "input/source.jsonl", "input/requests.parquet", "input/invalid.jsonl", "input/manifest.json",
         "chunks/chunk-000000.parquet", "chunks/chunk-000001.parquet", "chunks/chunk-000002.parquet",
         "results/output.jsonl", "results/errors.jsonl", "results/results.parquet", "results/summary.json"}
-    assert not (s3_settings.resolved_data_dir / "batches").exists()
+    assert (sorted(local_batches.rglob("*")) if local_batches.exists() else []) == before
     assert str(with_s3.paths.output).startswith("s3://")
     assert with_s3.summary["output_file"] == f"{s3_root}/batches/b1/results/output.jsonl"
 
