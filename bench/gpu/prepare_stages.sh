@@ -12,7 +12,7 @@ plat=(--only-binary=:all: --python-version 3.12 --implementation cp
       --platform manylinux_2_27_x86_64 --platform manylinux_2_31_x86_64)
 tmp=$(mktemp -d)
 python3 -m pip download -q "${plat[@]}" -d "$tmp" "dagster==1.13.27" pyarrow "pydantic-settings>=2.2" pyyaml click \
-  "sqlalchemy>=2,<2.1" psutil
+  "sqlalchemy>=2,<2.1" psutil "dagster-postgres==0.29.27" "psycopg2-binary>=2.9"
 # what vllm's run_batch entry point imports beyond the stage-4 dependencies
 python3 -m pip download -q "${plat[@]}" --no-deps -d "$tmp" model-hosting-container-standards==0.1.16 jmespath \
   supervisor annotated-doc
