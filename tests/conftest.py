@@ -36,11 +36,12 @@ def tiny_model() -> Path:
 
 @pytest.fixture
 def settings(tmp_path: Path, tiny_model: Path):
-    """Settings for one test: its own data folder, the tiny model, CPU engine options."""
+    """Settings for one test: its own data folder, the tiny model, CPU engine options, and the session's one
+    engine in this process (the warm host, a process of its own per data folder, is for service tests)."""
     from batch_pipeline.domain.settings import Settings
 
     return Settings(home=REPO, data_dir=tmp_path / "data", dagster_home=tmp_path / "dagster", dtype="float32",
-                    max_model_len=1024, enforce_eager=True, chunk_size=16, keep_engine_loaded=True)
+                    max_model_len=1024, enforce_eager=True, chunk_size=16, keep_engine_loaded=True, engine_host=False)
 
 
 @pytest.fixture(scope="session")

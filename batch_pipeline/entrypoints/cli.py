@@ -101,17 +101,14 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
     settings = _settings()
     local_input = _input_path(settings, input_file)
     from batch_pipeline.domain.instance import InstanceConfigError, open_instance
-    from batch_pipeline.entrypoints.local_run import BatchRunError, register_local_batch, run_batch_in_process
+    from batch_pipeline.entrypoints.local_run import BatchRunError, one_process, register_local_batch, run_batch_in_process
 
     try:
         instance = open_instance(settings)
         spec = register_local_batch(settings, instance, local_input, model, model_name, batch_id, chunk_size)
     except (InstanceConfigError, BatchRunError) as exc:
         _fail(str(exc))
-    if settings.engine_host is None:
-        # One batch, one process: the engine loads here and dies with the command, leaving no host behind
-        # (VBATCH_ENGINE_HOST=true runs it on the instance's warm host instead, and leaves it warm).
-        settings = settings.model_copy(update={"engine_host": False})
+    settings = one_process(settings)  # the engine loads here and ends with the command (VBATCH_ENGINE_HOST unset)
     from batch_pipeline.domain.chunks import engine_args_for
     from batch_pipeline.domain.intake import HEAD_LINES, survey
     from batch_pipeline.domain.status import ChunkStats

@@ -77,11 +77,18 @@ def reap_dead_local_runs(instance: DagsterInstance) -> list[str]:
     return reaped
 
 
+def one_process(settings: Settings) -> Settings:
+    """The settings of one batch run in this process: its engine loads here and ends with the process,
+    leaving no warm host behind, unless VBATCH_ENGINE_HOST=true asks for the instance's warm host."""
+    return settings.model_copy(update={"engine_host": False}) if settings.engine_host is None else settings
+
+
 def run_batch_in_process(settings: Settings, instance: DagsterInstance, batch_id: str, tags: dict | None = None,
                          log_level: str = "INFO") -> BatchRun:
     """Execute batch_job for one partition in this process and collect the summary."""
     from batch_pipeline.orchestration.definitions import build_definitions
 
+    settings = one_process(settings)
     reap_dead_local_runs(instance)
     paths = BatchStorage(data_dir=settings.data_root).batch(batch_id)
     defs = build_definitions(settings)

@@ -42,7 +42,7 @@ def api(tmp_path: Path, tiny_model: Path):
     models = tmp_path / "models.yaml"
     models.write_text(yaml.safe_dump({"models": {MODEL_NAME: {"path": str(tiny_model)}}}))
     settings = Settings(home=REPO, data_dir=tmp_path / "data", dagster_home=tmp_path / "dagster", dtype="float32",
-                        max_model_len=1024, enforce_eager=True, chunk_size=2, keep_engine_loaded=True,
+                        max_model_len=1024, enforce_eager=True, chunk_size=2, keep_engine_loaded=True, engine_host=False,
                         models_file=models, api_keys=KEY, admin_api_keys=ADMIN)
     with TestClient(create_app(settings), base_url="http://api.test") as http:
         client = openai.OpenAI(base_url="http://api.test/v1", api_key=KEY, http_client=http, max_retries=0)

@@ -123,7 +123,7 @@ def curation_settings(tmp_path: Path, label_studio_server: LabelStudioServer):
 
     return Settings(home=REPO, data_dir=tmp_path / "data", dagster_home=tmp_path / "dagster", enable_curation=True,
                     label_studio_url=label_studio_server.url, label_studio_api_key=SecretStr(label_studio_server.token),
-                    curation_project_per="batch", curation_page_size=50)
+                    curation_project_per="batch", curation_page_size=50, engine_host=False)
 
 
 @pytest.fixture
