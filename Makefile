@@ -59,12 +59,15 @@ services-monitoring:
 # The server (~1 GB) never goes into .venv; the tests start it from here (tests/integrations/curation/conftest.py).
 LABEL_STUDIO_VERSION ?= 1.23.2
 LABEL_STUDIO_VENV ?= $(VBATCH_TEST_CACHE)/label-studio-venv
+# sentry-sdk 3 (2026-12) removed options Label Studio 1.23 passes at start-up ("Unknown option
+# 'send_default_pii'"): the server never starts with it.
+LABEL_STUDIO_PINS ?= "sentry-sdk>=2,<3"
 .PHONY: services-curation
-services-curation: $(LABEL_STUDIO_VENV)/.installed-$(LABEL_STUDIO_VERSION)
-$(LABEL_STUDIO_VENV)/.installed-$(LABEL_STUDIO_VERSION):
+services-curation: $(LABEL_STUDIO_VENV)/.installed-$(LABEL_STUDIO_VERSION)-sentry2
+$(LABEL_STUDIO_VENV)/.installed-$(LABEL_STUDIO_VERSION)-sentry2:
 	test -x $(LABEL_STUDIO_VENV)/bin/python || python3 -m venv $(LABEL_STUDIO_VENV)
 	$(LABEL_STUDIO_VENV)/bin/python -m pip install -q --upgrade pip
-	$(LABEL_STUDIO_VENV)/bin/python -m pip install -q "label-studio==$(LABEL_STUDIO_VERSION)"
+	$(LABEL_STUDIO_VENV)/bin/python -m pip install -q "label-studio==$(LABEL_STUDIO_VERSION)" $(LABEL_STUDIO_PINS)
 	touch $@
 TEST_SERVICES += services-curation
 # --- end curation ---
