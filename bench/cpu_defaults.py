@@ -46,9 +46,11 @@ def bare(model: str, input_path: Path, output_path: Path, eager: bool, max_model
     with output_path.open("w") as out:
         for output in outputs:
             out.write(json.dumps({"id": output.request_id, "text": output.outputs[0].text}) + "\n")
+    written = time.perf_counter()
     llm.llm_engine.engine_core.shutdown()
     print(json.dumps({"import_seconds": imported - started, "load_seconds": loaded - imported,
-                      "generation_seconds": generated - loaded,
+                      "generation_seconds": generated - loaded, "write_seconds": written - generated,
+                      "shutdown_seconds": time.perf_counter() - written,
                       "completion_tokens": sum(len(o.outputs[0].token_ids) for o in outputs)}))
 
 
@@ -63,15 +65,13 @@ def run_child(cmd: list[str], env: dict) -> tuple[float, dict]:
 
 
 def main() -> None:
+    from bench.workload import add_workload_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--model", help="A model folder (default: the tiny test model).")
-    parser.add_argument("--requests", type=int, default=12000)
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--output-len", type=int, default=32)
-    parser.add_argument("--max-model-len", type=int, default=1024)
+    add_workload_arguments(parser, requests=12000, max_model_len=1024)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--systems", default="bare-eager,run-default,bare-compiled,run-compiled")
     parser.add_argument("--out", type=Path, default=REPO / ".bench" / "cpu-defaults")
@@ -114,10 +114,18 @@ def main() -> None:
                     row[key] = round(detail[key], 2) if isinstance(detail[key], float) else detail[key]
             runs.append(row)
             print(json.dumps(row), flush=True)
-    summary: dict[str, dict[str, float]] = {}
+    summary: dict[str, dict] = {}
     for system in args.systems.split(","):
         mine = [r for r in runs if r["system"] == system]
         summary[system] = {"mean_wall_seconds": round(sum(r["wall_seconds"] for r in mine) / len(mine), 2)}
+    for system in (s for s in args.systems.split(",") if s.startswith("run")):
+        # Issue 19's figure: bare wall / run wall per repeat (pairs run back to back), and their median.
+        ratios = sorted(bare["wall_seconds"] / run["wall_seconds"] for bare, run in zip(
+            (r for r in runs if r["system"] == "bare-eager"), (r for r in runs if r["system"] == system),
+            strict=False))
+        if ratios:
+            summary[system]["bare_eager_over_run"] = [round(r, 3) for r in ratios]
+            summary[system]["median_bare_eager_over_run"] = round(ratios[len(ratios) // 2], 3)
     print(json.dumps(summary, indent=2))
     (args.out / "results.json").write_text(json.dumps({"requests": args.requests, "runs": runs, "summary": summary},
                                                        indent=2))

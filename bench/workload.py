@@ -20,6 +20,15 @@ SHAPES = {
 LLAMA3_VOCAB = 128256
 
 
+def add_workload_arguments(parser, requests: int, max_model_len: int) -> None:
+    """The options every CPU comparison takes: the model, the batch's shape and the engine's context length."""
+    parser.add_argument("--model", help="A model folder (default: the tiny test model).")
+    parser.add_argument("--requests", type=int, default=requests)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--max-model-len", type=int, default=max_model_len)
+
+
 def write_shape(name: str, target: Path) -> Path:
     """A Llama-3 shaped model folder: config.json plus a synthetic 128k-token word-level tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers

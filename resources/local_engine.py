@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+CPU_SHUTDOWN_GRACE_SECONDS = 1.0
+
 
 class InProcessTransport:
     """The admission loop's transport to a `vllm.LLM` of this process: direct calls, no copies."""
@@ -84,7 +86,10 @@ class LoadedEngine(Streaming):
         """Stop the engine core processes and free the model's memory."""
         self._watching.set()
         try:
-            self.llm.llm_engine.engine_core.shutdown()
+            # vLLM waits 5 s for its engine core to exit before killing it. On the CPU build the core never
+            # makes it (its worker's own interpreter teardown outlasts the grace), so every batch waited the
+            # whole 5 s for a kill; the outputs are all in by now, so a second is enough.
+            self.llm.llm_engine.engine_core.shutdown(timeout=CPU_SHUTDOWN_GRACE_SECONDS if _on_cpu() else None)
         except Exception as exc:  # shutting down must not mask the error that led here
             log.warning("engine shutdown raised %s", exc)
         del self.llm

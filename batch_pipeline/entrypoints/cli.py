@@ -5,6 +5,7 @@ Every command exits non-zero with a one-line message on failure; `--json` prints
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -101,14 +102,18 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
     settings = _settings()
     local_input = _input_path(settings, input_file)
     from batch_pipeline.domain.instance import InstanceConfigError, open_instance
-    from batch_pipeline.entrypoints.local_run import BatchRunError, one_process, register_local_batch, run_batch_in_process
+    from batch_pipeline.entrypoints.local_run import (
+        BatchRunError,
+        check_local_batch,
+        one_process,
+        register_local_batch,
+        run_batch_in_process,
+    )
 
     try:
-        instance = open_instance(settings)
-        spec = register_local_batch(settings, instance, local_input, model, model_name, batch_id, chunk_size)
-    except (InstanceConfigError, BatchRunError) as exc:
+        checked_input, served = check_local_batch(settings, local_input, model, model_name, batch_id)
+    except BatchRunError as exc:
         _fail(str(exc))
-    settings = one_process(settings)  # the engine loads here and ends with the command (VBATCH_ENGINE_HOST unset)
     from batch_pipeline.domain.chunks import engine_args_for
     from batch_pipeline.domain.intake import HEAD_LINES, survey
     from batch_pipeline.domain.status import ChunkStats
@@ -117,12 +122,22 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
     from resources.storage import BatchStorage, download
     from resources.vllm_engine import VLLMEngine
 
-    # The file's first lines tell the engine kind (pooling or generative), so the prefetched engine
-    # is the one batch_chunks asks for and the batch loads exactly one engine.
-    head = survey(local_input, settings.max_line_bytes, HEAD_LINES)
-    engine = build_resources(settings)["engine"]
+    # The engine load is the longest wait of a run: it starts first, and opening the instance, registering
+    # the batch, Dagster's run start and the validation all happen while it loads. The file's first lines
+    # tell the engine kind (pooling or generative), so the prefetched engine is the one batch_chunks asks
+    # for and the batch loads exactly one engine.
+    head = survey(checked_input, settings.max_line_bytes, HEAD_LINES)
+    # The engine loads here and ends with the command (VBATCH_ENGINE_HOST unset); the instance keeps the
+    # service's settings (its pool limits), so open_instance below is given those.
+    engine = build_resources(one_process(settings))["engine"]
     if not engine.data_parallel():  # data parallel engines load in batch_chunks' worker processes
-        engine.prefetch(spec.model, engine_args_for(spec.engine_args, head.url_counts))  # overlaps validation
+        engine.prefetch(served.model, engine_args_for(served.engine_args, head.url_counts))
+    try:
+        instance = open_instance(settings)
+        spec = register_local_batch(settings, instance, local_input, model, model_name, batch_id, chunk_size)
+    except (InstanceConfigError, BatchRunError) as exc:
+        VLLMEngine.discard()
+        _fail(str(exc))
     display = ProgressDisplay(spec.batch_id)
     paths = BatchStorage(data_dir=settings.data_root).batch(spec.batch_id)
     stats = ChunkStats()
@@ -136,6 +151,9 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
     log_level = "DEBUG" if verbose else "WARNING" if display.tty else "INFO"
     with ProgressWatcher(display, snapshot):
         result = run_batch_in_process(settings, instance, spec.batch_id, log_level=log_level)
+    # The process exits after printing: spare it the collector's passes over the whole heap (vLLM, torch,
+    # Dagster) at interpreter exit, which took seconds; exit frees the memory (what vLLM does on ROCm).
+    gc.freeze()
     if not result.success:
         # The batch may have failed before its engine was used (a bad file): stop the load first.
         VLLMEngine.discard()

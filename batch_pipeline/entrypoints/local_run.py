@@ -11,9 +11,10 @@ from typing import Any
 import psutil
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
-from batch_pipeline.domain.batches import BatchSpec, load_summary
+from batch_pipeline.domain.batches import BatchSpec, load_summary, valid_batch_id
 from batch_pipeline.domain.constants import HOST_TAG, LOCAL_PID_STARTED_TAG, LOCAL_PID_TAG, SOURCE_TAG
 from batch_pipeline.domain.intake import IntakeError, checked_input, register, resolve_model
+from batch_pipeline.domain.models import ServedModel
 from batch_pipeline.domain.settings import Settings
 from batch_pipeline.domain.status import failure_message
 from resources.storage import BatchPaths, BatchStorage
@@ -35,15 +36,26 @@ class BatchRun:
     integration_error: str | None = None  # the enabled integrations failed; the batch itself is complete
 
 
+def check_local_batch(settings: Settings, input_file: Path, model: str, model_name: str | None = None,
+                      batch_id: str | None = None) -> tuple[Path, ServedModel]:
+    """The input file and served model of a `vllm-batch run`, or BatchRunError: what registration would
+    refuse, checked without the instance, so that the engine can start loading before it opens."""
+    try:
+        path = checked_input(input_file)
+        served = resolve_model(settings, model, allow_hub_ids=True)
+    except IntakeError as exc:
+        raise BatchRunError(str(exc)) from None
+    if batch_id is not None and not valid_batch_id(batch_id):
+        raise BatchRunError(f"invalid batch id {batch_id!r}: use letters, digits, '_', '-' and '.'")
+    return path, replace(served, name=model_name) if model_name else served
+
+
 def register_local_batch(settings: Settings, instance: DagsterInstance, input_file: Path, model: str,
                          model_name: str | None = None, batch_id: str | None = None,
                          chunk_size: int | None = None, source: str = "cli") -> BatchSpec:
     """Register a file for `vllm-batch run`: `model` is a served name, a local model folder or a hub id."""
+    path, served = check_local_batch(settings, input_file, model, model_name, batch_id)
     try:
-        path = checked_input(input_file)
-        served = resolve_model(settings, model, allow_hub_ids=True)
-        if model_name:
-            served = replace(served, name=model_name)
         return register(settings, instance, path, served, source=source, batch_id=batch_id, chunk_size=chunk_size)
     except IntakeError as exc:
         raise BatchRunError(str(exc)) from None
