@@ -133,6 +133,11 @@ def xdist_group_of(nodeid: str) -> str:
     all the files of tests/api, or of one integration, which share session servers (the API stack, Label
     Studio, Prometheus)."""
     parts = nodeid.split("::", 1)[0].split("/")
+    if parts == ["tests", "test_multi_gpu.py"]:
+        # Its data-parallel engines compute on both cores, and an engine beside them on the same core loaded in
+        # 190-520 s instead of about 40 (OpenMP threads bound to one core): the operations tests, whose waits
+        # are the tightest, never run at the same time as it.
+        return "tests/test_operations.py"
     if parts[:2] == ["tests", "api"]:
         return "tests/api"
     if parts[:2] == ["tests", "integrations"]:

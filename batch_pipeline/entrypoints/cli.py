@@ -5,7 +5,6 @@ Every command exits non-zero with a one-line message on failure; `--json` prints
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import sys
@@ -119,6 +118,7 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
     from batch_pipeline.domain.status import ChunkStats
     from batch_pipeline.entrypoints.console import ProgressDisplay, ProgressWatcher, Snapshot
     from batch_pipeline.orchestration.definitions import build_resources
+    from resources.engine_types import EngineLoadError
     from resources.storage import BatchStorage, download
     from resources.vllm_engine import VLLMEngine
 
@@ -130,8 +130,11 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
     # The engine loads here and ends with the command (VBATCH_ENGINE_HOST unset); the instance keeps the
     # service's settings (its pool limits), so open_instance below is given those.
     engine = build_resources(one_process(settings))["engine"]
-    if not engine.data_parallel():  # data parallel engines load in batch_chunks' worker processes
-        engine.prefetch(served.model, engine_args_for(served.engine_args, head.url_counts))
+    try:
+        if not engine.data_parallel():  # data parallel engines load in batch_chunks' worker processes
+            engine.prefetch(served.model, engine_args_for(served.engine_args, head.url_counts))
+    except EngineLoadError as exc:  # GPU settings that do not fit this machine
+        _fail(str(exc))
     try:
         instance = open_instance(settings)
         spec = register_local_batch(settings, instance, local_input, model, model_name, batch_id, chunk_size)
@@ -151,9 +154,6 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
     log_level = "DEBUG" if verbose else "WARNING" if display.tty else "INFO"
     with ProgressWatcher(display, snapshot):
         result = run_batch_in_process(settings, instance, spec.batch_id, log_level=log_level)
-    # The process exits after printing: spare it the collector's passes over the whole heap (vLLM, torch,
-    # Dagster) at interpreter exit, which took seconds; exit frees the memory (what vLLM does on ROCm).
-    gc.freeze()
     if not result.success:
         # The batch may have failed before its engine was used (a bad file): stop the load first.
         VLLMEngine.discard()
