@@ -97,10 +97,21 @@ def explain_service(service: Service) -> str:
     for record in service.instance.get_run_records(RunsFilter(), limit=30):
         run = record.dagster_run
         lines.append(f"  {run.run_id[:8]} {run.tags.get('dagster/partition')} {run.status.value}")
+        if run.status.value in ("STARTING", "STARTED", "CANCELING"):  # what an unfinished run last did
+            for entry in service.instance.all_logs(run.run_id)[-8:]:
+                lines.append(f"    {time.strftime('%H:%M:%S', time.gmtime(entry.timestamp))} "
+                             f"{entry.dagster_event_type or ''} {(entry.user_message or '')[:160]}")
     lines.append("processes:")
     for process in marked_processes(service.marker):
         with contextlib.suppress(psutil.Error):
             lines.append(f"  {process.pid} {_name(process)} {' '.join(process.cmdline())[:120]}")
+    lines.append(f"load average: {os.getloadavg()}; most CPU time on the machine:")
+    busiest = []
+    for process in psutil.process_iter(["pid", "cpu_times", "cmdline", "create_time"]):
+        with contextlib.suppress(psutil.Error, TypeError):
+            busiest.append((sum(process.info["cpu_times"][:2]), process.info["pid"],
+                            " ".join(process.info["cmdline"] or [])[:100]))
+    lines.extend(f"  {cpu:8.0f}s {pid} {cmdline}" for cpu, pid, cmdline in sorted(busiest, reverse=True)[:8])
     for log in (service.log, service.data_dir / "engines" / "host.log"):
         if log.exists():
             lines.append(f"--- {log.name} (last 40 lines)")
@@ -160,7 +171,8 @@ def run_status(service: Service, run_id: str) -> str:
 
 
 def wait_terminal(service: Service, run_id: str, timeout: float) -> str:
-    return wait_for(lambda: (s := run_status(service, run_id)) in TERMINAL and s, timeout, f"run {run_id} to finish")
+    return wait_for(lambda: (s := run_status(service, run_id)) in TERMINAL and s, timeout, f"run {run_id} to finish",
+                    explain=lambda: explain_service(service))
 
 
 def step_events(service: Service, run_id: str, step_key: str) -> dict[str, float]:
@@ -383,7 +395,8 @@ def test_ui_materialises_a_batch_partition_from_the_asset_graph(service: Service
     # The run page shows the run succeeding, and the instance agrees.
     browser.get(f"http://127.0.0.1:{service.port}/runs/{run_id}")
     wait_for(lambda: browser.find_elements(By.XPATH, "//*[normalize-space(text())='Success']"), 300,
-             "the run page to show Success", interval=3)
+             "the run page to show Success", interval=3,
+             explain=lambda: explain_service(service))
     assert run_status(service, run_id) == "SUCCESS"
     assert service.instance.get_run_by_id(run_id).tags["dagster/partition"] == batch_id
     outputs = read_jsonl(service.batch_dir(batch_id) / "results" / "output.jsonl")
@@ -531,7 +544,8 @@ def test_job_launch_then_terminate_then_the_schedule_finishes_the_rest(service: 
     run = wait_for(lambda: service.runs(batch_id), 30, "the launched run")[0]
     assert run.job_name == "batch_job"
 
-    wait_for(lambda: len(chunk_mtimes(batch_dir)) >= 3, 300, "three finished chunks", interval=0.2)
+    wait_for(lambda: len(chunk_mtimes(batch_dir)) >= 3, 300, "three finished chunks", interval=0.2,
+             explain=lambda: explain_service(service))
     # What the UI's Terminate button and `vllm-batch cancel` call: the run coordinator's cancel_run.
     service.instance.run_coordinator.cancel_run(run.run_id)
     assert wait_terminal(service, run.run_id, 60) == "CANCELED"
@@ -596,7 +610,8 @@ def test_killed_worker_and_daemon_and_postgres_restart_recover_without_a_human(s
     submit(service, batch_id, lines, MODEL_A)
     batch_dir = service.batch_dir(batch_id)
 
-    wait_for(lambda: len(chunk_mtimes(batch_dir)) >= 3, 300, "three finished chunks", interval=0.2)
+    wait_for(lambda: len(chunk_mtimes(batch_dir)) >= 3, 300, "three finished chunks", interval=0.2,
+             explain=lambda: explain_service(service))
     record = wait_for(lambda: live_engine_record(service), 10, "the engine record of the run worker")
     worker = psutil.Process(record["worker"][0])
     daemon = next(p for p in psutil.Process(service.process.pid).children()
