@@ -215,8 +215,9 @@ class VLLMEngine(ConfigurableResource):
         kwargs.update(extra or {})
         return kwargs
 
-    def prefetch(self, model: str, extra_args: dict[str, Any] | None = None) -> None:
-        """Start loading `model` in a background thread; the next session waits for it.
+    def prefetch(self, model: str, extra_args: dict[str, Any] | None = None) -> Future[Engine]:
+        """Start loading `model` in a background thread; the next session waits for it. Returns the load,
+        done when the engine is ready.
 
         `vllm-batch run` uses this to overlap the engine load with Dagster's start-up and the input
         validation. Runs launched by the daemon don't: there the `gpu` pool decides when a run may
@@ -226,6 +227,7 @@ class VLLMEngine(ConfigurableResource):
             pool = ThreadPoolExecutor(1, thread_name_prefix="engine-prefetch")
             self.process.prefetch = pool.submit(self._load, model, extra_args)
             pool.shutdown(wait=False)
+        return self.process.prefetch
 
     @contextmanager
     def session(self, model: str, extra_args: dict[str, Any] | None = None) -> Iterator[Engine]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -130,9 +131,12 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
     # The engine loads here and ends with the command (VBATCH_ENGINE_HOST unset); the instance keeps the
     # service's settings (its pool limits), so open_instance below is given those.
     engine = build_resources(one_process(settings))["engine"]
+    engine_ready: list[float] = []  # when the prefetched engine finished loading (time.monotonic())
+    prefetched = not engine.data_parallel()  # data parallel engines load in batch_chunks' worker processes
     try:
-        if not engine.data_parallel():  # data parallel engines load in batch_chunks' worker processes
-            engine.prefetch(served.model, engine_args_for(served.engine_args, head.url_counts))
+        if prefetched:
+            loading = engine.prefetch(served.model, engine_args_for(served.engine_args, head.url_counts))
+            loading.add_done_callback(lambda _: engine_ready.append(time.monotonic()))
     except EngineLoadError as exc:  # GPU settings that do not fit this machine
         _fail(str(exc))
     try:
@@ -145,10 +149,18 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
     paths = BatchStorage(data_dir=settings.data_root).batch(spec.batch_id)
     stats = ChunkStats()
 
+    runnable: list[float] = []  # when the batch's chunks were first there to run (time.monotonic())
+
     def snapshot() -> Snapshot | None:
         counts = stats.progress(paths)
-        return None if counts is None else Snapshot(counts.completed + counts.failed, counts.total,
-                                                    counts.completion_tokens)
+        if counts is None:
+            return None
+        if not runnable:
+            runnable.append(time.monotonic())
+        # Generation begins once both the chunks and the engine are there, as the run's summary counts it.
+        since = max(runnable + engine_ready) if engine_ready or not prefetched else None
+        return Snapshot(counts.completed + counts.failed, counts.total, counts.completion_tokens,
+                        generating_since=since)
 
     # On a terminal the bar replaces the per-chunk log lines; elsewhere both are printed.
     log_level = "DEBUG" if verbose else "WARNING" if display.tty else "INFO"
@@ -265,15 +277,16 @@ def _print_batch(batch, as_json: bool) -> None:
 
 def _wait(service: BatchService, batch_id: str, interval: float):
     """Poll until the batch is finished, showing its progress on stderr."""
-    import time
-
     from batch_pipeline.entrypoints.api.schemas import TERMINAL_STATUSES
     from batch_pipeline.entrypoints.console import ProgressDisplay, Snapshot
 
     with ProgressDisplay(batch_id) as display:
         while True:
             progress = _call(service.progress, batch_id)
-            display.show(Snapshot(progress.done, progress.total, progress.output_tokens, progress.batch.status))
+            # The batch's chunks step began (its engine load, unless the warm host had it, counts too).
+            since = None if progress.started_at is None else time.monotonic() - (time.time() - progress.started_at)
+            display.show(Snapshot(progress.done, progress.total, progress.output_tokens, progress.batch.status,
+                                  generating_since=since))
             if progress.batch.status in TERMINAL_STATUSES:
                 return progress.batch
             time.sleep(interval)

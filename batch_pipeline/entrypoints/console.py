@@ -1,7 +1,13 @@
 """Progress on the console for `vllm-batch run` and `submit --wait`: a bar on a terminal, plain lines elsewhere.
 
 The bar (rich) shows requests done / total, generated tokens per second and the time left; when
-stderr is not a terminal (CI logs, `| tee`), one plain line is printed each time the count moves.
+stderr is not a terminal (CI logs, `| tee`), a plain line is printed when the count moves, at most one
+every few seconds, except the first with a rate and the last.
+
+Tokens per second are counted as the run's summary counts them: tokens generated over the time from
+the start of generation (`Snapshot.generating_since`: the engine ready and the batch's chunks
+runnable) to the moment the count of tokens last grew. Tokens only show once a chunk is written, so a
+rate taken between two polls would say 0 (or a burst) when chunks finish together at the end.
 """
 
 from __future__ import annotations
@@ -26,18 +32,25 @@ class Snapshot:
     total: int
     output_tokens: int
     status: str = ""
+    generating_since: float | None = None  # time.monotonic() when generation began; None: not known
 
 
 class ProgressDisplay:
     """Draws snapshots of one batch; use as a context manager around the wait."""
 
-    def __init__(self, label: str, stream: TextIO | None = None, tty: bool | None = None):
+    def __init__(self, label: str, stream: TextIO | None = None, tty: bool | None = None, interval: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic):
         self.label = label
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
-        self._started = time.monotonic()
-        self._first_tokens: tuple[float, int] | None = None
+        self.interval = interval  # seconds between plain lines
+        self.clock = clock  # time.monotonic(), the clock of Snapshot.generating_since
+        self._started = clock()
+        self._first_seen: float | None = None  # when a snapshot first said generation may have begun
+        self._tokens: tuple[float, int] = (self._started, 0)  # when the count of tokens last grew, and to what
         self._last_plain: tuple[int, int, str] | None = None
+        self._last_plain_at = float("-inf")
+        self._rate_shown = False  # the first line with a rate, and the last line, are never held back
         self._progress: Progress | None = None
         self._task: TaskID | None = None
 
@@ -56,33 +69,47 @@ class ProgressDisplay:
         if self._progress is not None:
             self._progress.stop()
 
-    def rate(self, snapshot: Snapshot) -> float:
-        """Generated tokens per second since tokens were first seen (the engine load does not count)."""
-        now = time.monotonic()
-        if self._first_tokens is None:
-            if snapshot.output_tokens == 0:
-                return 0.0
-            self._first_tokens = (now, snapshot.output_tokens)
-        since, tokens = self._first_tokens
-        return (snapshot.output_tokens - tokens) / (now - since) if now > since else 0.0
+    def rate(self, snapshot: Snapshot) -> float | None:
+        """Generated tokens per second since generation began (the engine load does not count), up to the
+        last time the count of tokens grew; None before the first tokens."""
+        now = self.clock()
+        if self._first_seen is None:
+            self._first_seen = now
+        if snapshot.output_tokens != self._tokens[1]:
+            self._tokens = (now, snapshot.output_tokens)
+        seen_at, tokens = self._tokens
+        since = self._generation_start(snapshot)
+        if tokens == 0 or seen_at <= since:
+            return None
+        return tokens / (seen_at - since)
+
+    def _generation_start(self, snapshot: Snapshot) -> float:
+        if snapshot.generating_since is not None:
+            return snapshot.generating_since
+        return self._first_seen if self._first_seen is not None else self._started
 
     def show(self, snapshot: Snapshot) -> None:
         """Draw one snapshot."""
         rate = self.rate(snapshot)
+        shown_rate = "" if rate is None else f"{rate:,.0f} tok/s"
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, completed=snapshot.done, total=snapshot.total or None,
-                                  rate=f"{rate:,.0f} tok/s", status=snapshot.status)
+                                  rate=shown_rate, status=snapshot.status)
             return
         key = (snapshot.done, snapshot.total, snapshot.status)
-        if key == self._last_plain:
-            return
-        self._last_plain = key
+        now = self.clock()
+        news = (0 < snapshot.total == snapshot.done) or (rate is not None and not self._rate_shown)
+        if key == self._last_plain or (now - self._last_plain_at < self.interval and not news):
+            return  # unchanged, or too soon after the last line (a later call prints it)
+        self._last_plain, self._last_plain_at = key, now
+        self._rate_shown = self._rate_shown or rate is not None
         eta = ""
-        elapsed = time.monotonic() - self._started
-        if 0 < snapshot.done < snapshot.total:
+        if rate is not None and 0 < snapshot.done < snapshot.total:  # from generation alone, not the engine load
+            elapsed = now - self._generation_start(snapshot)
             eta = f", ETA {_clock(elapsed * (snapshot.total - snapshot.done) / snapshot.done)}"
         status = f" [{snapshot.status}]" if snapshot.status else ""
-        print(f"progress: {snapshot.done}/{snapshot.total} requests, {rate:,.0f} tok/s{eta}{status}",
+        rate_text = f", {shown_rate}" if shown_rate else ""
+        print(f"progress: {snapshot.done}/{snapshot.total} requests{rate_text}{eta}{status}",
               file=self.stream, flush=True)
 
 

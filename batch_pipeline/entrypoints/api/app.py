@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -213,14 +213,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/v1/files", response_model=ListPage[FileObject])
     def list_files(request: Request, purpose: Annotated[str | None, Query(max_length=64)] = None,
                    limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
+                   order: Literal["asc", "desc"] = "desc",
                    after: Annotated[str | None, Query(max_length=128)] = None) -> ListPage[FileObject]:
-        """The key's files, newest first."""
-        files = list(service(request).files.list(purpose, tenant_of(request)))
-        ids = [f.id for f in files]
-        start = ids.index(after) + 1 if after in ids else 0
-        page = files[start:start + limit]
-        return ListPage[FileObject](data=page, first_id=page[0].id if page else None,
-                                    last_id=page[-1].id if page else None, has_more=start + limit < len(files))
+        """The key's files by `created_at`, newest first (`order=asc`: oldest first), OpenAI's cursor paging:
+        `after` is the last id of the previous page."""
+        try:
+            files, more = service(request).files.page(limit, after, order == "desc", purpose, tenant_of(request))
+        except FileNotFound:
+            raise BatchRequestError(f"no file with id {after!r}", "after", "file_not_found") from None
+        return ListPage[FileObject](data=files, first_id=files[0].id if files else None,
+                                    last_id=files[-1].id if files else None, has_more=more)
 
     @app.get("/v1/files/{file_id}", response_model=FileObject)
     def get_file(request: Request, file_id: str) -> FileObject:

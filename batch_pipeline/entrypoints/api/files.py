@@ -13,6 +13,10 @@ API server's timer) then deletes its bytes and leaves `expired` beside the folde
 Every record carries its owner (batch_pipeline/domain/tenancy.py: the fingerprint of the key that uploaded
 it, or that created the batch a results file belongs to; None for no tenant). Reading a record another
 tenant owns is FileNotFound, as for an id that does not exist.
+
+`GET /v1/files` pages through a FileOrder (file_order.py) held in memory: filled from every record once,
+then kept up to date from this store's own writes and from the folder, which other processes (the
+command line registers batches' results) write to as well.
 """
 
 from __future__ import annotations
@@ -22,20 +26,26 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from batch_pipeline.domain.tenancy import OPERATOR, Tenant
+from batch_pipeline.entrypoints.api.file_order import FileOrder, Listed
 from batch_pipeline.entrypoints.api.schemas import Batch, FileObject
 from resources.storage import BatchPaths, Location, atomic_path, is_inside, location, remove_file
 
 log = logging.getLogger(__name__)
 
 _FILE_ID_RE = re.compile(r"^file-[0-9a-f]{24,64}$")
+# A folder's mtime moves in steps of the kernel's clock tick (milliseconds): a file folder created in the
+# same tick as a scan of the files folder, just after it, leaves the mtime as the scan saw it. So the
+# folder is scanned again on every listing until its mtime is older than this.
+_RESCAN_WINDOW_NS = 2_000_000_000
 
 
 class FileNotFound(Exception):
@@ -65,6 +75,10 @@ def valid_file_id(file_id: str) -> bool:
     return bool(_FILE_ID_RE.match(file_id))
 
 
+def _listed(stored: StoredFile) -> Listed:
+    return Listed(stored.file.created_at, stored.file.id, stored.file.purpose, stored.owner)
+
+
 def result_file_id(batch_id: str, kind: str) -> str:
     """The stable id of a batch's output ('output') or error ('errors') file."""
     return "file-" + hashlib.sha256(f"{batch_id}:{kind}".encode()).hexdigest()[:32]
@@ -75,9 +89,16 @@ class FileStore:
 
     def __init__(self, data_dir: Path):
         self.root = data_dir / "files"
+        self._root = str(self.root)
         # Parsed records by file id, with the (inode, mtime, size) of the file.json they were read from:
-        # `GET /v1/files` reads every record, and a record is only ever replaced whole (a new inode).
+        # a listing reads the record of every file on its page, and a record is only ever replaced whole
+        # (a new inode).
         self._records: dict[str, tuple[tuple[int, int, int], StoredFile]] = {}
+        self._order = FileOrder()
+        self._order_lock = threading.Lock()
+        self._scanned_mtime: int | None = None  # of the files folder, when the order last took in its folders
+        self._unsettled: set[str] = set()  # folders whose record is not written yet: read again each listing
+        self._settled: set[str] = set()  # folders of deleted or expired files: they never list again
 
     def _folder(self, file_id: str) -> Path:
         if not valid_file_id(file_id):
@@ -89,7 +110,7 @@ class FileStore:
         expiry has passed, swept or not)."""
         folder = self._folder(file_id)
         try:
-            stored = self._record(file_id, folder / "file.json")
+            stored = self._record(file_id, str(folder / "file.json"))
         except FileNotFoundError:
             tombstone = folder / "expired"
             if tombstone.exists():
@@ -102,13 +123,14 @@ class FileStore:
             raise FileExpired(file_id, expires_at)
         return stored
 
-    def _record(self, file_id: str, path: Path) -> StoredFile:
-        stat = path.stat()
+    def _record(self, file_id: str, path: str) -> StoredFile:
+        stat = os.stat(path)  # str paths: a listing reads thousands of records, and pathlib costs more than the stat
         signature = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
         cached = self._records.get(file_id)
         if cached is not None and cached[0] == signature:
             return cached[1]  # shared: nothing changes a record in place (a change is a new file.json)
-        stored = StoredFile.model_validate_json(path.read_text())
+        with open(path, encoding="utf-8") as handle:
+            stored = StoredFile.model_validate_json(handle.read())
         self._records[file_id] = (signature, stored)
         return stored
 
@@ -130,7 +152,15 @@ class FileStore:
     def _save(self, stored: StoredFile) -> StoredFile:
         with atomic_path(self.root / stored.file.id / "file.json") as tmp:
             tmp.write_text(stored.model_dump_json())
+        with self._order_lock:
+            self._order.put(_listed(stored))
         return stored
+
+    def _unlist(self, file_id: str, settled: bool) -> None:
+        with self._order_lock:
+            self._order.drop(file_id)
+            if settled:
+                self._settled.add(file_id)
 
     def upload_path(self) -> Path:
         """A fresh path for an upload in progress (hidden from listings until `adopt`)."""
@@ -255,6 +285,7 @@ class FileStore:
                 continue
             (folder / "expired").write_text(str(expires_at))  # before the record goes: the id never 404s as unknown
             (folder / "file.json").unlink(missing_ok=True)
+            self._unlist(file_id, settled=True)
             expired.append(file_id)
         return expired
 
@@ -269,19 +300,94 @@ class FileStore:
         folder = self._folder(file_id)
         if stored.batch_id is None:
             shutil.rmtree(folder)
+            self._unlist(file_id, settled=False)
             return
         (folder / "deleted").touch()  # so reading the batch again does not bring the record back
         (folder / "file.json").unlink()
+        self._unlist(file_id, settled=True)
 
-    def list(self, purpose: str | None = None, tenant: Tenant = OPERATOR) -> Iterator[FileObject]:
-        """Every file `tenant` sees, newest first."""
-        if not self.root.is_dir():
-            return iter(())
-        files = []
-        for file_id in self._ids():
-            try:
-                files.append(self.get(file_id, tenant).file)
-            except (FileNotFound, ValueError):
-                continue  # another tenant's, expired, or being written or deleted right now
-        files.sort(key=lambda f: (f.created_at, f.id), reverse=True)
-        return iter(f for f in files if purpose is None or f.purpose == purpose)
+    def page(self, limit: int, after: str | None = None, descending: bool = True, purpose: str | None = None,
+             tenant: Tenant = OPERATOR, now: float | None = None) -> tuple[list[FileObject], bool]:
+        """Up to `limit` files `tenant` sees, newest first (oldest first unless `descending`), from the one
+        after the file `after`, and whether more follow; FileNotFound for an `after` never listed here."""
+        now = time.time() if now is None else now
+        with self._order_lock:
+            self._refresh_order()
+            # A record rewritten by another process since it was ordered (a batch's results registered
+            # again with a new created_at) is put in its new place, and the page is walked again.
+            for _ in range(3):
+                files, more, moved = self._walk(limit, after, descending, purpose, tenant, now)
+                if not moved:
+                    break
+        return files, more
+
+    def _walk(self, limit: int, after: str | None, descending: bool, purpose: str | None, tenant: Tenant,
+              now: float) -> tuple[list[FileObject], bool, bool]:
+        try:
+            entries = self._order.walk(after, descending)
+        except KeyError:
+            raise FileNotFound(after) from None
+        files: list[FileObject] = []
+        changed: list[StoredFile] = []
+        gone: list[str] = []
+        more = False
+        for entry in entries:
+            if (purpose is not None and entry.purpose != purpose) or not tenant.sees(entry.owner):
+                continue
+            stored = self._current(entry.file_id)
+            if stored is None:
+                gone.append(entry.file_id)
+                continue
+            if (stored.file.created_at != entry.created_at or stored.file.purpose != entry.purpose
+                    or stored.owner != entry.owner):
+                changed.append(stored)
+                continue
+            expires_at = stored.file.expires_at
+            if expires_at is not None and expires_at <= now:
+                continue  # expired, not swept yet
+            if len(files) == limit:
+                more = True
+                break
+            files.append(stored.file)
+        moved = False
+        for stored in changed:
+            moved = self._order.put(_listed(stored)) or moved
+        for file_id in gone:
+            self._order.drop(file_id)
+            self._settle(file_id)
+        return files, more, moved or bool(changed)
+
+    def _current(self, file_id: str) -> StoredFile | None:
+        try:
+            return self._record(file_id, f"{self._root}/{file_id}/file.json")
+        except (FileNotFoundError, ValueError):
+            return None  # being written, deleted or expired
+
+    def _refresh_order(self) -> None:
+        """Take into the order the file folders created and removed since the last listing, by any process."""
+        try:
+            mtime = self.root.stat().st_mtime_ns  # before the scan: a folder created during it scans again
+        except FileNotFoundError:
+            return
+        unsettled, self._unsettled = self._unsettled, set()
+        if mtime != self._scanned_mtime:
+            present = set(self._ids())
+            for file_id in self._order.ids() - present:
+                self._order.drop(file_id)
+            self._settled &= present
+            unsettled |= present - self._order.ids() - self._settled
+            self._scanned_mtime = mtime if time.time_ns() - mtime > _RESCAN_WINDOW_NS else None
+        for file_id in unsettled:
+            stored = self._current(file_id)
+            if stored is not None:
+                self._order.put(_listed(stored))
+            else:
+                self._settle(file_id)
+
+    def _settle(self, file_id: str) -> None:
+        """File away a folder without a record: gone for good (deleted, expired), or not written yet."""
+        folder = self.root / file_id
+        if (folder / "deleted").exists() or (folder / "expired").exists():
+            self._settled.add(file_id)
+        elif folder.is_dir():
+            self._unsettled.add(file_id)
