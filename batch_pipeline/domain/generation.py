@@ -23,6 +23,18 @@ from resources.vllm_engine import VLLMEngine
 
 log = logging.getLogger(__name__)
 
+# A hook for tests only, never set in production: while the file this variable names exists, the step
+# waits after each chunk it writes, so that a test can cancel or kill a batch half-way through however
+# fast the engine is (the step stays interruptible: it sleeps in Python).
+_TEST_HOLD_FILE = "VBATCH_TEST_HOLD_FILE"
+
+
+def _test_hold() -> None:
+    hold = os.environ.get(_TEST_HOLD_FILE)
+    deadline = time.monotonic() + 600
+    while hold and os.path.exists(hold) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
 
 class BatchNotReady(Exception):
     """The batch's input stage has not been materialised (or its manifest is damaged): nothing to generate."""
@@ -100,6 +112,7 @@ def generate_batch(engine: VLLMEngine, storage: BatchStorage, batch_id: str,
     def written(report: ChunkReport) -> None:
         result.add(report)
         on_written(report, result)
+        _test_hold()
 
     def first_output() -> None:
         if result.first_output_seconds < 0:

@@ -85,6 +85,8 @@ def stack_env(root: Path, tiny_model: Path) -> dict[str, str]:
         "HF_HUB_OFFLINE": "1",
         "VLLM_LOGGING_LEVEL": "WARNING",
         "VBATCH_TEST_STACK": marker,  # finds stray processes of this stack at teardown
+        # While this file exists, a batch's step waits after each chunk (tests that cancel half-way).
+        "VBATCH_TEST_HOLD_FILE": str(root / "hold"),
     }
 
 

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -101,9 +102,13 @@ def test_official_client_runs_a_batch_end_to_end(stack: Stack, client: openai.Op
         [o["custom_id"] for o in output]
 
 
-def test_cancel_stops_the_running_batch_and_keeps_an_error_per_request(stack: Stack, client: openai.OpenAI, tmp_path):
+def test_cancel_stops_the_running_batch_and_keeps_an_error_per_request(stack: Stack, client: openai.OpenAI, tmp_path,
+                                                                       request):
     path = tmp_path / "long.jsonl"
     path.write_text("\n".join(chat_line(f"long-{i}", f"Item {i}", max_tokens=200) for i in range(40)) + "\n")
+    hold = Path(stack.env["VBATCH_TEST_HOLD_FILE"])  # the step waits after each chunk until it is cancelled
+    hold.touch()
+    request.addfinalizer(lambda: hold.unlink(missing_ok=True))
     batch = client.batches.create(input_file_id=client.files.create(file=path.open("rb"), purpose="batch").id,
                                   endpoint="/v1/chat/completions", completion_window="24h")
     running, _ = poll(client, batch.id, {"in_progress", "finalizing"} | TERMINAL, timeout=240)

@@ -181,7 +181,9 @@ def test_in_flight_gauges_showed_progress_and_were_removed_at_the_end(service: S
     now = time.time()
     done = prometheus.query_range('vbatch_batch_requests{batch_id="good",state="done"}', service.started, now)
     values = [float(v) for _, v in done[0]["values"]]
-    assert values[-1] == GOOD_REQUESTS + BAD_LINES and len(set(values)) >= 3, values  # seen moving, then finished
+    # Seen moving, never back, never past the total. (The last scrape may come before the batch's last chunk:
+    # the series is removed when the batch ends, so its final value is not always scraped.)
+    assert len(set(values)) >= 3 and values == sorted(values) and 0 < values[-1] <= GOOD_REQUESTS + BAD_LINES, values
     total = prometheus.query_range('vbatch_batch_requests{batch_id="good",state="total"}', service.started, now)
     assert {float(v) for _, v in total[0]["values"]} == {GOOD_REQUESTS + BAD_LINES}
     assert prometheus.query("vbatch_batch_requests") == []  # removed once the batch ended
