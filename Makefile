@@ -42,8 +42,10 @@ browser:
 $(MODEL_DIR)/config.json: | $(STAMP)
 	$(VENV)/bin/vllm-batch tiny-model $(MODEL_DIR)
 
+# The run prints its own lines only; vLLM's, torch's and Dagster's output goes to data/logs/ (`vllm-batch run -v`
+# shows it instead).
 demo: install model
-	$(PY) examples/make_sample_batch.py data/samples/demo.jsonl --requests $(DEMO_REQUESTS) --model tiny-llama
+	@$(PY) examples/make_sample_batch.py data/samples/demo.jsonl --requests $(DEMO_REQUESTS) --model tiny-llama
 	$(VENV)/bin/vllm-batch run data/samples/demo.jsonl --model $(MODEL_DIR) --model-name tiny-llama
 
 # ---- monitoring (integrations/monitoring): Debian's Prometheus and promtool for its tests -------------

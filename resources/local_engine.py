@@ -171,4 +171,10 @@ def build_llm(kwargs: dict[str, Any]) -> LLM:
 
 def load_failure_reason(exc: BaseException) -> str:
     """Why an engine did not load, in one line (vLLM's errors can run to pages)."""
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    from pydantic import ValidationError
+
+    text = str(exc).strip()
+    if isinstance(exc, ValidationError) and exc.errors():
+        # The first line would say only "1 validation error for ModelConfig"; the reason is the error's message.
+        text = str(exc.errors(include_url=False)[0]["msg"]).removeprefix("Value error, ").strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -18,13 +18,26 @@ from pydantic import ValidationError
 
 if TYPE_CHECKING:
     from batch_pipeline.entrypoints.api.service import BatchService
+    from batch_pipeline.entrypoints.quiet_console import QuietConsole
 
 T = TypeVar("T")
 
 
 def _fail(message: str) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {_with_root_cause(message)}{_log_hint()}", err=True)
     sys.exit(1)
+
+
+_ROOT_CAUSE_ABOVE = "See root cause above"  # vLLM, when its engine core process failed to start
+
+
+def _with_root_cause(message: str) -> str:
+    # With the engine core's output in the log, "above" is not on the console: bring the cause into the line.
+    quiet = _quiet_console()
+    cause = quiet.first_error() if quiet is not None and _ROOT_CAUSE_ABOVE in message else None
+    if cause is None:
+        return message
+    return f"{message[:message.index(_ROOT_CAUSE_ABOVE)].rstrip(' .')}: {cause}"
 
 
 def _settings():
@@ -59,8 +72,83 @@ def _enable_integration(ctx: click.Context, param: click.Parameter, value: bool)
         os.environ[f"VBATCH_{param.name.upper()}"] = "true"
 
 
+# Commands that run as services: what they and their children print is the service's log (journald, a shipper),
+# so it stays on their stdout and stderr.
+_SERVICE_COMMANDS = frozenset({"start", "serve"})
+_QUIET = "vllm_batch.quiet_console"  # the command's QuietConsole in the root context's meta, when one is on
+
+
+def _verbose_option() -> click.Option:
+    return click.Option(["--verbose", "-v"], is_flag=True, expose_value=False, callback=_console_for_command,
+                        help="Show what vLLM, torch and Dagster print here instead of in the command's log file.")
+
+
+def _console_for_command(ctx: click.Context, param: click.Parameter, verbose: bool) -> None:
+    # Processed after the command's other parameters, so a usage error is shown before anything moves; the
+    # root context closes on every way out (errors, sys.exit), and puts the console back.
+    # (Context.meta is one dict shared by the root context and every context under it.)
+    ctx.meta["vllm_batch.verbose"] = verbose
+    root = ctx.find_root()
+    if verbose or ctx.resilient_parsing or ctx.info_name in _SERVICE_COMMANDS or _QUIET in ctx.meta:
+        return
+    from batch_pipeline.domain.settings import get_settings
+    from batch_pipeline.entrypoints.quiet_console import QuietConsole, log_path_for
+
+    try:
+        data_dir = get_settings().resolved_data_dir
+    except ValidationError:
+        return  # the command reports the setting itself
+    try:
+        quiet = QuietConsole(log_path_for(data_dir, ctx.info_name or "command"), ctx.info_name or "command")
+    except OSError as exc:  # a data folder that cannot be written: the command says so, or works without it
+        click.echo(f"warning: cannot write the log file ({exc.strerror or exc}); library output shows here", err=True)
+        return
+    ctx.meta[_QUIET] = quiet
+    root.call_on_close(lambda: _close_console(ctx.meta))
+
+
+def _close_console(meta: dict[str, Any]) -> None:
+    quiet = meta.pop(_QUIET)
+    if quiet.wrote() and not meta.get("vllm_batch.log_shown"):
+        click.echo(f"log: {_shown_path(quiet.log_path)} (what vLLM, torch and Dagster printed; -v shows it here)",
+                   err=True)
+    quiet.close()
+
+
+def _quiet_console() -> QuietConsole | None:
+    """The running command's QuietConsole; None with -v, for a service, or outside a command."""
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get(_QUIET) if ctx else None
+
+
+def _log_hint() -> str:
+    """` (log: PATH)` for an error line, when the command's library output went to a log file."""
+    ctx = click.get_current_context(silent=True)
+    quiet = _quiet_console()
+    if ctx is None or quiet is None or not quiet.wrote():
+        return ""
+    ctx.meta["vllm_batch.log_shown"] = True
+    return f" (log: {_shown_path(quiet.log_path)})"
+
+
+def _shown_path(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _verbose() -> bool:
+    """Whether this command was given -v."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.meta.get("vllm_batch.verbose"))
+
+
 class _Commands(click.Group):
-    """The core commands, plus the command groups integrations add (`vllm-batch webhooks ...`), loaded on use."""
+    """The core commands, plus the command groups integrations add (`vllm-batch webhooks ...`), loaded on use.
+
+    Every command gets `-v/--verbose`: without it, what its libraries print goes to a log file
+    (batch_pipeline/entrypoints/quiet_console.py)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         from batch_pipeline.orchestration.enabled_integrations import integration_commands
@@ -73,6 +161,8 @@ class _Commands(click.Group):
         command = super().get_command(ctx, cmd_name)
         if command is None and cmd_name in integration_commands():
             command = load_attribute(integration_commands()[cmd_name])
+        if command is not None and not any(param.name == "verbose" for param in command.params):
+            command.params.append(_verbose_option())
         return command
 
 
@@ -89,16 +179,13 @@ def main() -> None:
 @click.option("--batch-id", help="Partition key for the batch (default: derived from the file and model).")
 @click.option("--chunk-size", type=click.IntRange(1), help="Requests per chunk (default: VBATCH_CHUNK_SIZE).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--verbose", "-v", is_flag=True, help="Show vLLM's and Dagster's logs.")
 @integration_flags
 def run(input_file: str, model: str, model_name: str | None, output: Path | None, batch_id: str | None,
-        chunk_size: int | None, as_json: bool, verbose: bool) -> None:
+        chunk_size: int | None, as_json: bool) -> None:
     """Materialise one batch end to end on the configured instance and print where the results are.
 
     INPUT_FILE is a local file, or an s3:// or gs:// URI (downloaded first; needs the s3 / gcs extra).
     """
-    if not verbose:
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     settings = _settings()
     local_input = _input_path(settings, input_file)
     from batch_pipeline.domain.instance import InstanceConfigError, open_instance
@@ -162,10 +249,11 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
         return Snapshot(counts.completed + counts.failed, counts.total, counts.completion_tokens,
                         generating_since=since)
 
-    # On a terminal the bar replaces the per-chunk log lines; elsewhere both are printed.
-    log_level = "DEBUG" if verbose else "WARNING" if display.tty else "INFO"
+    # The console shows the run's warnings (rejected lines, failed chunks); -v adds every step's lines.
+    log_level = "DEBUG" if _verbose() else "WARNING"
     with ProgressWatcher(display, snapshot):
-        result = run_batch_in_process(settings, instance, spec.batch_id, log_level=log_level)
+        result = run_batch_in_process(settings, instance, spec.batch_id, log_level=log_level,
+                                      quiet=_quiet_console() is not None)
     if not result.success:
         # The batch may have failed before its engine was used (a bad file): stop the load first.
         VLLMEngine.discard()

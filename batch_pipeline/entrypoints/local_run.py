@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import socket
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import psutil
-from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster import DagsterInstance, DagsterRunStatus, Field, InitLoggerContext, RunsFilter, logger
 
 from batch_pipeline.domain.batches import BatchSpec, load_summary, valid_batch_id
 from batch_pipeline.domain.constants import HOST_TAG, LOCAL_PID_STARTED_TAG, LOCAL_PID_TAG, SOURCE_TAG
@@ -95,16 +97,56 @@ def one_process(settings: Settings) -> Settings:
     return settings.model_copy(update={"engine_host": False}) if settings.engine_host is None else settings
 
 
+@logger(
+    {"log_level": Field(str, is_required=False, default_value="WARNING"),
+     "name": Field(str, is_required=False, default_value="dagster")},
+    description="The run's own warnings as `warning: ...` lines on stderr; the rest to the command's log.",
+)
+def quiet_console_logger(init_context: InitLoggerContext) -> logging.Logger:
+    """The `console` logger of a `vllm-batch run` without -v (batch_pipeline/entrypoints/quiet_console.py).
+
+    The console gets what the assets say from the configured level up to warnings ("3 of 303 lines were
+    rejected"), not Dagster's events nor its errors: a failed run's cause is the command's one `error:`
+    line, not a step failure's stack trace. Everything goes to the original stderr: the command's log file.
+    """
+    config = init_context.logger_config
+    run_logger = logging.Logger(config["name"], level=logging.DEBUG)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(config["log_level"].upper())
+    console.addFilter(lambda record: record.levelno < logging.ERROR
+                      and _dagster_meta(record).get("dagster_event") is None)
+    console.setFormatter(_AssetLineFormatter())
+    to_log = logging.StreamHandler(sys.__stderr__ or sys.stderr)
+    to_log.setLevel(logging.INFO)
+    to_log.setFormatter(logging.Formatter("%(asctime)s - dagster - %(levelname)s - %(message)s"))
+    run_logger.addHandler(console)
+    run_logger.addHandler(to_log)
+    return run_logger
+
+
+def _dagster_meta(record: logging.LogRecord) -> dict[str, Any]:
+    return getattr(record, "dagster_meta", None) or {}
+
+
+class _AssetLineFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {_dagster_meta(record).get('orig_message', record.getMessage())}"
+
+
 def run_batch_in_process(settings: Settings, instance: DagsterInstance, batch_id: str, tags: dict | None = None,
-                         log_level: str = "INFO") -> BatchRun:
-    """Execute batch_job for one partition in this process and collect the summary."""
+                         log_level: str = "INFO", quiet: bool = False) -> BatchRun:
+    """Execute batch_job for one partition in this process and collect the summary; `quiet`: its console logger
+    shows the assets' own lines only (`quiet_console_logger`)."""
     from batch_pipeline.orchestration.definitions import build_definitions
 
     settings = one_process(settings)
     reap_dead_local_runs(instance)
     paths = BatchStorage(data_dir=settings.data_root).batch(batch_id)
     defs = build_definitions(settings)
+    quiet_logs = quiet and settings.log_format == "text"  # JSON lines are for a log shipper: left as they are
     job = defs.resolve_job_def("batch_job")
+    if quiet_logs:
+        job = job.with_logger_defs({"console": quiet_console_logger})
     me = psutil.Process()
     run_tags = {SOURCE_TAG: "cli", **(tags or {}), HOST_TAG: socket.gethostname(),
                 LOCAL_PID_TAG: str(me.pid), LOCAL_PID_STARTED_TAG: repr(me.create_time())}
@@ -131,7 +173,10 @@ def run_batch_in_process(settings: Settings, instance: DagsterInstance, batch_id
     if defs.get_repository_def().has_job("batch_integrations"):
         # The daemon runs them by automation after batch_results; in-process nobody else would.
         # A separate run, so a failing integration leaves the batch's run successful.
-        follow_up = defs.resolve_job_def("batch_integrations").execute_in_process(
+        integrations = defs.resolve_job_def("batch_integrations")
+        if quiet_logs:
+            integrations = integrations.with_logger_defs({"console": quiet_console_logger})
+        follow_up = integrations.execute_in_process(
             instance=instance, partition_key=batch_id, raise_on_error=False, tags=run_tags, run_config=run_config)
         if not follow_up.success:
             run.integration_error = failure_message(follow_up.all_events)
