@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -178,13 +179,19 @@ class EngineCount:
 
     vLLM titles its engine core process `VLLM::EngineCore`; one appears per engine loaded, in a test's own
     process, a run worker or an engine host alike. Polled in the process that runs the session (the xdist
-    controller with workers), so every worker's engines are seen, and printed at the end of the run.
+    controller with workers), so every worker's engines are seen, and printed at the end of the run, with
+    the test files that started them: each test process writes the test it is running into `folder`
+    (`note_test`), and an engine counts for the test its ancestor test process was running when it appeared.
     """
 
     def __init__(self) -> None:
+        import collections
+        import tempfile
         import threading
 
         self.seen: set[tuple[int, float]] = set()
+        self.by_file: collections.Counter[str] = collections.Counter()
+        self.folder = Path(tempfile.mkdtemp(prefix="engine-count-"))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._poll, name="engine-count", daemon=True)
 
@@ -194,14 +201,43 @@ class EngineCount:
         while not self.stop.wait(0.5):
             for process in psutil.process_iter(["pid", "create_time", "cmdline"]):
                 cmdline = process.info["cmdline"] or []
-                if cmdline and cmdline[0].startswith("VLLM::EngineCore"):
-                    self.seen.add((process.info["pid"], process.info["create_time"]))
+                key = (process.info["pid"], process.info["create_time"])
+                if cmdline and cmdline[0].startswith("VLLM::EngineCore") and key not in self.seen:
+                    self.seen.add(key)
+                    self.by_file[self._test_file_of(process)] += 1
+
+    def _test_file_of(self, process: object) -> str:
+        import psutil
+
+        try:
+            for parent in process.parents():  # type: ignore[attr-defined]
+                note = self.folder / str(parent.pid)
+                if not note.exists():  # a detached engine host: the worker it was started under, if any
+                    note = self.folder / parent.environ().get("PYTEST_XDIST_WORKER", "none")
+                if note.exists():
+                    return note.read_text().split("::", 1)[0] or "?"
+        except (psutil.Error, OSError):
+            pass
+        own = self.folder / str(os.getpid())  # one process for the whole run: the test it is running
+        return own.read_text().split("::", 1)[0] if own.exists() else "?"
+
+
+def pytest_runtest_logstart(nodeid: str, location: object) -> None:
+    """Each test process notes the test it runs (for EngineCount; the controller's own calls are skipped)."""
+    folder = os.environ.get("VBATCH_TEST_ENGINE_COUNT_DIR")
+    if folder and (os.environ.get("PYTEST_XDIST_WORKER") or not os.environ.get("VBATCH_TEST_XDIST_CONTROLLER")):
+        with contextlib.suppress(OSError):
+            for name in {str(os.getpid()), os.environ.get("PYTEST_XDIST_WORKER") or str(os.getpid())}:
+                (Path(folder) / name).write_text(nodeid)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     if not hasattr(config, "workerinput"):  # the controller (or the only process): it outlives every test
-        config.stash[ENGINE_COUNT] = EngineCount()
-        config.stash[ENGINE_COUNT].thread.start()
+        count = config.stash[ENGINE_COUNT] = EngineCount()
+        os.environ["VBATCH_TEST_ENGINE_COUNT_DIR"] = str(count.folder)  # the workers inherit it
+        if config.getoption("numprocesses", None):
+            os.environ["VBATCH_TEST_XDIST_CONTROLLER"] = "1"
+        count.thread.start()
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
@@ -209,6 +245,9 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     if count is not None:
         count.stop.set()
         terminalreporter.write_line(f"vLLM engines started during the tests: {len(count.seen)}")
+        for test_file, engines in count.by_file.most_common():
+            terminalreporter.write_line(f"  {engines:3d}  {test_file}")
+        shutil.rmtree(count.folder, ignore_errors=True)
 
 
 ENGINE_COUNT = pytest.StashKey[EngineCount]()
