@@ -204,7 +204,19 @@ class EngineCount:
                 key = (process.info["pid"], process.info["create_time"])
                 if cmdline and cmdline[0].startswith("VLLM::EngineCore") and key not in self.seen:
                     self.seen.add(key)
-                    self.by_file[self._test_file_of(process)] += 1
+                    if self._ours(process):  # not another test run's on the same machine
+                        self.by_file[self._test_file_of(process)] += 1
+
+    def _ours(self, process: object) -> bool:
+        import psutil
+
+        try:
+            for parent in process.parents():  # type: ignore[attr-defined]
+                if parent.pid == os.getpid() or parent.environ().get("VBATCH_TEST_ENGINE_COUNT_DIR") == str(self.folder):
+                    return True
+        except (psutil.Error, OSError):
+            pass
+        return False
 
     def _test_file_of(self, process: object) -> str:
         import psutil
@@ -244,7 +256,7 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     count = config.stash.get(ENGINE_COUNT, None)
     if count is not None:
         count.stop.set()
-        terminalreporter.write_line(f"vLLM engines started during the tests: {len(count.seen)}")
+        terminalreporter.write_line(f"vLLM engines started during the tests: {sum(count.by_file.values())}")
         for test_file, engines in count.by_file.most_common():
             terminalreporter.write_line(f"  {engines:3d}  {test_file}")
         shutil.rmtree(count.folder, ignore_errors=True)
