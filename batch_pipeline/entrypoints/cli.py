@@ -219,8 +219,8 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
     # service's settings (its pool limits), so open_instance below is given those.
     engine = build_resources(one_process(settings))["engine"]
     engine_ready: list[float] = []  # when the prefetched engine finished loading (time.monotonic())
-    prefetched = not engine.data_parallel()  # data parallel engines load in batch_chunks' worker processes
     try:
+        prefetched = not engine.data_parallel()  # data parallel engines load in batch_chunks' worker processes
         if prefetched:
             loading = engine.prefetch(served.model, engine_args_for(served.engine_args, head.url_counts))
             loading.add_done_callback(lambda _: engine_ready.append(time.monotonic()))
