@@ -244,16 +244,24 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
             return None
         if not runnable:
             runnable.append(time.monotonic())
+        if counts.total and counts.completed + counts.failed == counts.total and not measured:
+            return None  # every chunk written: the last line waits for the run's own tokens/s (the summary's)
         # Generation begins once both the chunks and the engine are there, as the run's summary counts it.
         since = max(runnable + engine_ready) if engine_ready or not prefetched else None
         return Snapshot(counts.completed + counts.failed, counts.total, counts.completion_tokens,
-                        generating_since=since)
+                        generating_since=since, tokens_per_second=measured[0] if measured else None)
+
+    # The run's own tokens/s once it ended: the last progress line then says what the summary says (polls
+    # half a second apart cannot time a generation of a second or two).
+    measured: list[float] = []
 
     # The console shows the run's warnings (rejected lines, failed chunks); -v adds every step's lines.
     log_level = "DEBUG" if _verbose() else "WARNING"
     with ProgressWatcher(display, snapshot):
         result = run_batch_in_process(settings, instance, spec.batch_id, log_level=log_level,
                                       quiet=_quiet_console() is not None)
+        if result.success:
+            measured.append(float(result.summary.get("completion_tokens_per_second") or 0.0))
     if not result.success:
         # The batch may have failed before its engine was used (a bad file): stop the load first.
         VLLMEngine.discard()

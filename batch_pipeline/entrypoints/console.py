@@ -33,6 +33,7 @@ class Snapshot:
     output_tokens: int
     status: str = ""
     generating_since: float | None = None  # time.monotonic() when generation began; None: not known
+    tokens_per_second: float | None = None  # the run's own figure once it ended: the last line says the summary's
 
 
 class ProgressDisplay:
@@ -72,6 +73,8 @@ class ProgressDisplay:
     def rate(self, snapshot: Snapshot) -> float | None:
         """Generated tokens per second since generation began (the engine load does not count), up to the
         last time the count of tokens grew; None before the first tokens."""
+        if snapshot.tokens_per_second is not None:
+            return snapshot.tokens_per_second
         now = self.clock()
         if self._first_seen is None:
             self._first_seen = now
