@@ -97,7 +97,7 @@ def service(tmp_path_factory, tiny_model: Path, prometheus: Prometheus) -> Itera
         "VBATCH_MODELS_FILE": str(root / "models.yaml"), "VBATCH_CHUNK_SIZE": "16",
         "VBATCH_DTYPE": "float32", "VBATCH_ENFORCE_EAGER": "true", "VBATCH_MAX_MODEL_LEN": "1024",
         # Few sequences at a time, so the batch generates for several seconds and Prometheus sees it progress.
-        "VBATCH_MAX_NUM_SEQS": "1",  # one sequence at a time: the batch lasts several 1 s scrapes
+        "VBATCH_MAX_NUM_SEQS": "4",
         "VBATCH_METRICS_PORT": str(metrics_port), "VBATCH_METRICS_POLL_SECONDS": "1",
         "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING",
         # Every line of the supervisor, webserver, daemon, runs and API server as JSON (checked below).
