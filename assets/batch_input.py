@@ -98,6 +98,7 @@ def _validate(context: AssetExecutionContext, spec: BatchSpec, paths: BatchPaths
     _drop_stale_outputs(context, paths, fingerprint)
 
     valid = invalid = 0
+    first_rejected: InvalidLine | None = None
     endpoints: dict[str, int] = {}
     try:
         lines = scan_batch_file(local_input, frozenset({spec.model, spec.model_name}), get_settings().max_line_bytes)
@@ -109,6 +110,7 @@ def _validate(context: AssetExecutionContext, spec: BatchSpec, paths: BatchPaths
                 for item in lines:
                     if isinstance(item, InvalidLine):
                         invalid += 1
+                        first_rejected = first_rejected or item
                         errors.write(error_line(output_line_id(spec.batch_id, item.line), item.custom_id, item.error))
                         continue
                     valid += 1
@@ -129,7 +131,11 @@ def _validate(context: AssetExecutionContext, spec: BatchSpec, paths: BatchPaths
     if valid == 0:
         # As OpenAI's validation fails a batch: nothing could run. The batch's errors list the lines
         # (read from invalid.jsonl, written above); a file with some good lines runs them instead.
-        raise Failure(f"no line of the input file is a valid request ({invalid} lines rejected)",
+        # The first line's reason in the message: one rejection (a `model` the command does not serve, a
+        # wrong `url`) usually rejects them all, and the user should not need to open invalid.jsonl to see it.
+        assert first_rejected is not None
+        raise Failure(f"no line of the input file is a valid request ({invalid} rejected; line "
+                      f"{first_rejected.line}: {first_rejected.error.message})",
                       allow_retries=False, metadata={FAILURE_CODE_KEY: NO_VALID_REQUESTS})
 
     num_chunks = -(-valid // spec.chunk_size)

@@ -86,34 +86,16 @@ def test_library_output_of_this_process_and_its_children_goes_to_the_log(tmp_pat
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
-    """One small batch run twice on the tiny model: quiet (the default) and with -v."""
-    results = {}
-    for name, extra in (("quiet", []), ("verbose", ["-v"])):
-        home = tmp_path_factory.mktemp(name)
-        batch = write_jsonl(home / "in.jsonl", chat_lines(12))
-        args = ["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny", "--batch-id", name, *extra]
-        results[name] = (run_cli(args, cli_env(home)), home)
-    return results
+def verbose_run(tmp_path_factory, tiny_model) -> tuple[subprocess.CompletedProcess, Path]:
+    """One small batch run with -v on the tiny model (the quiet default is `make demo`'s: tests/test_readme.py)."""
+    home = tmp_path_factory.mktemp("verbose")
+    batch = write_jsonl(home / "in.jsonl", chat_lines(12))
+    args = ["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny", "--batch-id", "verbose", "-v"]
+    return run_cli(args, cli_env(home)), home
 
 
-def test_a_run_shows_only_its_own_lines_and_says_where_the_rest_went(runs):
-    result, home = runs["quiet"]
-    assert result.returncode == 0, result.stderr[-3000:]
-    console = result.stdout + result.stderr
-    assert not LIBRARY_LINE.search(console), console
-    assert result.stdout.startswith("batch quiet: 12 completed, 0 failed")
-    log = home / "data" / "logs" / "vllm-batch-run.log"
-    assert result.stderr.strip().splitlines()[-1].startswith("log: data/logs/vllm-batch-run.log")
-    assert len(console.strip().splitlines()) <= 8, console
-    # What the console did not show is in the log: vLLM's lines from this process and its engine core.
-    text = log.read_text()
-    assert re.search(r"\(MainProcess pid=\d+\) (INFO|WARNING)", text)
-    assert re.search(r"\(EngineCore pid=\d+\) (INFO|WARNING)", text)
-
-
-def test_verbose_shows_what_vllm_and_torch_print(runs):
-    result, home = runs["verbose"]
+def test_verbose_shows_what_vllm_and_torch_print(verbose_run):
+    result, home = verbose_run
     assert result.returncode == 0, result.stderr[-3000:]
     console = result.stdout + result.stderr
     assert LIBRARY_LINE.search(console)

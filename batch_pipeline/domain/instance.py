@@ -22,12 +22,23 @@ class InstanceConfigError(Exception):
     """The instance files are missing or invalid."""
 
 
+# The project's own instance files, beside its packages in a checkout (an editable or source install).
+_PROJECT = Path(__file__).resolve().parents[2]
+
+
+def instance_file(settings: Settings, name: str) -> Path:
+    """The project folder's `name` (dagster.yaml, dagster.postgres.yaml), or the project's own when the folder
+    has none: `vllm-batch run` works in any folder, its data/ and .dagster/ then made there."""
+    for folder in (settings.home, _PROJECT):
+        if (folder / name).is_file():
+            return folder / name
+    raise InstanceConfigError(f"{settings.home / name} not found: run vllm-batch from the project folder or set "
+                              "VBATCH_HOME")
+
+
 def instance_config(settings: Settings) -> dict:
     """dagster.yaml, plus the Postgres storage block when a Postgres URL is configured."""
-    base = settings.home / "dagster.yaml"
-    if not base.exists():
-        raise InstanceConfigError(f"{base} not found: run vllm-batch from the project folder or set VBATCH_HOME")
-    config = yaml.safe_load(base.read_text()) or {}
+    config = yaml.safe_load(instance_file(settings, "dagster.yaml").read_text()) or {}
     # The `gpu` pool admits one batch step per engine slot (one slot per GPU, or per tensor-parallel
     # group); with the warm engine host, up to engine_host_clients batches of one model share a slot's host.
     try:
@@ -43,7 +54,7 @@ def instance_config(settings: Settings) -> dict:
     runs = concurrency.setdefault("runs", {})
     runs["max_concurrent_runs"] = max(int(runs.get("max_concurrent_runs", 0)), gpu_steps + 4)
     if settings.postgres_url is not None:
-        config.update(yaml.safe_load((settings.home / "dagster.postgres.yaml").read_text()))
+        config.update(yaml.safe_load(instance_file(settings, "dagster.postgres.yaml").read_text()))
     return config
 
 

@@ -218,6 +218,7 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
     # The engine loads here and ends with the command (VBATCH_ENGINE_HOST unset); the instance keeps the
     # service's settings (its pool limits), so open_instance below is given those.
     engine = build_resources(one_process(settings))["engine"]
+    started = time.monotonic()  # the run's time counts from here: the engine load begins before the run does
     engine_ready: list[float] = []  # when the prefetched engine finished loading (time.monotonic())
     try:
         prefetched = not engine.data_parallel()  # data parallel engines load in batch_chunks' worker processes
@@ -269,7 +270,7 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
     if result.integration_error:
         click.echo(f"warning: an integration failed (the batch's results are complete): {result.integration_error}",
                    err=True)
-    summary = dict(result.summary, run_id=result.run_id, seconds=round(result.seconds, 2))
+    summary = dict(result.summary, run_id=result.run_id, seconds=round(time.monotonic() - started, 2))
     if output:
         output.mkdir(parents=True, exist_ok=True)
         for name, source in (("output.jsonl", result.paths.output), ("errors.jsonl", result.paths.errors)):
@@ -280,7 +281,7 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
         click.echo(json.dumps(summary, indent=2))
         return
     click.echo(f"batch {spec.batch_id}: {summary['completed']} completed, {summary['failed']} failed "
-               f"in {result.seconds:.1f}s (engine load {summary.get('engine_load_seconds', 0):.1f}s, "
+               f"in {summary['seconds']:.1f}s (engine load {summary.get('engine_load_seconds', 0):.1f}s, "
                f"{summary.get('completion_tokens_per_second', 0):.0f} generated tokens/s)")
     click.echo(f"output: {summary['output_file']}")
     click.echo(f"errors: {summary['error_file']}")
