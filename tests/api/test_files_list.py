@@ -112,3 +112,23 @@ def test_a_file_another_process_writes_is_listed(client: openai.OpenAI, served: 
     listed = [file.id for file in client.files.list(limit=PAGE)]
     assert sorted(listed) == sorted([*before, written])
     assert [file.id for file in client.files.list(purpose="batch_output")] == [written]
+
+
+def test_a_record_another_process_rewrites_or_deletes_is_listed_as_it_is_now(client: openai.OpenAI, served: Stack,
+                                                                             uploaded: list[str]):
+    # The server trusts the records its last listing read until any process writes a new changes token:
+    # a rewrite (a batch's results registered again, grown) and a delete by another process must show.
+    results = served.root / "rewritten.jsonl"
+    results.write_text("{}\n")
+    other = FileStore(served.data_dir)  # the command line's store, on the same data folder
+    owner = key_fingerprint(API_KEY)
+    written = other.register_result("batch_rewritten", "output", results, owner)
+    assert written is not None
+    assert {file.id: file.bytes for file in client.files.list(limit=PAGE)}.get(written) == 3
+    assert {file.id: file.bytes for file in client.files.list(limit=PAGE)}.get(written) == 3  # trusted now
+
+    results.write_text("{}\n{}\n{}\n")
+    assert other.register_result("batch_rewritten", "output", results, owner) == written
+    assert {file.id: file.bytes for file in client.files.list(limit=PAGE)}.get(written) == 9
+    other.delete(uploaded[0])
+    assert uploaded[0] not in [file.id for file in client.files.list(limit=PAGE)]

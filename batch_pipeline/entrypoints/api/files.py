@@ -16,7 +16,9 @@ tenant owns is FileNotFound, as for an id that does not exist.
 
 `GET /v1/files` pages through a FileOrder (file_order.py) held in memory: filled from every record once,
 then kept up to date from this store's own writes and from the folder, which other processes (the
-command line registers batches' results) write to as well.
+command line registers batches' results) write to as well. Every change of a record, by any process,
+ends by writing a new token to `files/.changes`: while the token is the one the last listing saw, a
+listing trusts the records it read then instead of checking each file.json again (10,000 stats a page).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ _FILE_ID_RE = re.compile(r"^file-[0-9a-f]{24,64}$")
 # same tick as a scan of the files folder, just after it, leaves the mtime as the scan saw it. So the
 # folder is scanned again on every listing until its mtime is older than this.
 _RESCAN_WINDOW_NS = 2_000_000_000
+_CHANGES = ".changes"
 
 
 class FileNotFound(Exception):
@@ -98,6 +101,8 @@ class FileStore:
         self._order_lock = threading.Lock()
         self._scanned_mtime: int | None = None  # of the files folder, when the order last took in its folders
         self._unsettled: set[str] = set()  # folders whose record is not written yet: read again each listing
+        self._listed_token: str | None = None  # the changes token the last listing read
+        self._checked: set[str] = set()  # ids whose record was read or checked since that token was written
         self._settled: set[str] = set()  # folders of deleted or expired files: they never list again
 
     def _folder(self, file_id: str) -> Path:
@@ -152,9 +157,23 @@ class FileStore:
     def _save(self, stored: StoredFile) -> StoredFile:
         with atomic_path(self.root / stored.file.id / "file.json") as tmp:
             tmp.write_text(stored.model_dump_json())
+        self._changed()
         with self._order_lock:
             self._order.put(_listed(stored))
         return stored
+
+    def _changed(self) -> None:
+        """Tell every process's listing that a record changed (after the change: a listing that read the
+        old token checks every record next time)."""
+        with atomic_path(self.root / _CHANGES) as tmp:
+            tmp.write_text(uuid.uuid4().hex)
+
+    def _changes_token(self) -> str | None:
+        try:
+            with open(f"{self._root}/{_CHANGES}", encoding="ascii") as handle:
+                return handle.read()
+        except FileNotFoundError:
+            return None  # no change yet, or records of a version without the token: check every record
 
     def _unlist(self, file_id: str, settled: bool) -> None:
         with self._order_lock:
@@ -285,6 +304,7 @@ class FileStore:
                 continue
             (folder / "expired").write_text(str(expires_at))  # before the record goes: the id never 404s as unknown
             (folder / "file.json").unlink(missing_ok=True)
+            self._changed()
             self._unlist(file_id, settled=True)
             expired.append(file_id)
         return expired
@@ -300,10 +320,12 @@ class FileStore:
         folder = self._folder(file_id)
         if stored.batch_id is None:
             shutil.rmtree(folder)
+            self._changed()
             self._unlist(file_id, settled=False)
             return
         (folder / "deleted").touch()  # so reading the batch again does not bring the record back
         (folder / "file.json").unlink()
+        self._changed()
         self._unlist(file_id, settled=True)
 
     def page(self, limit: int, after: str | None = None, descending: bool = True, purpose: str | None = None,
@@ -312,6 +334,10 @@ class FileStore:
         after the file `after`, and whether more follow; FileNotFound for an `after` never listed here."""
         now = time.time() if now is None else now
         with self._order_lock:
+            token = self._changes_token()  # before reading anything: a change after it shows next time
+            if token is None or token != self._listed_token:
+                self._checked.clear()
+                self._listed_token = token
             self._refresh_order()
             # A record rewritten by another process since it was ordered (a batch's results registered
             # again with a new created_at) is put in its new place, and the page is walked again.
@@ -334,7 +360,7 @@ class FileStore:
         for entry in entries:
             if (purpose is not None and entry.purpose != purpose) or not tenant.sees(entry.owner):
                 continue
-            stored = self._current(entry.file_id)
+            stored = self._checked_record(entry.file_id)
             if stored is None:
                 gone.append(entry.file_id)
                 continue
@@ -356,6 +382,16 @@ class FileStore:
             self._order.drop(file_id)
             self._settle(file_id)
         return files, more, moved or bool(changed)
+
+    def _checked_record(self, file_id: str) -> StoredFile | None:
+        """The record as a listing sees it: the one read since the last change by any process, without
+        touching its file again, or read (checked) now."""
+        if file_id in self._checked:
+            return self._records[file_id][1]
+        stored = self._current(file_id)
+        if stored is not None and self._listed_token is not None:
+            self._checked.add(file_id)
+        return stored
 
     def _current(self, file_id: str) -> StoredFile | None:
         try:
