@@ -19,9 +19,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batch_pipeline.domain.batches import BatchManifest, BatchSummary, load_manifest, save_summary
-from batch_pipeline.domain.chunks import CHUNK_COLUMNS, CHUNK_SCHEMA, iter_requests, output_line_id
+from batch_pipeline.domain.chunks import CHUNK_COLUMNS, CHUNK_SCHEMA, ChunkDamaged, iter_requests, output_line_id
 from batch_pipeline.domain.records import BatchError
-from resources.storage import BatchPaths, atomic_path, read_parquet
+from resources.storage import BatchPaths, ParquetDamaged, atomic_path, read_parquet, remove_file
 
 
 def error_line(request_id: str, custom_id: str | None, error: BatchError | str) -> str:
@@ -80,9 +80,17 @@ class ResultCounts:
         return asdict(self)
 
 
-def _read_chunk(paths: BatchPaths, index: int) -> pa.Table:
-    # Only the columns this version writes: chunks left by an older version may carry more.
-    return read_parquet(paths.chunk(index), columns=CHUNK_COLUMNS).cast(CHUNK_SCHEMA)
+def _read_chunk(paths: BatchPaths, index: int, columns: list[str] = CHUNK_COLUMNS) -> pa.Table:
+    """A finished chunk's table; ChunkDamaged (and the file removed, so that a re-run redoes it) if it cannot
+    be read whole. Generation checks each chunk's footer before trusting it; this catches the rest."""
+    path = paths.chunk(index)
+    try:
+        # Only the columns this version writes: chunks left by an older version may carry more.
+        table = read_parquet(path, columns=columns)
+    except ParquetDamaged as exc:
+        remove_file(path)
+        raise ChunkDamaged(f"chunk file {exc}: it was removed, run the batch again to redo that chunk") from None
+    return table.cast(CHUNK_SCHEMA) if columns == CHUNK_COLUMNS else table
 
 
 def _write(paths: BatchPaths, manifest: BatchManifest, chunks: Iterable[int], not_run: BatchError | None,
@@ -109,7 +117,7 @@ def _write(paths: BatchPaths, manifest: BatchManifest, chunks: Iterable[int], no
     def chunk_errors() -> Iterator[tuple[int, str]]:
         # Read again, error rows only, so that memory stays bounded however many requests failed.
         for index in chunks:
-            table = read_parquet(paths.chunk(index), columns=["line", "id", "custom_id", "error"])
+            table = _read_chunk(paths, index, ["line", "id", "custom_id", "error"])
             for row in table.filter(pa.compute.is_valid(table["error"])).to_pylist():
                 yield row["line"], error_line(row["id"], row["custom_id"], row["error"])
 
@@ -153,8 +161,8 @@ def partial_output_lines(paths: BatchPaths) -> Iterator[str]:
     for index in range(contiguous_chunks(paths, manifest.num_chunks)):
         try:
             table = _read_chunk(paths, index)
-        except FileNotFoundError:
-            return  # removed under us (the input changed and the batch restarted): stop at a whole chunk
+        except (FileNotFoundError, ChunkDamaged):
+            return  # removed under us (the input changed and the batch restarted, or it was damaged): stop there
         for _, line in chunk_output_lines(table):
             yield line
 
