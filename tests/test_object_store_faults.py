@@ -69,16 +69,22 @@ class Seaweed:
 
 @pytest.fixture
 def seaweed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Seaweed]:
+    import s3fs
+
     server = Seaweed(tmp_path / "seaweedfs")
     server.start()
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_ENDPOINT_URL", server.url)
+    # fsspec keeps one S3FileSystem per set of arguments, and the endpoint is not one of them (it comes from
+    # the environment): the instance made for another server must not be reused here, nor this one after.
+    s3fs.S3FileSystem.clear_instance_cache()
     try:
         yield server
     finally:
         server.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
 
 
 def new_root(server: Seaweed) -> str:
