@@ -10,7 +10,7 @@ from batch_pipeline.domain.chunks import ChunkReport
 from batch_pipeline.domain.generation import BatchNotReady, ChunksMissing, Generation, generate_batch
 from batch_pipeline.domain.instance import database_blip
 from resources.engine_types import EngineLoadError
-from resources.storage import BatchStorage
+from resources.storage import BatchStorage, StorageError
 from resources.vllm_engine import VLLMEngine
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,9 @@ def batch_chunks(context: AssetExecutionContext, storage: BatchStorage, engine: 
             log.warning("could not record progress of chunk %s: %s", report.index, type(exc).__name__)
 
     try:
-        step = generate_batch(engine, storage, context.partition_key, progress, say=context.log.info)
-    except (BatchNotReady, EngineLoadError) as exc:
+        step = generate_batch(engine, storage, context.partition_key, progress, say=context.log.info,
+                              warn=context.log.warning)
+    except (BatchNotReady, EngineLoadError, StorageError) as exc:
         raise Failure(str(exc), allow_retries=False) from None
     except ChunksMissing as exc:  # the run retry resumes them
         raise Failure(str(exc)) from None

@@ -23,7 +23,7 @@ from batch_pipeline.domain.constants import FAILURE_CODE_KEY, NO_VALID_REQUESTS
 from batch_pipeline.domain.input_file import BatchFileError, InvalidLine, scan_batch_file
 from batch_pipeline.domain.results import error_line
 from batch_pipeline.domain.settings import get_settings
-from resources.storage import BatchPaths, BatchStorage, Location, atomic_path, local_copy, remove_tree
+from resources.storage import BatchPaths, BatchStorage, Location, StorageError, atomic_path, local_copy, remove_tree
 
 REQUEST_SCHEMA = pa.schema([("line", pa.int64()), ("custom_id", pa.string()), ("url", pa.string()), ("body", pa.string())])
 _ROW_GROUP = 8192
@@ -84,7 +84,10 @@ def batch_input(context: AssetExecutionContext, storage: BatchStorage) -> Materi
         except OSError as exc:
             raise Failure(f"cannot read input file {input_path}: {exc.strerror or exc}", allow_retries=False,
                           metadata={FAILURE_CODE_KEY: "invalid_file"}) from None
-        return _validate(context, spec, paths, input_path, local_input)
+        try:
+            return _validate(context, spec, paths, input_path, local_input)
+        except StorageError as exc:
+            raise Failure(str(exc), allow_retries=False) from None
 
 
 def _validate(context: AssetExecutionContext, spec: BatchSpec, paths: BatchPaths, input_path: Location,

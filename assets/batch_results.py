@@ -6,8 +6,9 @@ from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataV
 from assets.batch_chunks import batch_chunks
 from assets.batch_input import input_manifest
 from batch_pipeline.domain.batches import batches_partitions
+from batch_pipeline.domain.chunks import ChunkDamaged
 from batch_pipeline.domain.results import write_results
-from resources.storage import BatchStorage
+from resources.storage import BatchStorage, StorageError
 
 
 @asset(partitions_def=batches_partitions, deps=[batch_chunks], group_name="batch", kinds={"json", "parquet"})
@@ -19,7 +20,10 @@ def batch_results(context: AssetExecutionContext, storage: BatchStorage) -> Mate
     if missing:
         raise Failure(f"cannot merge: {len(missing)} chunks are not finished yet ({sorted(missing)[:10]})")
 
-    counts = write_results(paths, manifest)
+    try:
+        counts = write_results(paths, manifest)
+    except (ChunkDamaged, StorageError) as exc:  # nothing was published: a re-run redoes what is missing
+        raise Failure(str(exc), allow_retries=False) from None
     context.log.info(f"{counts.completed} requests completed, {counts.failed} failed; output: {paths.output}")
     return MaterializeResult(metadata={
         **counts.as_dict(),

@@ -10,6 +10,7 @@ object only once its upload completes), so present means complete on both.
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import re
@@ -36,6 +37,34 @@ OBJECT_STORE_EXTRA = "objectstore"
 
 class StorageConfigError(ValueError):
     """The data root cannot be used (an unknown scheme, or the objectstore extra is missing)."""
+
+
+# A write that found no room: the disk or the quota is full, or the process's file size limit was reached.
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class StorageError(OSError):
+    """A batch file could not be written (or listed): one line says which, why, and that nothing was published."""
+
+
+class StorageFull(StorageError):
+    """A file could not be written for want of space; nothing was published at its name."""
+
+    def __init__(self, target: Location, cause: OSError):
+        super().__init__(f"no space left to write {target} ({os.strerror(cause.errno or errno.ENOSPC)}); "
+                         "nothing was published there: free space and run the batch again")
+        self.errno = cause.errno
+
+
+class StorageUnavailable(StorageError):
+    """The object store did not take (or list) a file, after the client's own retries: down, unreachable, refusing."""
+
+
+def _no_room(exc: BaseException) -> bool:
+    # pyarrow's writers report the errno only in their message ("[errno 28] No space left on device").
+    if isinstance(exc, OSError) and exc.errno in _NO_ROOM:
+        return True
+    return isinstance(exc, OSError) and any(f"[errno {code}]" in str(exc).lower() for code in _NO_ROOM)
 
 
 def is_uri(location: str) -> bool:
@@ -67,25 +96,34 @@ def is_local(path: Location) -> bool:
 @contextmanager
 def atomic_path(target: Location) -> Iterator[Path]:
     """Yield a temporary local path; on success its content appears at `target` whole (fsync + rename
-    locally, one upload on an object store), on failure nothing appears."""
-    if not isinstance(target, Path):
-        with _atomic_object(target) as tmp:
-            yield tmp
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    locally, one upload on an object store), on failure nothing appears.
+
+    StorageFull when the disk (or quota, or file size limit) had no room for it, whoever raised it: the
+    writer in the `with` block, the fsync or the upload's local copy.
+    """
     try:
-        yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-        dir_fd = os.open(target.parent, os.O_RDONLY)
+        if not isinstance(target, Path):
+            with _atomic_object(target) as tmp:
+                yield tmp
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         try:
-            os.fsync(dir_fd)
+            yield tmp
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+            dir_fd = os.open(target.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
         finally:
-            os.close(dir_fd)
-    finally:
-        tmp.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
+    except OSError as exc:
+        if isinstance(exc, StorageError) or not _no_room(exc):
+            raise
+        raise StorageFull(target, exc) from exc
 
 
 @contextmanager
@@ -98,7 +136,11 @@ def _atomic_object(target: UPath) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        target.fs.put_file(str(tmp), target.path)
+        try:
+            target.fs.put_file(str(tmp), target.path)
+        except Exception as exc:  # whatever the client raises (botocore, aiohttp, gcsfs): no object was published
+            raise StorageUnavailable(f"could not write {target} ({_first_line(exc)}): nothing was published there; "
+                                     "run the batch again once the object store answers") from exc
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -187,14 +229,62 @@ def list_names(folder: Location) -> list[str]:
         return [name.rstrip("/").rsplit("/", 1)[-1] for name in folder.fs.ls(folder.path, detail=False)]
     except FileNotFoundError:
         return []
+    except Exception as exc:  # the store down or refusing: not an empty folder, which would mean "nothing done"
+        raise StorageUnavailable(f"could not list {folder} ({_first_line(exc)}); "
+                                 "run the batch again once the object store answers") from exc
+
+
+class ParquetDamaged(ValueError):
+    """A parquet file was read but its bytes are not a whole parquet file (cut short, empty, overwritten)."""
+
+    def __init__(self, path: Location, reason: str):
+        super().__init__(f"{path} is damaged ({reason})")
+        self.path, self.reason = path, reason
+
+
+# Parsing bytes already in memory: whatever fails now is the file's content, never the disk or the network
+# (pyarrow reports a damaged page or footer as a plain OSError, like an error reaching the file).
+_PARSE_ERRORS = (pa.ArrowException, OSError, EOFError)
+_MAGIC = b"PAR1"
 
 
 def read_parquet(path: Location, columns: list[str] | None = None) -> pa.Table:
-    """A parquet file's table (the named columns only)."""
-    if isinstance(path, Path):
-        return pq.read_table(path, columns=columns)
+    """A parquet file's table (the named columns only); ParquetDamaged if its content is not a parquet file
+    with those columns. An error reaching the file (missing, unreadable disk, store down) is raised as it is."""
+    data = path.read_bytes()
+    try:
+        return pq.read_table(pa.BufferReader(data), columns=columns)
+    except _PARSE_ERRORS as exc:
+        raise ParquetDamaged(path, _first_line(exc)) from None
+
+
+def parquet_footer(path: Location, guess: int = 64 << 10) -> pq.FileMetaData:
+    """A parquet file's footer (rows, schema) from the end of the file: one ranged read on an object store.
+    ParquetDamaged if the file does not end in a parquet footer; errors reaching the file are raised as they are."""
     with path.open("rb") as handle:
-        return pq.read_table(handle, columns=columns)
+        size = handle.seek(0, os.SEEK_END)
+        if size < 3 * len(_MAGIC):
+            raise ParquetDamaged(path, f"{size} bytes, too short for a parquet file")
+        handle.seek(max(size - guess, 0))
+        tail = handle.read()
+        if tail[-4:] != _MAGIC:
+            raise ParquetDamaged(path, "it does not end in a parquet footer")
+        needed = int.from_bytes(tail[-8:-4], "little") + 8
+        if needed > size - len(_MAGIC):
+            raise ParquetDamaged(path, f"its footer claims {needed} bytes of a {size}-byte file")
+        if needed > len(tail):
+            handle.seek(size - needed)
+            tail = handle.read()
+    try:
+        # The footer alone, behind the leading magic, reads as a file whose data pages are not there.
+        return pq.ParquetFile(pa.BufferReader(_MAGIC + tail[-needed:])).metadata
+    except _PARSE_ERRORS as exc:
+        raise ParquetDamaged(path, _first_line(exc)) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @contextmanager

@@ -263,3 +263,39 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
 
 
 ENGINE_COUNT = pytest.StashKey[EngineCount]()
+
+
+@pytest.fixture
+def at_first_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`with at_first_chunk(paths, action) as written:` around an in-process run: once its batch_chunks has written
+    a chunk, the step waits (the test-only hold after each chunk) while `action` runs (fill the disk, stop the store),
+    then goes on; `written` holds the chunks finished before `action`."""
+    import threading
+    import time
+
+    @contextlib.contextmanager
+    def during(paths, action) -> Iterator[set[int]]:
+        hold = tmp_path / "hold-after-chunk"
+        hold.touch()
+        monkeypatch.setenv("VBATCH_TEST_HOLD_FILE", str(hold))
+        ended, written = threading.Event(), set()
+
+        def act() -> None:
+            try:
+                while not ended.is_set() and not paths.finished_chunks():
+                    time.sleep(0.05)
+                written.update(paths.finished_chunks())
+                action()
+            finally:
+                hold.unlink(missing_ok=True)
+
+        thread = threading.Thread(target=act, name="at-first-chunk")
+        thread.start()
+        try:
+            yield written
+        finally:
+            ended.set()
+            thread.join()
+            monkeypatch.delenv("VBATCH_TEST_HOLD_FILE")
+
+    return during

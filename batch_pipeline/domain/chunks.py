@@ -15,6 +15,7 @@ import logging
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypedDict, cast
 
@@ -32,7 +33,16 @@ from batch_pipeline.domain.openai_bodies import (
 )
 from batch_pipeline.domain.records import EMBEDDINGS_URL, BatchError, ErrorCode
 from resources.engine_types import EngineDied, EngineFailure, EngineRequest
-from resources.storage import BatchPaths, atomic_path, parquet_file
+from resources.storage import (
+    BatchPaths,
+    Location,
+    ParquetDamaged,
+    atomic_path,
+    is_local,
+    parquet_file,
+    parquet_footer,
+    remove_file,
+)
 from resources.vllm_engine import Engine
 
 log = logging.getLogger(__name__)
@@ -103,12 +113,9 @@ class ChunkAssembler:
         self.on_written = on_written
         self.open: dict[int, _OpenChunk] = {}
 
-    def _expected(self, index: int) -> int:
-        return min(self.chunk_size, self.total - index * self.chunk_size)
-
     def add(self, position: int, row: ChunkRow) -> None:
         index = position // self.chunk_size
-        chunk = self.open.setdefault(index, _OpenChunk(self._expected(index)))
+        chunk = self.open.setdefault(index, _OpenChunk(chunk_rows(index, self.chunk_size, self.total)))
         chunk.rows.append(row)
         if len(chunk.rows) == chunk.expected:
             del self.open[index]
@@ -123,6 +130,61 @@ class ChunkAssembler:
         self.on_written(ChunkReport(
             index, len(rows), failed,
             sum(r["prompt_tokens"] for r in rows), sum(r["completion_tokens"] for r in rows)))
+
+
+class ChunkDamaged(Exception):
+    """A finished chunk file cannot be read back; it has been removed, so that the next run redoes it."""
+
+
+def chunk_rows(index: int, chunk_size: int, total: int) -> int:
+    """How many rows chunk `index` holds in a batch of `total` valid requests."""
+    return min(chunk_size, total - index * chunk_size)
+
+
+def chunk_damage(path: Location, rows: int) -> str | None:
+    """Why a present chunk file cannot be trusted (not parquet, cut short, other columns or row count), or None.
+
+    Reads the file's footer only. An error reaching the file (the object store is down) is raised, not
+    reported as damage: a chunk that could not be read is not a chunk known to be bad.
+    """
+    try:
+        footer = parquet_footer(path)
+    except ParquetDamaged as exc:
+        return exc.reason
+    names = footer.schema.to_arrow_schema().names
+    missing = [name for name in CHUNK_COLUMNS if name not in names]
+    if missing:
+        return f"no column {', '.join(missing)}"
+    if footer.num_rows != rows:
+        return f"{footer.num_rows} rows where the chunk has {rows}"
+    return None
+
+
+def drop_damaged_chunks(paths: BatchPaths, finished: set[int], chunk_size: int, total: int,
+                        warn: Callable[[str], None] = log.warning) -> set[int]:
+    """The finished chunks that can be read back; each damaged one is removed, with a warning naming it.
+
+    A finished chunk is a checkpoint that is never redone, so it must be readable before it is trusted:
+    a disk that lost its tail, a copy cut short or a file overwritten by hand is redone instead of
+    failing the merge (or, worse, being merged with rows missing).
+    """
+    def check(index: int) -> tuple[int, str | None]:
+        return index, chunk_damage(paths.chunk(index), chunk_rows(index, chunk_size, total))
+
+    indexes = sorted(finished)
+    if is_local(paths.root) or len(indexes) < 2:
+        checked = [check(index) for index in indexes]
+    else:  # one footer read per chunk on an object store: a round trip each, so several at once
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            checked = list(pool.map(check, indexes))
+    readable = set()
+    for index, damage in checked:
+        if damage is None:
+            readable.add(index)
+            continue
+        warn(f"chunk file {paths.chunk(index)} is damaged ({damage}): removed, the chunk is run again")
+        remove_file(paths.chunk(index))
+    return readable
 
 
 def iter_requests(paths: BatchPaths, chunk_size: int, skip: set[int]) -> Iterator[tuple[int, RequestRow]]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batch_pipeline.domain.batches import BatchRecordError, BatchSpec, load_manifest, load_spec
-from batch_pipeline.domain.chunks import ChunkJob, ChunkReport, engine_args_for, run_chunks
+from batch_pipeline.domain.chunks import ChunkJob, ChunkReport, drop_damaged_chunks, engine_args_for, run_chunks
 from batch_pipeline.domain.data_parallel import EngineWorker, run_chunks_data_parallel
 from resources.engine_processes import engine_process_facts
 from resources.storage import BatchStorage
@@ -84,10 +84,11 @@ class Generation:
 
 def generate_batch(engine: VLLMEngine, storage: BatchStorage, batch_id: str,
                    on_written: Callable[[ChunkReport, Generation], None], say: Callable[[str], None] = log.info,
-                   ) -> Generation:
+                   warn: Callable[[str], None] = log.warning) -> Generation:
     """Run every chunk of the batch that is not finished yet; finished chunks are kept and never redone.
 
-    `on_written` hears of each chunk as it is written, `say` gets the step's few progress lines.
+    `on_written` hears of each chunk as it is written, `say` gets the step's few progress lines and `warn`
+    one line per finished chunk found damaged (removed, and run again).
     EngineLoadError when the engine cannot load, BatchNotReady before the input stage, ChunksMissing
     when chunks are still missing at the end (the run retry resumes them).
     """
@@ -101,7 +102,8 @@ def generate_batch(engine: VLLMEngine, storage: BatchStorage, batch_id: str,
     if manifest is None:
         raise BatchNotReady("batch_input has not been materialised for this batch")
     num_chunks = manifest.num_chunks
-    finished = paths.finished_chunks() & set(range(num_chunks))
+    finished = drop_damaged_chunks(paths, paths.finished_chunks() & set(range(num_chunks)), manifest.chunk_size,
+                                   manifest.valid_requests, warn)
     result = Generation(chunks_total=num_chunks, chunks_resumed=len(finished))
     todo = sorted(set(range(num_chunks)) - finished)
     if finished:

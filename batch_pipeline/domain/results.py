@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import heapq
 import json
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 
@@ -19,9 +21,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batch_pipeline.domain.batches import BatchManifest, BatchSummary, load_manifest, save_summary
-from batch_pipeline.domain.chunks import CHUNK_COLUMNS, CHUNK_SCHEMA, iter_requests, output_line_id
+from batch_pipeline.domain.chunks import CHUNK_COLUMNS, CHUNK_SCHEMA, ChunkDamaged, iter_requests, output_line_id
 from batch_pipeline.domain.records import BatchError
-from resources.storage import BatchPaths, atomic_path, read_parquet
+from resources.storage import BatchPaths, ParquetDamaged, atomic_path, is_local, read_parquet, remove_file
 
 
 def error_line(request_id: str, custom_id: str | None, error: BatchError | str) -> str:
@@ -80,25 +82,54 @@ class ResultCounts:
         return asdict(self)
 
 
-def _read_chunk(paths: BatchPaths, index: int) -> pa.Table:
-    # Only the columns this version writes: chunks left by an older version may carry more.
-    return read_parquet(paths.chunk(index), columns=CHUNK_COLUMNS).cast(CHUNK_SCHEMA)
+def _read_chunk(paths: BatchPaths, index: int, columns: list[str] = CHUNK_COLUMNS) -> pa.Table:
+    """A finished chunk's table; ChunkDamaged (and the file removed, so that a re-run redoes it) if it cannot
+    be read whole. Generation checks each chunk's footer before trusting it; this catches the rest."""
+    path = paths.chunk(index)
+    try:
+        # Only the columns this version writes: chunks left by an older version may carry more.
+        table = read_parquet(path, columns=columns)
+    except ParquetDamaged as exc:
+        remove_file(path)
+        raise ChunkDamaged(f"chunk file {exc}: it was removed, run the batch again to redo that chunk") from None
+    return table.cast(CHUNK_SCHEMA) if columns == CHUNK_COLUMNS else table
+
+
+_READ_AHEAD = 8  # chunks fetched at once from an object store, in order: a round trip each, not one after another
+
+
+def _read_chunks(paths: BatchPaths, chunks: list[int], columns: list[str] = CHUNK_COLUMNS) -> Iterator[pa.Table]:
+    """The chunks' tables in order; on an object store the next few are fetched while one is merged."""
+    if is_local(paths.root):
+        for index in chunks:
+            yield _read_chunk(paths, index, columns)
+        return
+    with ThreadPoolExecutor(max_workers=_READ_AHEAD) as pool:
+        ahead: deque[Future[pa.Table]] = deque()
+        for index in chunks:
+            ahead.append(pool.submit(_read_chunk, paths, index, columns))
+            if len(ahead) == _READ_AHEAD:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
 
 
 def _write(paths: BatchPaths, manifest: BatchManifest, chunks: Iterable[int], not_run: BatchError | None,
            parquet: bool) -> ResultCounts:
     counts = ResultCounts(total=manifest.valid_requests + manifest.invalid_lines)
     chunks = sorted(chunks)
+    with_errors: list[int] = []  # the chunks read again for their error rows (most batches have few)
     with ExitStack() as files:
         output = files.enter_context(files.enter_context(atomic_path(paths.output)).open("w"))
         parquet_writer = None
         if parquet:
             parquet_writer = files.enter_context(
                 pq.ParquetWriter(files.enter_context(atomic_path(paths.results_parquet)), CHUNK_SCHEMA))
-        for index in chunks:
-            table = _read_chunk(paths, index)
+        for index, table in zip(chunks, _read_chunks(paths, chunks), strict=True):
             if parquet_writer is not None:
                 parquet_writer.write_table(table)
+            if table["error"].null_count < table.num_rows:
+                with_errors.append(index)
             counts.cached_tokens += cached_tokens(table["response"])
             for row, line in chunk_output_lines(table):
                 counts.completed += 1
@@ -108,8 +139,7 @@ def _write(paths: BatchPaths, manifest: BatchManifest, chunks: Iterable[int], no
 
     def chunk_errors() -> Iterator[tuple[int, str]]:
         # Read again, error rows only, so that memory stays bounded however many requests failed.
-        for index in chunks:
-            table = read_parquet(paths.chunk(index), columns=["line", "id", "custom_id", "error"])
+        for table in _read_chunks(paths, with_errors, ["line", "id", "custom_id", "error"]):
             for row in table.filter(pa.compute.is_valid(table["error"])).to_pylist():
                 yield row["line"], error_line(row["id"], row["custom_id"], row["error"])
 
@@ -153,8 +183,8 @@ def partial_output_lines(paths: BatchPaths) -> Iterator[str]:
     for index in range(contiguous_chunks(paths, manifest.num_chunks)):
         try:
             table = _read_chunk(paths, index)
-        except FileNotFoundError:
-            return  # removed under us (the input changed and the batch restarted): stop at a whole chunk
+        except (FileNotFoundError, ChunkDamaged):
+            return  # removed under us (the input changed and the batch restarted, or it was damaged): stop there
         for _, line in chunk_output_lines(table):
             yield line
 

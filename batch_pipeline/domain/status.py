@@ -43,7 +43,7 @@ from batch_pipeline.domain.intake import survey
 from batch_pipeline.domain.queue_tickets import ticket_exists
 from batch_pipeline.domain.records import CHAT_URL
 from batch_pipeline.domain.results import ResultCounts, cached_tokens
-from resources.storage import BatchPaths, Location, read_parquet
+from resources.storage import BatchPaths, Location, ParquetDamaged, read_parquet
 
 CANCELING_STEP = "__canceling__"
 
@@ -211,7 +211,10 @@ class ChunkStats:
         except FileNotFoundError:
             return None
         if key not in self._cache:
-            table = read_parquet(path, columns=["response", "error", "prompt_tokens", "completion_tokens"])
+            try:
+                table = read_parquet(path, columns=["response", "error", "prompt_tokens", "completion_tokens"])
+            except (FileNotFoundError, ParquetDamaged):  # gone, or damaged: the run redoes it, not counted yet
+                return None
             failed = table.num_rows - table["error"].null_count
             self._cache[key] = ResultCounts(
                 total=table.num_rows, completed=table.num_rows - failed, failed=failed,

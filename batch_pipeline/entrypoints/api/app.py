@@ -61,7 +61,7 @@ DB_POOL_MAX_OVERFLOW = 40  # Starlette's thread pool: at most this many routes q
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": text}
     for status, text in ((400, "Bad request"), (401, "Missing or invalid API key"), (404, "Unknown id"),
-                         (422, "Invalid parameters"))
+                         (422, "Invalid parameters"), (503, "The instance's database is not answering"))
 }
 
 
@@ -159,6 +159,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for middleware in integration_middleware(settings):  # added later, so they run before the key check
         app.add_middleware(middleware, settings=settings)
     _add_error_handlers(app)
+    _add_database_handlers(app, settings)
 
     def service(request: Request) -> BatchService:
         return request.app.state.service
@@ -333,6 +334,31 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BatchRequestError)
     async def bad_request(_: Request, exc: BatchRequestError) -> JSONResponse:
         return error_response(400, str(exc), exc.param, exc.code)
+
+
+DATABASE_RETRY_AFTER_S = 5
+
+
+def _add_database_handlers(app: FastAPI, settings: Settings) -> None:
+    """The instance's database down or restarting answers 503 (Retry-After), in OpenAI's error shape: the
+    openai client retries it, and the next request after the database is back is served as usual."""
+    from sqlalchemy.exc import DBAPIError
+
+    errors: list[type[Exception]] = [DBAPIError]
+    if settings.postgres_url is not None:  # the instance loads dagster-postgres then; SQLite never raises it
+        from dagster_postgres.utils import DagsterPostgresException
+
+        errors.append(DagsterPostgresException)
+
+    async def database_down(_: Request, exc: Exception) -> JSONResponse:
+        # Its type only: a driver's message may carry the connection string.
+        log.warning("the instance's database did not answer: %s", type(exc).__name__)
+        return error_response(503, "the batch service's database is not answering; try again in a few seconds",
+                              code="database_unavailable", kind="server_error",
+                              headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)})
+
+    for error in errors:
+        app.add_exception_handler(error, database_down)
 
 
 def _form_expires_after(fields: dict[str, str]) -> int | None:
