@@ -189,12 +189,12 @@ def list_names(folder: Location) -> list[str]:
         return []
 
 
-def read_parquet(path: Location, columns: list[str] | None = None) -> pa.Table:
-    """A parquet file's table (the named columns only)."""
+def read_parquet(path: Location, columns: list[str] | None = None, filters: list | None = None) -> pa.Table:
+    """A parquet file's table (the named columns only; the rows `filters` keeps, in pyarrow's filter form)."""
     if isinstance(path, Path):
-        return pq.read_table(path, columns=columns)
+        return pq.read_table(path, columns=columns, filters=filters)
     with path.open("rb") as handle:
-        return pq.read_table(handle, columns=columns)
+        return pq.read_table(handle, columns=columns, filters=filters)
 
 
 @contextmanager

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from batch_pipeline.domain.batches import BatchManifest, BatchSummary, load_manifest, save_summary
 from batch_pipeline.domain.chunks import CHUNK_COLUMNS, CHUNK_SCHEMA, iter_requests, output_line_id
 from batch_pipeline.domain.records import BatchError
-from resources.storage import BatchPaths, atomic_path, read_parquet
+from resources.storage import BatchPaths, Location, atomic_path, parquet_file, read_parquet
 
 
 def error_line(request_id: str, custom_id: str | None, error: BatchError | str) -> str:
@@ -75,14 +75,27 @@ class ResultCounts:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens served from vLLM's prefix cache
+    from_cache: int = 0  # requests answered from the response cache (batch_pipeline/domain/response_reuse.py)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 
 
+def read_chunk(path: Location, columns: list[str] | None = None) -> pa.Table:
+    """A chunk file's table, the named columns (default: every column this version writes) in CHUNK_SCHEMA's
+    types; chunks written before the response cache read `from_cache` as false."""
+    columns = columns or CHUNK_COLUMNS
+    with parquet_file(path) as source:
+        present = set(source.schema_arrow.names)
+    table = read_parquet(path, columns=[name for name in columns if name in present])
+    if "from_cache" in columns and "from_cache" not in present:
+        table = table.append_column("from_cache", pa.array([False] * table.num_rows, pa.bool_()))
+    return table.select(columns).cast(pa.schema([CHUNK_SCHEMA.field(name) for name in columns]))
+
+
 def _read_chunk(paths: BatchPaths, index: int) -> pa.Table:
     # Only the columns this version writes: chunks left by an older version may carry more.
-    return read_parquet(paths.chunk(index), columns=CHUNK_COLUMNS).cast(CHUNK_SCHEMA)
+    return read_chunk(paths.chunk(index))
 
 
 def _write(paths: BatchPaths, manifest: BatchManifest, chunks: Iterable[int], not_run: BatchError | None,
@@ -100,6 +113,7 @@ def _write(paths: BatchPaths, manifest: BatchManifest, chunks: Iterable[int], no
             if parquet_writer is not None:
                 parquet_writer.write_table(table)
             counts.cached_tokens += cached_tokens(table["response"])
+            counts.from_cache += pc.sum(table["from_cache"]).as_py() or 0
             for row, line in chunk_output_lines(table):
                 counts.completed += 1
                 counts.prompt_tokens += row["prompt_tokens"]
