@@ -59,6 +59,9 @@ class Generation:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     generation_seconds: float = 0.0
+    # Answering whole chunks from the response cache before any engine (lookups during generation are in
+    # generation_seconds).
+    cache_seconds: float = 0.0
     engine_load_seconds: float = 0.0
     engine_release_seconds: float = 0.0
     engines_loaded_in_process: int = 0
@@ -127,8 +130,10 @@ def generate_batch(engine: VLLMEngine, storage: BatchStorage, batch_id: str,
     engine_args = engine_args_for(spec.engine_args, manifest.endpoints)
     reuse = None
     if todo and cache is not None and batch_uses_cache(cache, spec.metadata):
+        cache_started = time.perf_counter()
         context = engine_context(spec.model, spec.model_name, engine.engine_kwargs(spec.model, engine_args))
         answered = answer_whole_chunks(job, ResponseReuse(cache, context, spec.batch_id, manifest.chunk_size), written)
+        result.cache_seconds = time.perf_counter() - cache_started
         if answered:
             say(f"response cache: {len(answered)} of {len(todo)} chunks answered without the engine")
         todo = [index for index in todo if index not in answered]

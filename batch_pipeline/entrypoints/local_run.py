@@ -189,7 +189,7 @@ def run_batch_in_process(settings: Settings, instance: DagsterInstance, batch_id
             meta = event.step_materialization_data.materialization.metadata
             for key in ("generation_seconds", "engine_load_seconds", "completion_tokens_per_second",
                         "chunks_resumed", "chunks_run", "engines_loaded_in_process", "first_output_seconds", "engines",
-                        "requests_from_cache"):
+                        "requests_from_cache", "cache_seconds"):
                 run.summary[key] = meta[key].value
     if defs.get_repository_def().has_job("batch_integrations"):
         # The daemon runs them by automation after batch_results; in-process nobody else would.
