@@ -102,7 +102,7 @@ class ChunkReport:
     failed: int
     prompt_tokens: int
     completion_tokens: int
-    from_cache: int = 0  # rows answered from the response cache
+    from_cache: int = 0  # rows answered from the response cache (their tokens are not in the counts above)
 
 
 @dataclass
@@ -138,10 +138,12 @@ class ChunkAssembler:
         with atomic_path(self.paths.chunk(index)) as tmp:
             pq.write_table(table, tmp)
         failed = sum(1 for r in rows if r["error"] is not None)
+        # Tokens the engine processed: rows from the response cache cost none (the step's tokens/s).
+        generated = [r for r in rows if not r["from_cache"]]
         self.on_written(ChunkReport(
             index, len(rows), failed,
-            sum(r["prompt_tokens"] for r in rows), sum(r["completion_tokens"] for r in rows),
-            sum(1 for r in rows if r["from_cache"])))
+            sum(r["prompt_tokens"] for r in generated), sum(r["completion_tokens"] for r in generated),
+            len(rows) - len(generated)))
 
 
 def iter_requests(paths: BatchPaths, chunk_size: int, skip: set[int]) -> Iterator[tuple[int, RequestRow]]:
