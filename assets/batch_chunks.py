@@ -10,6 +10,7 @@ from batch_pipeline.domain.chunks import ChunkReport
 from batch_pipeline.domain.generation import BatchNotReady, ChunksMissing, Generation, generate_batch
 from batch_pipeline.domain.instance import database_blip
 from resources.engine_types import EngineLoadError
+from resources.response_cache import ResponseCache
 from resources.storage import BatchStorage, StorageError
 from resources.vllm_engine import VLLMEngine
 
@@ -17,7 +18,8 @@ log = logging.getLogger(__name__)
 
 
 @asset(partitions_def=batches_partitions, deps=[batch_input], pool="gpu", group_name="batch", kinds={"vllm", "parquet"})
-def batch_chunks(context: AssetExecutionContext, storage: BatchStorage, engine: VLLMEngine) -> MaterializeResult:
+def batch_chunks(context: AssetExecutionContext, storage: BatchStorage, engine: VLLMEngine,
+                 response_cache: ResponseCache) -> MaterializeResult:
     """The engine's outputs, one parquet file per chunk; finished chunks are kept and never redone."""
 
     def progress(report: ChunkReport, step: Generation) -> None:
@@ -25,7 +27,8 @@ def batch_chunks(context: AssetExecutionContext, storage: BatchStorage, engine: 
         try:
             context.log_event(AssetObservation(asset_key=context.asset_key, partition=context.partition_key, metadata={
                 "chunk": report.index, "rows": report.rows, "failed": report.failed, "chunks_done": done,
-                "completion_tokens": report.completion_tokens, "chunks_total": total}))
+                "completion_tokens": report.completion_tokens, "from_cache": report.from_cache,
+                "chunks_total": total}))
             context.log.info(f"chunk {report.index} written ({done}/{total} chunks, {report.rows} requests)",
                              extra={"chunk": report.index})
         except Exception as exc:
@@ -38,7 +41,7 @@ def batch_chunks(context: AssetExecutionContext, storage: BatchStorage, engine: 
 
     try:
         step = generate_batch(engine, storage, context.partition_key, progress, say=context.log.info,
-                              warn=context.log.warning)
+                              warn=context.log.warning, cache=response_cache)
     except (BatchNotReady, EngineLoadError, StorageError) as exc:
         raise Failure(str(exc), allow_retries=False) from None
     except ChunksMissing as exc:  # the run retry resumes them

@@ -248,12 +248,13 @@ _PARSE_ERRORS = (pa.ArrowException, OSError, EOFError)
 _MAGIC = b"PAR1"
 
 
-def read_parquet(path: Location, columns: list[str] | None = None) -> pa.Table:
-    """A parquet file's table (the named columns only); ParquetDamaged if its content is not a parquet file
+def read_parquet(path: Location, columns: list[str] | None = None, filters: list | None = None) -> pa.Table:
+    """A parquet file's table (the named columns only; the rows `filters` keeps, in pyarrow's filter form);
+    ParquetDamaged if its content is not a parquet file
     with those columns. An error reaching the file (missing, unreadable disk, store down) is raised as it is."""
     data = path.read_bytes()
     try:
-        return pq.read_table(pa.BufferReader(data), columns=columns)
+        return pq.read_table(pa.BufferReader(data), columns=columns, filters=filters)
     except _PARSE_ERRORS as exc:
         raise ParquetDamaged(path, _first_line(exc)) from None
 

@@ -42,7 +42,7 @@ def test_manifest_and_summary_read_back_what_was_saved_under_the_field_names_on_
         "invalid_lines", "num_chunks", "endpoints"]
     assert list(json.loads(paths.summary.read_text())) == [
         "batch_id", "model", "total", "completed", "failed", "prompt_tokens", "completion_tokens", "cached_tokens",
-        "output_file", "error_file"]
+        "from_cache", "output_file", "error_file"]
 
 
 def test_files_written_by_earlier_versions_still_load_and_unknown_fields_are_ignored(paths: BatchPaths):

@@ -353,3 +353,22 @@ def test_the_api_serves_a_result_file_that_lives_on_an_s3_data_root(s3_root, set
         downloaded = client.files.content(file_id)
         assert downloaded.content == body
         assert downloaded.response.headers["content-disposition"] == 'attachment; filename="b1_output.jsonl"'
+
+
+def test_the_response_cache_lives_on_the_object_store_and_stays_bounded(s3_root):
+    import hashlib
+
+    from resources.response_cache import CacheEntry, ResponseCache
+
+    def key(number: int) -> str:
+        return hashlib.sha256(str(number).encode()).hexdigest()
+
+    writer = ResponseCache(data_dir=s3_root, enabled=True)
+    for segment in range(5):  # the fifth store merges four segments of each shard it touches
+        writer.store([CacheEntry(key(n), f'{{"n":{n}}}', 1, 2) for n in range(segment * 40, segment * 40 + 40)])
+    reader = ResponseCache(data_dir=s3_root, enabled=True)  # another host: sees what the first one wrote
+    found = reader.lookup([key(n) for n in range(200)] + [key(-1)])
+    assert len(found) == 200 and found[key(7)].body == '{"n":7}'
+    assert all(path.startswith(s3_root.removeprefix("s3://") + "/response-cache/v1/") for path in _object_keys(s3_root))
+    bounded = reader.model_copy(update={"max_bytes": 0})
+    assert bounded.evict() > 0 and bounded.size() == 0 and bounded.lookup([key(7)]) == {}

@@ -90,3 +90,6 @@ class Batch(BaseModel):
     request_counts: RequestCounts = Field(default_factory=RequestCounts)
     usage: Usage = Field(default_factory=Usage)
     metadata: dict[str, str] | None = None
+    # Extension (not in OpenAI's object): requests of `request_counts.completed` answered from the response
+    # cache instead of the engine (docs/API.md).
+    requests_from_cache: int = 0

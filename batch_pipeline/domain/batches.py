@@ -148,6 +148,7 @@ class BatchSummary(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens from vLLM's prefix cache; absent from summaries written before it
+    from_cache: int = 0  # requests answered from the response cache; absent from summaries written before it
     output_file: str
     error_file: str
 

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypedDict, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, cast
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -58,6 +58,7 @@ CHUNK_SCHEMA = pa.schema([
     ("error", pa.string()),  # the error member, JSON
     ("prompt_tokens", pa.int64()),
     ("completion_tokens", pa.int64()),
+    ("from_cache", pa.bool_()),  # answered from the response cache, not by the engine
 ])
 CHUNK_COLUMNS = CHUNK_SCHEMA.names
 
@@ -72,6 +73,7 @@ class ChunkRow(TypedDict):
     error: str | None
     prompt_tokens: int
     completion_tokens: int
+    from_cache: bool
 
 
 class RequestRow(TypedDict):
@@ -88,6 +90,21 @@ def output_line_id(batch_id: str, line: int) -> str:
     return "batch_req_" + hashlib.sha256(f"{batch_id}:{line}".encode()).hexdigest()[:32]
 
 
+def response_row(batch_id: str, row: RequestRow, body: dict[str, Any], *, from_cache: bool = False) -> ChunkRow:
+    """The chunk row of a request answered with `body` (by the engine, or from the response cache)."""
+    usage = body["usage"]
+    return {
+        "line": row["line"], "custom_id": row["custom_id"], "id": output_line_id(batch_id, row["line"]),
+        "response": json.dumps({"status_code": 200, "request_id": f"vllm-batch-{uuid.uuid4().hex}",
+                                "body": body}, separators=(",", ":")),
+        "error": None,
+        # `/v1/responses` counts input and output tokens; the other endpoints prompt and completion tokens.
+        "prompt_tokens": usage.get("prompt_tokens", usage.get("input_tokens", 0)),
+        "completion_tokens": usage.get("completion_tokens", usage.get("output_tokens", 0)),
+        "from_cache": from_cache,
+    }
+
+
 @dataclass(slots=True)
 class ChunkReport:
     index: int
@@ -95,6 +112,7 @@ class ChunkReport:
     failed: int
     prompt_tokens: int
     completion_tokens: int
+    from_cache: int = 0  # rows answered from the response cache (their tokens are not in the counts above)
 
 
 @dataclass
@@ -127,9 +145,12 @@ class ChunkAssembler:
         with atomic_path(self.paths.chunk(index)) as tmp:
             pq.write_table(table, tmp)
         failed = sum(1 for r in rows if r["error"] is not None)
+        # Tokens the engine processed: rows from the response cache cost none (the step's tokens/s).
+        generated = [r for r in rows if not r["from_cache"]]
         self.on_written(ChunkReport(
             index, len(rows), failed,
-            sum(r["prompt_tokens"] for r in rows), sum(r["completion_tokens"] for r in rows)))
+            sum(r["prompt_tokens"] for r in generated), sum(r["completion_tokens"] for r in generated),
+            len(rows) - len(generated)))
 
 
 class ChunkDamaged(Exception):
@@ -152,7 +173,8 @@ def chunk_damage(path: Location, rows: int) -> str | None:
     except ParquetDamaged as exc:
         return exc.reason
     names = footer.schema.to_arrow_schema().names
-    missing = [name for name in CHUNK_COLUMNS if name not in names]
+    # from_cache came with the response cache: chunks an earlier version wrote lack it and read it as false.
+    missing = [name for name in CHUNK_COLUMNS if name not in names and name != "from_cache"]
     if missing:
         return f"no column {', '.join(missing)}"
     if footer.num_rows != rows:
@@ -243,6 +265,24 @@ class ChunkJob:
     skip: frozenset[int] = frozenset()  # finished chunks
 
 
+class ResponseSource(Protocol):
+    """Answers some requests without the engine and learns from the engine's answers: the response cache
+    (batch_pipeline/domain/response_reuse.py)."""
+
+    def answer(self, rows: Iterator[tuple[int, RequestRow]],
+               answered: Callable[[int, ChunkRow], None]) -> Iterator[tuple[int, RequestRow]]:
+        """The rows it cannot answer, in order; each row it can answer goes to `answered` instead."""
+        ...
+
+    def generated(self, position: int, body: dict[str, Any]) -> None:
+        """The engine answered the request at `position` with `body`."""
+        ...
+
+    def written(self, index: int) -> None:
+        """Chunk `index` has been written: what it learnt from that chunk may be kept."""
+        ...
+
+
 def run_chunks(
     engine: Engine,
     job: ChunkJob,
@@ -252,23 +292,32 @@ def run_chunks(
     on_first_output: Callable[[], None] | None = None,
     claim: Callable[[], int | None] | None = None,
     in_flight: int | None = None,
+    responses: ResponseSource | None = None,
 ) -> None:
     """Generate every request not in a finished chunk and write the missing chunks.
 
-    With `claim`, only the chunks it hands out are run (one engine of several sharing a batch).
+    With `claim`, only the chunks it hands out are run (one engine of several sharing a batch). With
+    `responses`, the requests it answers skip the engine (generative requests only).
 
     If the engine dies mid-batch and `restart` is given, a new engine takes over: finished chunks
     stay, the requests that were in flight are admitted again, and a request that was in flight
     through two deaths becomes an `engine_error` line (it may be what kills the engine).
     """
     paths, batch_id, model_name, chunk_size = job.paths, job.batch_id, job.model_name, job.chunk_size
-    assembler = ChunkAssembler(paths, chunk_size, job.total, on_written)
+
+    def chunk_written(report: ChunkReport) -> None:
+        if responses is not None:
+            responses.written(report.index)
+        on_written(report)
+
+    assembler = ChunkAssembler(paths, chunk_size, job.total, chunk_written)
     positions: dict[int, RequestRow] = {}
 
     def failed_row(row: RequestRow, code: str, message: str) -> ChunkRow:
         error = BatchError(code=code, message=message, line=row["line"])
         return {"line": row["line"], "custom_id": row["custom_id"], "id": output_line_id(batch_id, row["line"]),
-                "response": None, "error": error_json(error), "prompt_tokens": 0, "completion_tokens": 0}
+                "response": None, "error": error_json(error), "prompt_tokens": 0, "completion_tokens": 0,
+                "from_cache": False}
 
     # A completions body with several prompts is one engine request per prompt; its row is written
     # once every part has finished (or as an error as soon as one part fails).
@@ -282,7 +331,8 @@ def run_chunks(
         return iter_claimed_requests(paths, chunk_size, job.total, claim)
 
     def engine_requests() -> Iterator[EngineRequest]:
-        for position, row in request_rows():
+        rows = request_rows() if responses is None else responses.answer(request_rows(), assembler.add)
+        for position, row in rows:
             try:
                 requests = prepare_requests(keys, row["url"], row["body"], engine.tokenizer, engine.max_model_len,
                                             engine.runner, remote=getattr(engine, "remote", False))
@@ -296,16 +346,7 @@ def run_chunks(
             yield from requests
 
     def succeeded_row(row: RequestRow, body: dict[str, Any]) -> ChunkRow:
-        usage = body["usage"]
-        return {
-            "line": row["line"], "custom_id": row["custom_id"], "id": output_line_id(batch_id, row["line"]),
-            "response": json.dumps({"status_code": 200, "request_id": f"vllm-batch-{uuid.uuid4().hex}",
-                                    "body": body}, separators=(",", ":")),
-            "error": None,
-            # `/v1/responses` counts input and output tokens; the other endpoints prompt and completion tokens.
-            "prompt_tokens": usage.get("prompt_tokens", usage.get("input_tokens", 0)),
-            "completion_tokens": usage.get("completion_tokens", usage.get("output_tokens", 0)),
-        }
+        return response_row(batch_id, row, body)
 
     if engine.runner == "pooling":
         _run_embedding_chunks(engine, request_rows(), chunk_size, assembler, failed_row, succeeded_row, model_name)
@@ -340,6 +381,8 @@ def run_chunks(
                     bodies = [response_body(part[0], part[1], model_name) for part in finished if part is not None]
                     body = bodies[0] if len(bodies) == 1 else merge_completion_bodies(bodies, request.params.n)
                     del parts[position]
+                    if responses is not None:
+                        responses.generated(position, body)
                     assembler.add(position, succeeded_row(positions.pop(position), body))
                     if on_first_output is not None:
                         on_first_output()

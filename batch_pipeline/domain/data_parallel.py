@@ -34,9 +34,11 @@ from pathlib import Path
 from typing import Any, cast
 
 from batch_pipeline.domain.chunks import ChunkJob, ChunkReport, run_chunks
+from batch_pipeline.domain.response_reuse import ResponseReuse
 from resources.device_slots import EngineSlot, SlotLease
 from resources.engine_processes import engine_process_facts
 from resources.engine_types import EngineLoadError
+from resources.response_cache import ResponseCache
 from resources.storage import BatchPaths, BatchStorage
 from resources.vllm_engine import VLLMEngine
 
@@ -79,6 +81,7 @@ def run_chunks_data_parallel(
     on_written: Callable[[ChunkReport], None],
     on_first_output: Callable[[], None] | None = None,
     on_ready: Callable[[EngineWorker], None] | None = None,
+    reuse: ResponseReuse | None = None,
 ) -> list[dict[str, Any]]:
     """Run the chunks `todo` of `job` on one engine per lease; returns one summary per engine.
 
@@ -88,7 +91,9 @@ def run_chunks_data_parallel(
     queue = deque(sorted(todo))
     config = {"engine": {**engine.model_dump(), "keep_loaded": False, "engine_host": False},
               "model": model, "engine_args": engine_args, "storage": storage.model_dump(), "batch_id": batch_id,
-              "model_name": job.model_name, "chunk_size": job.chunk_size, "total": job.total}
+              "model_name": job.model_name, "chunk_size": job.chunk_size, "total": job.total,
+              # Each worker answers from the response cache too, under the step's key context.
+              "cache": None if reuse is None else {"resource": reuse.cache.model_dump(), "context": reuse.context}}
     workers: list[EngineWorker] = []
     try:
         for lease in leases:
@@ -222,9 +227,14 @@ def _serve(config: dict) -> None:
             return conn.recv()
 
         job = ChunkJob(paths, config["batch_id"], config["model_name"], config["chunk_size"], config["total"])
+        cache = config.get("cache")
+        reuse = None if cache is None else ResponseReuse(ResponseCache(**cache["resource"]), cache["context"],
+                                                         config["batch_id"], config["chunk_size"])
         run_chunks(loaded, job, lambda report: conn.send(("written", asdict(report))),
                    restart=lambda: engine.restart(model, engine_args),
-                   on_first_output=lambda: conn.send(("first_output",)), claim=claim)
+                   on_first_output=lambda: conn.send(("first_output",)), claim=claim, responses=reuse)
+        if reuse is not None:
+            reuse.flush()
     except (EOFError, OSError):
         pass  # the step went away: nothing to report to
     except Exception as exc:

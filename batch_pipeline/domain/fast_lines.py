@@ -104,6 +104,7 @@ class _GenerativeBody(_Struct):
     min_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
     repetition_penalty: _number(msgspec.Meta(gt=0)) | None = None  # type: ignore[valid-type]
     ignore_eos: bool | None = None
+    response_cache: bool | None = None
 
 
 class _Body(_GenerativeBody):

@@ -11,13 +11,15 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from batch_pipeline.domain.batches import BatchRecordError, BatchSpec, load_manifest, load_spec
 from batch_pipeline.domain.chunks import ChunkJob, ChunkReport, drop_damaged_chunks, engine_args_for, run_chunks
 from batch_pipeline.domain.data_parallel import EngineWorker, run_chunks_data_parallel
+from batch_pipeline.domain.response_reuse import ResponseReuse, answer_whole_chunks, batch_uses_cache, engine_context
 from resources.engine_processes import engine_process_facts
+from resources.response_cache import ResponseCache
 from resources.storage import BatchStorage
 from resources.vllm_engine import VLLMEngine
 
@@ -53,9 +55,13 @@ class Generation:
     chunks_run: int = 0
     requests_run: int = 0
     requests_failed: int = 0
+    requests_from_cache: int = 0  # answered from the response cache, without the engine
     prompt_tokens: int = 0
     completion_tokens: int = 0
     generation_seconds: float = 0.0
+    # Answering whole chunks from the response cache before any engine (lookups during generation are in
+    # generation_seconds).
+    cache_seconds: float = 0.0
     engine_load_seconds: float = 0.0
     engine_release_seconds: float = 0.0
     engines_loaded_in_process: int = 0
@@ -68,6 +74,7 @@ class Generation:
         self.chunks_run += 1
         self.requests_run += report.rows
         self.requests_failed += report.failed
+        self.requests_from_cache += report.from_cache
         self.prompt_tokens += report.prompt_tokens
         self.completion_tokens += report.completion_tokens
 
@@ -84,9 +91,11 @@ class Generation:
 
 def generate_batch(engine: VLLMEngine, storage: BatchStorage, batch_id: str,
                    on_written: Callable[[ChunkReport, Generation], None], say: Callable[[str], None] = log.info,
-                   warn: Callable[[str], None] = log.warning) -> Generation:
+                   warn: Callable[[str], None] = log.warning, cache: ResponseCache | None = None) -> Generation:
     """Run every chunk of the batch that is not finished yet; finished chunks are kept and never redone.
 
+    With `cache` (on, and the batch not opted out) requests answered before are answered from it; chunks
+    it answers entirely are written before any engine loads, so a batch it answers whole loads none.
     `on_written` hears of each chunk as it is written, `say` gets the step's few progress lines and `warn`
     one line per finished chunk found damaged (removed, and run again).
     EngineLoadError when the engine cannot load, BatchNotReady before the input stage, ChunksMissing
@@ -120,16 +129,29 @@ def generate_batch(engine: VLLMEngine, storage: BatchStorage, batch_id: str,
         if result.first_output_seconds < 0:
             result.first_output_seconds = time.perf_counter() - started
 
+    engine_args = engine_args_for(spec.engine_args, manifest.endpoints)
+    reuse = None
+    if todo and cache is not None and batch_uses_cache(cache, spec.metadata):
+        cache_started = time.perf_counter()
+        context = engine_context(spec.model, spec.model_name, engine.engine_kwargs(spec.model, engine_args))
+        answered = answer_whole_chunks(job, ResponseReuse(cache, context, spec.batch_id, manifest.chunk_size), written)
+        result.cache_seconds = time.perf_counter() - cache_started
+        if answered:
+            say(f"response cache: {len(answered)} of {len(todo)} chunks answered without the engine")
+        todo = [index for index in todo if index not in answered]
+        job = replace(job, skip=job.skip | answered)
+        reuse = ResponseReuse(cache, context, spec.batch_id, manifest.chunk_size)
     if todo:
-        engine_args = engine_args_for(spec.engine_args, manifest.endpoints)
         # Data parallel: more engine slots free right now than this step's own, and more than one chunk to run.
         most = min(engine.engines_per_batch or len(todo), len(todo)) - 1
         extra = engine.extra_slots(most) if most > 0 and engine.data_parallel() else []
         if extra:
             _on_several_engines(engine, [engine.hand_over_slot(), *extra], storage, spec, engine_args, job, todo,
-                                written, first_output, say, result)
+                                written, first_output, say, result, reuse)
         else:
-            _on_this_engine(engine, spec, engine_args, job, written, first_output, say, result)
+            _on_this_engine(engine, spec, engine_args, job, written, first_output, say, result, reuse)
+    if reuse is not None and cache is not None:
+        cache.evict()
     result.engines_loaded_in_process = engine.engines_loaded()
     missing = set(range(num_chunks)) - paths.finished_chunks()
     if missing:
@@ -140,7 +162,7 @@ def generate_batch(engine: VLLMEngine, storage: BatchStorage, batch_id: str,
 
 def _on_this_engine(engine: VLLMEngine, spec: BatchSpec, engine_args: dict, job: ChunkJob,
                     written: Callable[[ChunkReport], None], first_output: Callable[[], None],
-                    say: Callable[[str], None], result: Generation) -> None:
+                    say: Callable[[str], None], result: Generation, reuse: ResponseReuse | None) -> None:
     """The chunks on the process's engine (loaded here, or the slot's warm host), restarted if it dies."""
     session_started = time.perf_counter()
 
@@ -156,7 +178,9 @@ def _on_this_engine(engine: VLLMEngine, spec: BatchSpec, engine_args: dict, job:
         say(f"engine for {spec.model_name} ready after {loaded.load_seconds:.1f}s"
             + (f" on {slot.describe()}" if slot else ""))
         generation_started = time.perf_counter()
-        run_chunks(loaded, job, written, restart=restart, on_first_output=first_output)
+        run_chunks(loaded, job, written, restart=restart, on_first_output=first_output, responses=reuse)
+        if reuse is not None:
+            reuse.flush()
         result.generation_seconds = time.perf_counter() - generation_started
         if slot is not None:
             result.engines = [{"slot": slot.index, "devices": list(slot.devices), "pid": os.getpid(),
@@ -171,7 +195,8 @@ def _on_this_engine(engine: VLLMEngine, spec: BatchSpec, engine_args: dict, job:
 
 def _on_several_engines(engine: VLLMEngine, leases: list, storage: BatchStorage, spec: BatchSpec,
                         engine_args: dict, job: ChunkJob, todo: list[int], written: Callable[[ChunkReport], None],
-                        first_output: Callable[[], None], say: Callable[[str], None], result: Generation) -> None:
+                        first_output: Callable[[], None], say: Callable[[str], None], result: Generation,
+                        reuse: ResponseReuse | None) -> None:
     """The batch's missing chunks shared by one engine per slot (data parallel)."""
     say(f"data parallel: {len(leases)} engines on " + ", ".join(lease.slot.describe() for lease in leases))
     started = time.perf_counter()
@@ -189,7 +214,7 @@ def _on_several_engines(engine: VLLMEngine, leases: list, storage: BatchStorage,
     try:
         result.engines = run_chunks_data_parallel(engine, leases, storage, job, model=spec.model,
                                                   engine_args=engine_args, todo=todo, on_written=on_chunk,
-                                                  on_first_output=first_output, on_ready=on_ready)
+                                                  on_first_output=first_output, on_ready=on_ready, reuse=reuse)
     finally:
         for lease in leases:
             lease.release()

@@ -56,6 +56,9 @@ class GenerativeBody(BaseModel):
     min_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
     repetition_penalty: Annotated[Number, Field(gt=0)] | None = None
     ignore_eos: StrictBool | None = None
+    # This project's extension: false keeps the request out of the response cache (neither answered from
+    # it nor stored in it; batch_pipeline/domain/response_reuse.py).
+    response_cache: StrictBool | None = None
 
     def sampling_args(self) -> dict[str, Any]:
         """These fields as vLLM `SamplingParams` arguments, OpenAI's defaults where a field is not set."""

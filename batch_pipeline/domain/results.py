@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from batch_pipeline.domain.batches import BatchManifest, BatchSummary, load_manifest, save_summary
 from batch_pipeline.domain.chunks import CHUNK_COLUMNS, CHUNK_SCHEMA, ChunkDamaged, iter_requests, output_line_id
 from batch_pipeline.domain.records import BatchError
-from resources.storage import BatchPaths, ParquetDamaged, atomic_path, is_local, read_parquet, remove_file
+from resources.storage import BatchPaths, Location, ParquetDamaged, atomic_path, is_local, read_parquet, remove_file
 
 
 def error_line(request_id: str, custom_id: str | None, error: BatchError | str) -> str:
@@ -77,9 +77,21 @@ class ResultCounts:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens served from vLLM's prefix cache
+    from_cache: int = 0  # requests answered from the response cache (batch_pipeline/domain/response_reuse.py)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+def read_chunk(path: Location, columns: list[str] | None = None) -> pa.Table:
+    """A chunk file's table, the named columns (default: every column this version writes) in CHUNK_SCHEMA's
+    types; chunks written before the response cache read `from_cache` as false. ParquetDamaged if the file is
+    not a whole parquet file."""
+    columns = columns or CHUNK_COLUMNS
+    table = read_parquet(path)  # every column: one written by an older version may lack some (or carry more)
+    if "from_cache" in columns and "from_cache" not in table.schema.names:
+        table = table.append_column("from_cache", pa.array([False] * table.num_rows, pa.bool_()))
+    return table.select(columns).cast(pa.schema([CHUNK_SCHEMA.field(name) for name in columns]))
 
 
 def _read_chunk(paths: BatchPaths, index: int, columns: list[str] = CHUNK_COLUMNS) -> pa.Table:
@@ -87,12 +99,10 @@ def _read_chunk(paths: BatchPaths, index: int, columns: list[str] = CHUNK_COLUMN
     be read whole. Generation checks each chunk's footer before trusting it; this catches the rest."""
     path = paths.chunk(index)
     try:
-        # Only the columns this version writes: chunks left by an older version may carry more.
-        table = read_parquet(path, columns=columns)
+        return read_chunk(path, columns)
     except ParquetDamaged as exc:
         remove_file(path)
         raise ChunkDamaged(f"chunk file {exc}: it was removed, run the batch again to redo that chunk") from None
-    return table.cast(CHUNK_SCHEMA) if columns == CHUNK_COLUMNS else table
 
 
 _READ_AHEAD = 8  # chunks fetched at once from an object store, in order: a round trip each, not one after another
@@ -131,6 +141,7 @@ def _write(paths: BatchPaths, manifest: BatchManifest, chunks: Iterable[int], no
             if table["error"].null_count < table.num_rows:
                 with_errors.append(index)
             counts.cached_tokens += cached_tokens(table["response"])
+            counts.from_cache += pc.sum(table["from_cache"]).as_py() or 0
             for row, line in chunk_output_lines(table):
                 counts.completed += 1
                 counts.prompt_tokens += row["prompt_tokens"]

@@ -92,6 +92,11 @@ class Settings(BaseSettings):
     seed: int = 0
     engine_args: str = Field(default="{}", description="Extra vLLM engine arguments as a JSON object.")
     compact_json: bool = Field(default=True, description="JSON response formats without free whitespace.")
+    # The response cache (docs/ARCHITECTURE.md, "The response cache"): deterministic requests (temperature 0
+    # or a seed) answered before on the same model and engine settings are answered from DATA_DIR/response-cache.
+    response_cache: bool = Field(default=False, description="Answer repeated deterministic requests from the cache.")
+    response_cache_max_bytes: int = Field(
+        default=1 << 30, ge=0, description="The cache's size bound; the oldest segments are evicted first.")
     keep_engine_loaded: bool = Field(default=False, description="Keep the engine between runs in one process.")
     # The warm engine (docs/ARCHITECTURE.md, "The warm engine host"). Unset: on for every run of the
     # instance (`vllm-batch start`, `serve`, the daemon's queue, inbox, schedules, the UI), off for

@@ -42,8 +42,8 @@ from batch_pipeline.domain.constants import (
 from batch_pipeline.domain.intake import survey
 from batch_pipeline.domain.queue_tickets import ticket_exists
 from batch_pipeline.domain.records import CHAT_URL
-from batch_pipeline.domain.results import ResultCounts, cached_tokens
-from resources.storage import BatchPaths, Location, ParquetDamaged, read_parquet
+from batch_pipeline.domain.results import ResultCounts, cached_tokens, read_chunk
+from resources.storage import BatchPaths, Location, ParquetDamaged
 
 CANCELING_STEP = "__canceling__"
 
@@ -165,6 +165,7 @@ def derive_batch(facts: BatchFacts, now: float) -> Batch:
         batch.usage = Usage(input_tokens=counts.prompt_tokens, output_tokens=counts.completion_tokens,
                             input_tokens_details=InputTokensDetails(cached_tokens=counts.cached_tokens),
                             total_tokens=counts.prompt_tokens + counts.completion_tokens)
+        batch.requests_from_cache = counts.from_cache
     return batch
 
 
@@ -203,6 +204,7 @@ class ChunkStats:
                 counts.prompt_tokens += chunk.prompt_tokens
                 counts.completion_tokens += chunk.completion_tokens
                 counts.cached_tokens += chunk.cached_tokens
+                counts.from_cache += chunk.from_cache
         return counts
 
     def _chunk(self, path: Location) -> ResultCounts | None:
@@ -212,14 +214,15 @@ class ChunkStats:
             return None
         if key not in self._cache:
             try:
-                table = read_parquet(path, columns=["response", "error", "prompt_tokens", "completion_tokens"])
+                table = read_chunk(path, columns=["response", "error", "prompt_tokens", "completion_tokens",
+                                                  "from_cache"])
             except (FileNotFoundError, ParquetDamaged):  # gone, or damaged: the run redoes it, not counted yet
                 return None
             failed = table.num_rows - table["error"].null_count
             self._cache[key] = ResultCounts(
                 total=table.num_rows, completed=table.num_rows - failed, failed=failed,
                 prompt_tokens=_sum(table["prompt_tokens"]), completion_tokens=_sum(table["completion_tokens"]),
-                cached_tokens=cached_tokens(table["response"]))
+                cached_tokens=cached_tokens(table["response"]), from_cache=_sum(table["from_cache"]))
         return self._cache[key]
 
 

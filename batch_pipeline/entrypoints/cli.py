@@ -191,6 +191,7 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
     from batch_pipeline.domain.instance import InstanceConfigError, open_instance
     from batch_pipeline.entrypoints.local_run import (
         BatchRunError,
+        cache_answers_head,
         check_local_batch,
         one_process,
         register_local_batch,
@@ -221,9 +222,13 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
     started = time.monotonic()  # the run's time counts from here: the engine load begins before the run does
     engine_ready: list[float] = []  # when the prefetched engine finished loading (time.monotonic())
     try:
-        prefetched = not engine.data_parallel()  # data parallel engines load in batch_chunks' worker processes
+        engine_args = engine_args_for(served.engine_args, head.url_counts)
+        # Data parallel engines load in batch_chunks' worker processes; a file whose head the response cache
+        # answers may need no engine at all.
+        prefetched = not engine.data_parallel() and not cache_answers_head(settings, engine, served, checked_input,
+                                                                           engine_args)
         if prefetched:
-            loading = engine.prefetch(served.model, engine_args_for(served.engine_args, head.url_counts))
+            loading = engine.prefetch(served.model, engine_args)
             loading.add_done_callback(lambda _: engine_ready.append(time.monotonic()))
     except EngineLoadError as exc:  # GPU settings that do not fit this machine
         _fail(str(exc))
@@ -280,7 +285,8 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"batch {spec.batch_id}: {summary['completed']} completed, {summary['failed']} failed "
+    from_cache = f" ({summary['from_cache']} from the response cache)" if summary.get("from_cache") else ""
+    click.echo(f"batch {spec.batch_id}: {summary['completed']} completed{from_cache}, {summary['failed']} failed "
                f"in {summary['seconds']:.1f}s (engine load {summary.get('engine_load_seconds', 0):.1f}s, "
                f"{summary.get('completion_tokens_per_second', 0):.0f} generated tokens/s)")
     click.echo(f"output: {summary['output_file']}")

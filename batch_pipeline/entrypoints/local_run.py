@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import socket
 import sys
@@ -15,11 +16,15 @@ from dagster import DagsterInstance, DagsterRunStatus, Field, InitLoggerContext,
 
 from batch_pipeline.domain.batches import BatchSpec, load_summary, valid_batch_id
 from batch_pipeline.domain.constants import HOST_TAG, LOCAL_PID_STARTED_TAG, LOCAL_PID_TAG, SOURCE_TAG
-from batch_pipeline.domain.intake import IntakeError, checked_input, register, resolve_model
+from batch_pipeline.domain.input_file import BatchFileError, ValidRequest, scan_batch_file
+from batch_pipeline.domain.intake import HEAD_LINES, IntakeError, checked_input, register, resolve_model
 from batch_pipeline.domain.models import ServedModel
+from batch_pipeline.domain.response_reuse import answers_all, engine_context
 from batch_pipeline.domain.settings import Settings
 from batch_pipeline.domain.status import failure_message
+from resources.response_cache import ResponseCache
 from resources.storage import BatchPaths, BatchStorage
+from resources.vllm_engine import VLLMEngine
 
 
 class BatchRunError(Exception):
@@ -89,6 +94,21 @@ def reap_dead_local_runs(instance: DagsterInstance) -> list[str]:
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         reaped.append(run.run_id)
     return reaped
+
+
+def cache_answers_head(settings: Settings, engine: VLLMEngine, served: ServedModel, input_file: Path,
+                       engine_args: dict[str, Any]) -> bool:
+    """Whether the response cache answers every valid line of the file's head: then `vllm-batch run` does not
+    prefetch an engine (batch_chunks loads one only if a later line needs it)."""
+    cache = ResponseCache(data_dir=settings.data_root, enabled=settings.response_cache)
+    if not cache.enabled:
+        return False
+    head = itertools.islice(scan_batch_file(input_file, None, settings.max_line_bytes), HEAD_LINES)
+    context = engine_context(served.model, served.name, engine.engine_kwargs(served.model, engine_args))
+    try:
+        return answers_all(cache, context, ((line.url, line.body) for line in head if isinstance(line, ValidRequest)))
+    except (OSError, ValueError, BatchFileError):  # an unreadable cache or file: load the engine as usual
+        return False
 
 
 def one_process(settings: Settings) -> Settings:
@@ -168,7 +188,8 @@ def run_batch_in_process(settings: Settings, instance: DagsterInstance, batch_id
         if event.is_step_materialization and event.step_key == "batch_chunks":
             meta = event.step_materialization_data.materialization.metadata
             for key in ("generation_seconds", "engine_load_seconds", "completion_tokens_per_second",
-                        "chunks_resumed", "chunks_run", "engines_loaded_in_process", "first_output_seconds", "engines"):
+                        "chunks_resumed", "chunks_run", "engines_loaded_in_process", "first_output_seconds", "engines",
+                        "requests_from_cache", "cache_seconds"):
                 run.summary[key] = meta[key].value
     if defs.get_repository_def().has_job("batch_integrations"):
         # The daemon runs them by automation after batch_results; in-process nobody else would.

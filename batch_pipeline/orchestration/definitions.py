@@ -17,6 +17,7 @@ from batch_pipeline.domain.settings import Settings, get_settings
 from batch_pipeline.orchestration.enabled_integrations import integration_definitions
 from batch_pipeline.orchestration.schedules import build_catch_up_schedule
 from batch_pipeline.orchestration.sensors import batch_stops, build_inbox_sensor, dead_run_workers, queued_batches
+from resources.response_cache import ResponseCache
 from resources.storage import BatchStorage
 from resources.vllm_engine import VLLMEngine
 
@@ -43,6 +44,8 @@ def build_resources(settings: Settings) -> dict:
     """The resources, configured from the settings object."""
     return {
         "storage": BatchStorage(data_dir=settings.data_root),
+        "response_cache": ResponseCache(data_dir=settings.data_root, enabled=settings.response_cache,
+                                        max_bytes=settings.response_cache_max_bytes),
         "engine": VLLMEngine(
             dtype=settings.dtype,
             max_model_len=settings.max_model_len,
