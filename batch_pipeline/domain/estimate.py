@@ -305,8 +305,9 @@ def live_estimate(batch: Batch, spec: BatchSpec, recorded: EstimateRecord | None
     if recorded is None:
         return None
     if batch.status in TERMINAL_STATUSES:
-        return recorded.at_submit.model_copy(update={"expected_completed_at": None, "estimated_at": None,
-                                                     "reason": f"the batch is {batch.status}"})
+        return recorded.at_submit.model_copy(update={
+            "expected_completed_at": None, "estimated_at": None, "reason": f"the batch is {batch.status}",
+            "at_submit": recorded.at_submit.expected_completed_at})
     if batch.status == "validating":
         return recorded.at_submit
     made = estimate(now, recorded.work, done_tokens, True, histories.get(spec.model), ahead, histories, shared)
