@@ -57,7 +57,9 @@ def main() -> None:
     env = {**os.environ, "VBATCH_HOME": str(REPO), "VBATCH_DATA_DIR": str(work / "data"),
            "DAGSTER_HOME": str(work / "dagster"), "VBATCH_DAGSTER_HOME": str(work / "dagster"),
            "VBATCH_DTYPE": "float32", "VBATCH_MAX_MODEL_LEN": "1024", "VBATCH_INBOX_ENABLED": "false",
-           "VBATCH_ENGINE_IDLE_SECONDS": "120", "PYTHONUNBUFFERED": "1"}
+           "VBATCH_ENGINE_IDLE_SECONDS": "120", "PYTHONUNBUFFERED": "1",
+           # The CPU build reserves VLLM_CPU_KVCACHE_SPACE GiB, or 90% of the memory without it.
+           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     for name in ("VBATCH_ENGINE_HOST", "VBATCH_ENGINE_HOST_CLIENTS"):  # the defaults: a warm, shared host
         env.pop(name, None)
         os.environ.pop(name, None)

@@ -22,7 +22,7 @@ from tests.conftest import REPO, write_jsonl
 
 MODEL_NAME = "tiny-llama"
 HISTORY = ModelHistory(batches=1, tokens_per_second=100.0, fill=0.5, before_step_seconds=4.0,
-                       step_overhead_seconds=2.0, after_step_seconds=1.0)
+                       step_overhead_seconds=2.0, load_seconds=30.0, after_step_seconds=1.0)
 
 
 def chat(custom_id: str, max_tokens: int | None = 16, **params) -> dict:
@@ -57,14 +57,17 @@ def test_no_history_or_no_bound_gives_null_with_a_reason():
 def test_the_queue_ahead_delays_the_estimate_by_how_the_engine_is_shared():
     work = BatchWork(requests=10, output_tokens_bound=2000)  # 2000 * fill 0.5 = 1000 tokens = 10 s at 100 tok/s
     histories = {"m": HISTORY}
-    alone = estimate(1000.0, work, 0, False, HISTORY, [], histories, shared=False)
+    alone = estimate(1000.0, work, 0, False, HISTORY, [], histories, shared=False, engine_warm=True)
     assert alone.expected_completed_at == 1000 + 4 + 2 + 10 + 1 and alone.expected_output_tokens == 1000
+    cold = estimate(1000.0, work, 0, False, HISTORY, [], histories, shared=False)  # the engine loads first
+    assert cold.expected_completed_at == alone.expected_completed_at + 30
     big = Ahead("big", "m", remaining_tokens=3000, started=True)  # 30 s of engine time left
     small = Ahead("small", "m", remaining_tokens=500, started=False)  # 5 s, and its step overhead
-    one_after_another = estimate(1000.0, work, 0, False, HISTORY, [big, small], histories, shared=False)
+    one_after_another = estimate(1000.0, work, 0, False, HISTORY, [big, small], histories, shared=False,
+                                 engine_warm=True)
     assert one_after_another.expected_completed_at == 1000 + (30 + 5 + 2) + 2 + 10 + 1
     assert one_after_another.queued_ahead == 2
-    side_by_side = estimate(1000.0, work, 0, False, HISTORY, [big, small], histories, shared=True)
+    side_by_side = estimate(1000.0, work, 0, False, HISTORY, [big, small], histories, shared=True, engine_warm=True)
     assert side_by_side.expected_completed_at == 1000 + 4 + 2 + (10 + 10 + 5) + 1
     unknown = estimate(1000.0, work, 0, False, HISTORY, [Ahead("old", "m", None, True)], histories, shared=True)
     assert unknown.expected_completed_at is None and "batch old" in unknown.reason
@@ -73,7 +76,7 @@ def test_the_queue_ahead_delays_the_estimate_by_how_the_engine_is_shared():
 def test_a_running_batch_is_estimated_again_from_its_progress():
     work = BatchWork(requests=10, output_tokens_bound=2000)
     recorded = EstimateRecord(work=work, at_submit=estimate(1000.0, work, 0, False, HISTORY, [], {"m": HISTORY},
-                                                            shared=True))
+                                                            shared=True, engine_warm=True))
     batch = Batch(id="b", endpoint="/v1/chat/completions", input_file_id="", completion_window="24h",
                   status="in_progress", created_at=1000)
     from batch_pipeline.domain.batches import BatchSpec

@@ -51,6 +51,7 @@ from batch_pipeline.domain.input_file import raw_lines
 from batch_pipeline.domain.records import EMBEDDINGS_URL
 from batch_pipeline.domain.settings import Settings
 from batch_pipeline.domain.status import ChunkStats, EndedRuns, derive_batch, read_many_facts
+from resources.engine_host_client import read_host
 from resources.storage import BatchPaths, BatchStorage, location
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,8 @@ class ModelHistory:
     tokens_per_second: float  # output tokens over the union of their generation intervals
     fill: float  # output tokens generated / output bound (1.0 when no batch had a recorded bound)
     before_step_seconds: float  # creation -> generation step start, shortest seen
-    step_overhead_seconds: float  # the generation step beyond generation (median)
+    step_overhead_seconds: float  # the generation step beyond generation and engine load (median)
+    load_seconds: float  # the longest engine load seen: what a batch pays when no warm engine has the model
     after_step_seconds: float  # generation step end -> results merged (median)
 
 
@@ -220,13 +222,14 @@ def model_histories(instance: DagsterInstance, storage: BatchStorage) -> dict[st
 
 
 def _history(storage: BatchStorage, entries: Sequence[tuple[BatchSpec, dict, float, float]]) -> ModelHistory:
-    intervals, befores, overheads, afters = [], [], [], []
+    intervals, befores, overheads, afters, loads = [], [], [], [], []
     tokens = bounded_tokens = bound = 0
     for spec, meta, step_end, merged_at in entries:
         generation_end = step_end - float(meta.get("engine_release_seconds") or 0.0)
         intervals.append((generation_end - meta["generation_seconds"], generation_end))
         befores.append(max(step_end - float(meta.get("step_seconds") or 0.0) - spec.created_at, 0.0))
-        overheads.append(max(float(meta.get("step_seconds") or 0.0) - meta["generation_seconds"], 0.0))
+        loads.append(float(meta.get("engine_load_seconds") or 0.0))
+        overheads.append(max(float(meta.get("step_seconds") or 0.0) - meta["generation_seconds"] - loads[-1], 0.0))
         afters.append(max(merged_at - step_end, 0.0))
         tokens += meta["completion_tokens"]
         paths = storage.batch(spec.batch_id)
@@ -237,7 +240,8 @@ def _history(storage: BatchStorage, entries: Sequence[tuple[BatchSpec, dict, flo
             bound += recorded.work.output_tokens_bound
     return ModelHistory(batches=len(entries), tokens_per_second=tokens / max(_union_seconds(intervals), 1e-6),
                         fill=min(bounded_tokens / bound, 1.0) if bound else 1.0, before_step_seconds=min(befores),
-                        step_overhead_seconds=statistics.median(overheads), after_step_seconds=statistics.median(afters))
+                        step_overhead_seconds=statistics.median(overheads), load_seconds=max(loads),
+                        after_step_seconds=statistics.median(afters))
 
 
 def _summary(paths: BatchPaths) -> int:
@@ -258,8 +262,10 @@ def expected_output(work: BatchWork, history: ModelHistory) -> int:
 
 
 def estimate(now: float, work: BatchWork | None, done_tokens: int, started: bool, history: ModelHistory | None,
-             ahead: Sequence[Ahead], histories: dict[str, ModelHistory], shared: bool) -> CompletionEstimate:
-    """When a batch with `work` (of which `done_tokens` are generated) finishes, after `ahead`."""
+             ahead: Sequence[Ahead], histories: dict[str, ModelHistory], shared: bool,
+             engine_warm: bool = False) -> CompletionEstimate:
+    """When a batch with `work` (of which `done_tokens` are generated) finishes, after `ahead`; `engine_warm`:
+    an engine with its model is loaded already (the warm host), or a batch ahead of the same model loads it."""
     made = CompletionEstimate(estimated_at=int(now))
     if work is None:
         made.reason = "the batch's work was not measured (it was created before estimates existed)"
@@ -289,7 +295,7 @@ def estimate(now: float, work: BatchWork | None, done_tokens: int, started: bool
     else:  # one after the other: the whole queue ahead, each with its own step overhead
         engine = own
         before = max(0.0 if started else history.before_step_seconds, sum(s + o for s, o in waits))
-    step = 0.0 if started else history.step_overhead_seconds
+    step = 0.0 if started else history.step_overhead_seconds + (0.0 if engine_warm else history.load_seconds)
     made.expected_completed_at = int(now + before + step + engine + history.after_step_seconds)
     made.tokens_per_second = round(history.tokens_per_second, 1)
     made.expected_output_tokens = expected_output(work, history)
@@ -323,10 +329,12 @@ def remaining_tokens(recorded: EstimateRecord | None, done_tokens: int, history:
 
 
 def at_submit(spec: BatchSpec, input_path: Path, max_line_bytes: int, max_model_len: int | None,
-              histories: dict[str, ModelHistory], ahead: Sequence[Ahead], shared: bool) -> EstimateRecord:
+              histories: dict[str, ModelHistory], ahead: Sequence[Ahead], shared: bool,
+              engine_warm: bool) -> EstimateRecord:
     """The batch's work and the estimate made when it is created (not yet written)."""
     work = measure_work(input_path, max_line_bytes, model_length(spec.model, max_model_len))
-    made = estimate(spec.created_at, work, 0, False, histories.get(spec.model), ahead, histories, shared)
+    made = estimate(spec.created_at, work, 0, False, histories.get(spec.model), ahead, histories, shared,
+                    engine_warm or any(batch.model == spec.model for batch in ahead))
     made.at_submit = made.expected_completed_at
     return EstimateRecord(work=work, at_submit=made)
 
@@ -380,12 +388,20 @@ class Estimator:
                 for other, batch, done in unfinished
                 if other.batch_id != spec.batch_id and other.created_at < spec.created_at]
 
+    def engine_warm(self, model: str) -> bool:
+        """Whether the warm engine host has `model` loaded now (slot 0's host; a batch then loads nothing)."""
+        if not self.settings.warm_engine:
+            return False
+        host = read_host(self.settings.resolved_data_dir / "engines")
+        return host is not None and host.get("kwargs", {}).get("model") == model
+
     def at_creation(self, spec: BatchSpec, input_path: Path) -> CompletionEstimate:
         """Measure a batch just registered, estimate it after what is queued before it, and keep both
         (estimate.json); returns the estimate."""
         try:
             record = at_submit(spec, input_path, self.settings.max_line_bytes, self.settings.max_model_len,
-                               self.histories(), self._ahead(spec, self.unfinished()), self.shared)
+                               self.histories(), self._ahead(spec, self.unfinished()), self.shared,
+                               self.engine_warm(spec.model))
         except Exception as exc:  # an estimate only: the batch is taken in whatever happens here
             log.warning("could not estimate batch %s: %s", spec.batch_id, exc)
             record = EstimateRecord(work=BatchWork(), at_submit=CompletionEstimate(
