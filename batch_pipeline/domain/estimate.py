@@ -357,9 +357,9 @@ class Estimator:
         self.shared = settings.warm_engine and settings.engine_host_clients > 1
         self._histories: tuple[float, dict[str, ModelHistory]] | None = None
 
-    def histories(self) -> dict[str, ModelHistory]:
-        """Each model's history, read again once HISTORY_TTL has passed."""
-        if self._histories is None or time.monotonic() - self._histories[0] > self.HISTORY_TTL:
+    def histories(self, fresh: bool = False) -> dict[str, ModelHistory]:
+        """Each model's history, read again once HISTORY_TTL has passed (`fresh`: now)."""
+        if fresh or self._histories is None or time.monotonic() - self._histories[0] > self.HISTORY_TTL:
             self._histories = (time.monotonic(), model_histories(self.instance, self.storage))
         return self._histories[1]
 
@@ -400,7 +400,8 @@ class Estimator:
         (estimate.json); returns the estimate."""
         try:
             record = at_submit(spec, input_path, self.settings.max_line_bytes, self.settings.max_model_len,
-                               self.histories(), self._ahead(spec, self.unfinished()), self.shared,
+                               # Read now: a batch that finished a moment ago is the history it needs.
+                               self.histories(fresh=True), self._ahead(spec, self.unfinished()), self.shared,
                                self.engine_warm(spec.model))
         except Exception as exc:  # an estimate only: the batch is taken in whatever happens here
             log.warning("could not estimate batch %s: %s", spec.batch_id, exc)
