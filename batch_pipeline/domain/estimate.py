@@ -333,8 +333,7 @@ def at_submit(spec: BatchSpec, input_path: Path, max_line_bytes: int, max_model_
               engine_warm: bool) -> EstimateRecord:
     """The batch's work and the estimate made when it is created (not yet written)."""
     work = measure_work(input_path, max_line_bytes, model_length(spec.model, max_model_len))
-    made = estimate(spec.created_at, work, 0, False, histories.get(spec.model), ahead, histories, shared,
-                    engine_warm or any(batch.model == spec.model for batch in ahead))
+    made = estimate(spec.created_at, work, 0, False, histories.get(spec.model), ahead, histories, shared, engine_warm)
     made.at_submit = made.expected_completed_at
     return EstimateRecord(work=work, at_submit=made)
 
@@ -399,10 +398,14 @@ class Estimator:
         """Measure a batch just registered, estimate it after what is queued before it, and keep both
         (estimate.json); returns the estimate."""
         try:
+            ahead = self._ahead(spec, self.unfinished())
+            # With the warm host, a batch of the same model ahead of this one loads the engine for it too;
+            # without it, every run loads its own.
+            warm = self.engine_warm(spec.model) or (self.settings.warm_engine and
+                                                    any(batch.model == spec.model for batch in ahead))
+            # The history read now: a batch that finished a moment ago is the history this one needs.
             record = at_submit(spec, input_path, self.settings.max_line_bytes, self.settings.max_model_len,
-                               # Read now: a batch that finished a moment ago is the history it needs.
-                               self.histories(fresh=True), self._ahead(spec, self.unfinished()), self.shared,
-                               self.engine_warm(spec.model))
+                               self.histories(fresh=True), ahead, self.shared, warm)
         except Exception as exc:  # an estimate only: the batch is taken in whatever happens here
             log.warning("could not estimate batch %s: %s", spec.batch_id, exc)
             record = EstimateRecord(work=BatchWork(), at_submit=CompletionEstimate(
