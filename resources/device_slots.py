@@ -100,7 +100,8 @@ def _vllm_pynvml() -> Any:
     return None
 
 
-def _nvml_device_count() -> int | None:
+def _nvml_devices() -> list[str] | None:
+    """The name of each GPU NVML sees, None without a driver (the CPU build)."""
     # NVML sees the GPUs a container was given (device files may show the host's); it never initialises CUDA.
     try:
         import pynvml  # nvidia-ml-py
@@ -113,10 +114,22 @@ def _nvml_device_count() -> int | None:
     except Exception:  # noqa: BLE001 (no driver: the CPU build)
         return None
     try:
-        return int(pynvml.nvmlDeviceGetCount())
+        names = (pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(index))
+                 for index in range(int(pynvml.nvmlDeviceGetCount())))
+        return [name.decode() if isinstance(name, bytes) else str(name) for name in names]
     finally:
         with contextlib.suppress(Exception):
             pynvml.nvmlShutdown()
+
+
+def _nvml_device_count() -> int | None:
+    devices = _nvml_devices()
+    return None if devices is None else len(devices)
+
+
+def gpu_names() -> list[str]:
+    """The names of the machine's GPUs (NVML; no CUDA initialised), empty on the CPU build."""
+    return _nvml_devices() or []
 
 
 def engine_slots(gpus: int | None, tensor_parallel_size: int, visible: list[str] | None = None,

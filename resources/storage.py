@@ -371,6 +371,16 @@ class BatchPaths:
         return self.results_dir / "summary.json"
 
     @property
+    def replay_record(self) -> Location:
+        """What it takes to run a finished batch again the same way (batch_pipeline/domain/replay.py)."""
+        return self.results_dir / "replay.json"
+
+    @property
+    def estimate(self) -> Location:
+        """The batch's work and its finishing time as estimated when it was created (domain/estimate.py)."""
+        return self.root / "estimate.json"
+
+    @property
     def stopped(self) -> Location:
         """The counts of a batch stopped early (cancelled or expired), beside its partial results."""
         return self.results_dir / "stopped.json"

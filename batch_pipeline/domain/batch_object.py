@@ -65,6 +65,18 @@ class BatchErrors(BaseModel):
     data: list[BatchErrorItem] = Field(default_factory=list)
 
 
+class CompletionEstimate(BaseModel):
+    """When the batch is expected to finish (an extension beyond OpenAI: batch_pipeline/domain/estimate.py)."""
+
+    expected_completed_at: int | None = Field(default=None, description="Unix seconds; null with a reason.")
+    at_submit: int | None = Field(default=None, description="expected_completed_at as estimated at creation.")
+    estimated_at: int | None = None
+    reason: str | None = Field(default=None, description="Why there is no estimate.")
+    tokens_per_second: float | None = Field(default=None, description="The model's measured generation rate.")
+    expected_output_tokens: int | None = None
+    queued_ahead: int = Field(default=0, description="Unfinished batches created before this one.")
+
+
 class Batch(BaseModel):
     """The Batch object; status and counts are derived from the instance and the batch's files."""
 
@@ -93,3 +105,4 @@ class Batch(BaseModel):
     # Extension (not in OpenAI's object): requests of `request_counts.completed` answered from the response
     # cache instead of the engine (docs/API.md).
     requests_from_cache: int = 0
+    completion_estimate: CompletionEstimate | None = None  # extension: when it is expected to finish

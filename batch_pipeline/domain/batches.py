@@ -73,14 +73,15 @@ def default_batch_id(input_path: Path, model: str) -> str:
     return f"{stem}-{digest}"
 
 
-def _save_record(path: Location, record: BaseModel) -> None:
+def save_record(path: Location, record: BaseModel) -> None:
+    """Write one of a batch's records as JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(record.model_dump_json(indent=2))
 
 
 def save_spec(paths: BatchPaths, spec: BatchSpec) -> None:
     """Write batch.json atomically."""
-    _save_record(paths.spec, spec)
+    save_record(paths.spec, spec)
 
 
 def load_spec(paths: BatchPaths) -> BatchSpec:
@@ -114,7 +115,7 @@ def load_submission(paths: BatchPaths) -> Submission | None:
 
 def save_submission(paths: BatchPaths, submission: Submission) -> None:
     """Write submission.json atomically."""
-    _save_record(paths.submission, submission)
+    save_record(paths.submission, submission)
 
 
 class BatchRecordError(ValueError):
@@ -153,7 +154,8 @@ class BatchSummary(BaseModel):
     error_file: str
 
 
-def _load_record(model: type[_Record], path: Location) -> _Record | None:
+def load_record(model: type[_Record], path: Location) -> _Record | None:
+    """One of a batch's records, None if absent; BatchRecordError (one line) if damaged."""
     # Extra fields are ignored, so a file written by a later version still loads here.
     try:
         data = path.read_bytes()
@@ -169,19 +171,19 @@ def _load_record(model: type[_Record], path: Location) -> _Record | None:
 
 def load_manifest(paths: BatchPaths) -> BatchManifest | None:
     """input/manifest.json, or None before batch_input has written it; BatchRecordError if damaged."""
-    return _load_record(BatchManifest, paths.manifest)
+    return load_record(BatchManifest, paths.manifest)
 
 
 def save_manifest(paths: BatchPaths, manifest: BatchManifest) -> None:
     """Write input/manifest.json atomically."""
-    _save_record(paths.manifest, manifest)
+    save_record(paths.manifest, manifest)
 
 
 def load_summary(paths: BatchPaths) -> BatchSummary | None:
     """results/summary.json, or None until batch_results has merged the batch; BatchRecordError if damaged."""
-    return _load_record(BatchSummary, paths.summary)
+    return load_record(BatchSummary, paths.summary)
 
 
 def save_summary(paths: BatchPaths, summary: BatchSummary) -> None:
     """Write results/summary.json atomically."""
-    _save_record(paths.summary, summary)
+    save_record(paths.summary, summary)

@@ -187,7 +187,14 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
     INPUT_FILE is a local file, or an s3:// or gs:// URI (downloaded first; needs the s3 / gcs extra).
     """
     settings = _settings()
-    local_input = _input_path(settings, input_file)
+    _run_batch(settings, _input_path(settings, input_file), model, model_name, output, batch_id, chunk_size, as_json)
+
+
+def _run_batch(settings, local_input: Path, model: str, model_name: str | None, output: Path | None,
+               batch_id: str | None, chunk_size: int | None, as_json: bool, *,
+               engine_args: dict[str, Any] | None = None, metadata: dict[str, str] | None = None) -> None:
+    """`vllm-batch run`'s work, shared with `vllm-batch replay` (which gives the recorded per-model
+    engine arguments and marks the new batch as a replay in its metadata)."""
     from batch_pipeline.domain.instance import InstanceConfigError, open_instance
     from batch_pipeline.entrypoints.local_run import (
         BatchRunError,
@@ -199,7 +206,7 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
     )
 
     try:
-        checked_input, served = check_local_batch(settings, local_input, model, model_name, batch_id)
+        checked_input, served = check_local_batch(settings, local_input, model, model_name, batch_id, engine_args)
     except BatchRunError as exc:
         _fail(str(exc))
     from batch_pipeline.domain.chunks import engine_args_for
@@ -234,10 +241,14 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
         _fail(str(exc))
     try:
         instance = open_instance(settings)
-        spec = register_local_batch(settings, instance, local_input, model, model_name, batch_id, chunk_size)
+        spec = register_local_batch(settings, instance, local_input, model, model_name, batch_id, chunk_size,
+                                    engine_args=engine_args, metadata=metadata)
     except (InstanceConfigError, BatchRunError) as exc:
         VLLMEngine.discard()
         _fail(str(exc))
+    from batch_pipeline.domain.estimate import Estimator
+
+    Estimator(settings, instance).at_creation(spec, checked_input)  # its work, for the model's history
     display = ProgressDisplay(spec.batch_id)
     paths = BatchStorage(data_dir=settings.data_root).batch(spec.batch_id)
     stats = ChunkStats()
@@ -291,6 +302,66 @@ def run(input_file: str, model: str, model_name: str | None, output: Path | None
                f"{summary.get('completion_tokens_per_second', 0):.0f} generated tokens/s)")
     click.echo(f"output: {summary['output_file']}")
     click.echo(f"errors: {summary['error_file']}")
+
+
+@main.command()
+@click.argument("batch_id")
+@click.option("--batch-id", "new_batch_id", help="Id of the new batch (default: BATCH_ID-replay-N).")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Copy output.jsonl and errors.jsonl here.")
+@click.option("--strict", is_flag=True, help="Refuse to run when the model, versions or machine differ.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def replay(batch_id: str, new_batch_id: str | None, output: Path | None, strict: bool, as_json: bool) -> None:
+    """Run a finished batch again from its replay record, as a new batch: the same input file (checked
+    by its sha256), model, engine settings, seed and chunk size. Warns when the model's files, the
+    versions of vLLM, torch or this project, or the machine differ from the record."""
+    settings = _settings()
+    from batch_pipeline.domain.batches import BatchNotFound, BatchRecordError, existing_batch, file_digest
+    from batch_pipeline.domain.replay import differences, load_replay_record
+    from resources.storage import local_copy
+
+    try:
+        paths = existing_batch(settings.data_root, batch_id)
+        record = load_replay_record(paths)
+    except BatchNotFound:
+        _fail(f"no batch with id {batch_id!r}")
+    except BatchRecordError as exc:
+        _fail(str(exc))
+    if record is None:
+        _fail(f"batch {batch_id} has no replay record: only a batch that finished (with this version or later) has one")
+    source = paths.root.joinpath(record.input_path)
+    with local_copy(source) as local_input:
+        try:
+            digest = file_digest(local_input)
+        except OSError as exc:
+            _fail(f"cannot read the input file {source}: {exc.strerror or exc}")
+        if digest != record.input_sha256:
+            _fail(f"the input file {source} changed since batch {batch_id} ran (sha256 {digest[:12]}, "
+                  f"recorded {record.input_sha256[:12]})")
+        changed = differences(record)
+        for line in changed:
+            click.echo(f"warning: {line}", err=True)
+        if changed and strict:
+            _fail(f"not replaying batch {batch_id} with --strict: {len(changed)} difference(s) above")
+        replay_settings = settings.model_copy(update=record.engine_settings)
+        new_id = new_batch_id or _replay_id(settings, batch_id)
+        if not as_json:
+            click.echo(f"replaying {batch_id} as {new_id}", err=True)
+        # An object-store input is run from its local copy: registration uploads it beside the new batch.
+        _run_batch(replay_settings, local_input, record.model, record.model_name, output, new_id, record.chunk_size,
+                   as_json,
+                   engine_args=record.model_engine_args, metadata={"replay_of": batch_id})
+
+
+def _replay_id(settings, batch_id: str) -> str:
+    """`BATCH_ID-replay-N` for the first N whose batch does not exist yet."""
+    from resources.storage import BatchStorage
+
+    storage = BatchStorage(data_dir=settings.data_root)
+    stem = batch_id[:100]
+    number = 1
+    while storage.batch(f"{stem}-replay-{number}").spec.exists():
+        number += 1
+    return f"{stem}-replay-{number}"
 
 
 @main.command()
@@ -376,6 +447,18 @@ def _print_batch(batch, as_json: bool) -> None:
                f"  ({batch.usage.output_tokens} output tokens)")
     for error in (batch.errors.data if batch.errors else []):
         click.echo(f"  error: {error.message}")
+    estimate = batch.completion_estimate
+    if estimate is not None and batch.status not in ("completed", "failed", "expired", "cancelled"):
+        click.echo(f"  {_estimate_line(estimate)}")
+
+
+def _estimate_line(estimate) -> str:
+    """`expected to finish at 14:02:31 (in 95s; 2 batches ahead, 1830 output tokens/s)`, or why there is no estimate."""
+    if estimate.expected_completed_at is None:
+        return f"no finishing estimate: {estimate.reason}"
+    at = time.strftime("%H:%M:%S", time.localtime(estimate.expected_completed_at))
+    return (f"expected to finish at {at} (in {max(estimate.expected_completed_at - time.time(), 0):.0f}s; "
+            f"{estimate.queued_ahead} batches ahead, {estimate.tokens_per_second:.0f} output tokens/s measured)")
 
 
 def _wait(service: BatchService, batch_id: str, interval: float):

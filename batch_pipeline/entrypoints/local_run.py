@@ -44,9 +44,11 @@ class BatchRun:
 
 
 def check_local_batch(settings: Settings, input_file: Path, model: str, model_name: str | None = None,
-                      batch_id: str | None = None) -> tuple[Path, ServedModel]:
+                      batch_id: str | None = None, engine_args: dict[str, Any] | None = None,
+                      ) -> tuple[Path, ServedModel]:
     """The input file and served model of a `vllm-batch run`, or BatchRunError: what registration would
-    refuse, checked without the instance, so that the engine can start loading before it opens."""
+    refuse, checked without the instance, so that the engine can start loading before it opens.
+    `engine_args` replaces the model's own per-model arguments (a replay gives the recorded ones)."""
     try:
         path = checked_input(input_file)
         served = resolve_model(settings, model, allow_hub_ids=True)
@@ -54,16 +56,20 @@ def check_local_batch(settings: Settings, input_file: Path, model: str, model_na
         raise BatchRunError(str(exc)) from None
     if batch_id is not None and not valid_batch_id(batch_id):
         raise BatchRunError(f"invalid batch id {batch_id!r}: use letters, digits, '_', '-' and '.'")
+    if engine_args is not None:
+        served = replace(served, engine_args=engine_args)
     return path, replace(served, name=model_name) if model_name else served
 
 
 def register_local_batch(settings: Settings, instance: DagsterInstance, input_file: Path, model: str,
                          model_name: str | None = None, batch_id: str | None = None,
-                         chunk_size: int | None = None, source: str = "cli") -> BatchSpec:
+                         chunk_size: int | None = None, source: str = "cli", engine_args: dict[str, Any] | None = None,
+                         metadata: dict[str, str] | None = None) -> BatchSpec:
     """Register a file for `vllm-batch run`: `model` is a served name, a local model folder or a hub id."""
-    path, served = check_local_batch(settings, input_file, model, model_name, batch_id)
+    path, served = check_local_batch(settings, input_file, model, model_name, batch_id, engine_args)
     try:
-        return register(settings, instance, path, served, source=source, batch_id=batch_id, chunk_size=chunk_size)
+        return register(settings, instance, path, served, source=source, batch_id=batch_id, chunk_size=chunk_size,
+                        metadata=metadata)
     except IntakeError as exc:
         raise BatchRunError(str(exc)) from None
 

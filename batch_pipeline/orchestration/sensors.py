@@ -17,6 +17,7 @@ from dagster import (
 
 from batch_pipeline.domain.batches import load_submission, save_submission
 from batch_pipeline.domain.constants import BATCH_ID_TAG, BATCHES_PARTITIONS, INBOX_FILE_TAG, REJECTED_TAG, RUN_KEY_TAG, SOURCE_TAG
+from batch_pipeline.domain.estimate import Estimator
 from batch_pipeline.domain.inbox import list_inbox, settle, take
 from batch_pipeline.domain.queue_tickets import clear_ticket, pending_tickets, set_aside
 from batch_pipeline.domain.settings import Settings, get_settings
@@ -111,6 +112,7 @@ def build_inbox_sensor(settings: Settings) -> SensorDefinition:
     def inbox(context: SensorEvaluationContext) -> SensorResult:
         """A file whose size and mtime did not change since the last tick is taken; run key `inbox:<batch id>`."""
         current = get_settings()
+        storage = BatchStorage(data_dir=current.data_root)
         seen = json.loads(context.cursor).get("seen", {}) if context.cursor else {}
         now_seen: dict[str, list[int]] = {}
         requests = []
@@ -132,6 +134,8 @@ def build_inbox_sensor(settings: Settings) -> SensorDefinition:
                     f"{file.path.name}: rejected as batch {intake.spec.batch_id}: {intake.spec.rejected}")
             else:
                 context.log.info(f"{file.path.name}: batch {intake.spec.batch_id} for model {intake.spec.model_name}")
+                if not storage.batch(intake.spec.batch_id).estimate.exists():  # taken again until its run exists
+                    Estimator(current, context.instance).at_creation(intake.spec, intake.destination)
             requests.append(RunRequest(
                 run_key=intake.run_key,
                 partition_key=intake.spec.batch_id,

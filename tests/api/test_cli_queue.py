@@ -13,7 +13,7 @@ from tests.api.conftest import MODEL_NAME, REPO, Stack
 THREE = REPO / "tests" / "api" / "data" / "three.jsonl"
 
 
-@pytest.mark.parametrize("command", ["submit", "status", "list", "results", "cancel", "serve", "run"])
+@pytest.mark.parametrize("command", ["submit", "status", "list", "results", "cancel", "serve", "run", "replay"])
 def test_every_command_has_help(offline: Stack, command: str):
     result = offline.cli(command, "--help")
     assert result.returncode == 0 and "Usage: " in result.stdout and "--json" in result.stdout

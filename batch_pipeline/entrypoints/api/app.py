@@ -283,6 +283,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lines = service(request).partial_output(batch_id, tenant_of(request))
         return StreamingResponse(lines, media_type="application/jsonl")
 
+    @app.get("/v1/batches/{batch_id}/replay_record")
+    def batch_replay_record(request: Request, batch_id: str) -> dict[str, Any]:
+        """What it takes to run a finished batch again the same way (beyond OpenAI): input sha256, model
+        fingerprint, engine settings and seed, chunk size, versions, machine. 400 `batch_not_finished`
+        before the batch has finished."""
+        return service(request).replay_record(batch_id, tenant_of(request))
+
     @app.post("/v1/batches/{batch_id}/cancel", response_model=Batch)
     def cancel_batch(request: Request, batch_id: str) -> Batch:
         """Cancel a batch; requests finished before the cancel stay in its output file."""

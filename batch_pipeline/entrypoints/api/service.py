@@ -18,11 +18,13 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dagster import DagsterInstance
 
 from batch_pipeline.domain.batches import (
     BatchNotFound,
+    BatchRecordError,
     BatchSpec,
     Submission,
     default_batch_id,
@@ -33,10 +35,12 @@ from batch_pipeline.domain.batches import (
     valid_batch_id,
 )
 from batch_pipeline.domain.constants import BATCHES_PARTITIONS, OWNER_TAG, SOURCE_TAG
+from batch_pipeline.domain.estimate import Estimator
 from batch_pipeline.domain.intake import HEAD_LINES, IntakeError, checked_input, model_for_endpoint, register, resolve_model, survey
 from batch_pipeline.domain.models import ModelConfigError, ModelRegistry
 from batch_pipeline.domain.queue_tickets import enqueue
 from batch_pipeline.domain.records import CHAT_URL, SUPPORTED_URLS
+from batch_pipeline.domain.replay import load_replay_record, public_view
 from batch_pipeline.domain.results import partial_output_lines
 from batch_pipeline.domain.settings import Settings
 from batch_pipeline.domain.status import BatchFacts, ChunkStats, EndedRuns, derive_batch, read_facts, read_many_facts
@@ -86,6 +90,7 @@ class BatchService:
         self.files = FileStore(settings.resolved_data_dir)  # uploads stay on this host's disk
         self._stats = ChunkStats()
         self._ended = EndedRuns()
+        self.estimator = Estimator(settings, instance, self._stats, self._ended)
         self._lock = threading.RLock()
 
     def registry(self) -> ModelRegistry:
@@ -125,7 +130,7 @@ class BatchService:
                                 # Whole seconds, as the Batch object shows it: the window closes when it says.
                                 expires_at=float(int(spec.created_at) + window_seconds(completion_window)),
                                 owner=tenant.owner, output_expires_after=output_expiry)
-        return self._queue(spec, submission, "api", tenant)
+        return self._queue(spec, submission, "api", tenant, input_path)
 
     def submit_file(self, input_file: Path, model: str, batch_id: str | None = None,
                     metadata: dict[str, str] | None = None) -> Batch:
@@ -145,10 +150,12 @@ class BatchService:
             raise BatchRequestError.from_intake(exc) from None
         paths.stopped.unlink(missing_ok=True)  # queued again: an earlier stop no longer describes it
         endpoint = survey(path, self.settings.max_line_bytes, HEAD_LINES).first_url or CHAT_URL
-        return self._queue(spec, Submission(endpoint=endpoint), "cli", OPERATOR)
+        return self._queue(spec, Submission(endpoint=endpoint), "cli", OPERATOR, path)
 
-    def _queue(self, spec: BatchSpec, submission: Submission, source: str, tenant: Tenant) -> Batch:
+    def _queue(self, spec: BatchSpec, submission: Submission, source: str, tenant: Tenant, input_path: Path) -> Batch:
         paths = self.storage.batch(spec.batch_id)
+        # Estimated before its ticket exists: after what is queued before it, and never after itself.
+        self.estimator.at_creation(spec, input_path)
         # The ticket id is only known once the ticket exists, so the submission is written twice:
         # first without it (a crash in between leaves a batch that shows as validating).
         save_submission(paths, submission)
@@ -177,10 +184,14 @@ class BatchService:
     def _facts(self, paths: BatchPaths) -> BatchFacts:
         return read_facts(self.instance, paths, self.data_dir, self._stats, self._ended)
 
-    def _batch_object(self, paths: BatchPaths, facts: BatchFacts) -> Batch:
+    def _batch_object(self, paths: BatchPaths, facts: BatchFacts,
+                      unfinished: Sequence[tuple[BatchSpec, Batch, int]] | None = None) -> Batch:
         # describe and list both end here, so a listed batch is the batch `GET /v1/batches/{id}` returns.
         submission = facts.submission
-        return self.files.attach(derive_batch(facts, time.time()), paths, Path(facts.spec.input_path),
+        batch = derive_batch(facts, time.time())
+        batch.completion_estimate = self.estimator.for_batch(
+            batch, facts.spec, facts.progress.completion_tokens if facts.progress else 0, unfinished)
+        return self.files.attach(batch, paths, Path(facts.spec.input_path),
                                  submission.owner if submission else None,
                                  submission.output_expires_after if submission else None)
 
@@ -204,7 +215,9 @@ class BatchService:
             start = ids.index(after) + 1
         page = [self.storage.batch(batch_id) for batch_id in ids[start:start + limit]]
         facts = read_many_facts(self.instance, page, self.data_dir, self._stats, self._ended)
-        data = [self._batch_object(paths, batch) for paths, batch in zip(page, facts, strict=True)]
+        # What is queued or running, read once for the page's running batches' estimates.
+        unfinished = self.estimator.unfinished() if any(not batch.finished for batch in facts) else []
+        data = [self._batch_object(paths, batch, unfinished) for paths, batch in zip(page, facts, strict=True)]
         return ListPage[Batch](data=data, first_id=data[0].id if data else None,
                                last_id=data[-1].id if data else None, has_more=start + limit < len(ids))
 
@@ -263,6 +276,18 @@ class BatchService:
         counts = batch.request_counts
         return Progress(batch, counts.completed + counts.failed, counts.total, batch.usage.output_tokens,
                         batch.in_progress_at)
+
+    def replay_record(self, batch_id: str, tenant: Tenant = OPERATOR) -> dict[str, Any]:
+        """The finished batch's replay record as the API shows it (credential-like engine args redacted)."""
+        paths = self._paths(batch_id, tenant)
+        try:
+            record = load_replay_record(paths)
+        except BatchRecordError as exc:
+            raise BatchRequestError(str(exc), code="replay_record_damaged") from None
+        if record is None:
+            raise BatchRequestError(f"batch {batch_id} has no replay record: it has not finished",
+                                    code="batch_not_finished")
+        return public_view(record)
 
     def result_path(self, batch_id: str, kind: str, tenant: Tenant = OPERATOR) -> Location | None:
         """The output ('output') or error ('errors') file of a finished batch, if it has one (an object
