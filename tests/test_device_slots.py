@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from resources.device_slots import SlotConfigError, acquire_slot, engine_slots, slot_holders, try_slot
-from tests.conftest import REPO
+from tests.support.files import REPO
 
 # A process that takes a slot of two, says which, and holds it until killed (or its stdin closes).
 HOLDER = """

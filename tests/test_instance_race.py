@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.api.conftest import API_KEY, MODEL_NAME, Stack, free_port, stack_env, start, stop, wait_for_server
-from tests.conftest import REPO, fresh_database
+from tests.support.files import REPO
+from tests.support.postgres import fresh_database
 
 # Each process waits for this file after its imports, so they all open the instance in the same instant.
 OPEN_AT_ONCE = """

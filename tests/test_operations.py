@@ -27,7 +27,7 @@ import psutil
 import pytest
 
 from bench.soak import ThrowawayPostgres
-from tests.conftest import REPO, read_jsonl, write_jsonl
+from tests.support.files import REPO, read_jsonl, write_jsonl
 
 pytestmark = pytest.mark.timeout(600)
 VENV_BIN = Path(sys.executable).parent

@@ -20,7 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import fresh_database, read_jsonl
+from tests.support.files import read_jsonl
+from tests.support.postgres import fresh_database
 from tests.test_operations import (
     MODEL_A,
     MODEL_B,

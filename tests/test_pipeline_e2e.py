@@ -12,7 +12,7 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
 from batch_pipeline.entrypoints.local_run import register_local_batch, run_batch_in_process
-from tests.conftest import read_jsonl, write_jsonl
+from tests.support.files import read_jsonl, write_jsonl
 
 MODEL_NAME = "tiny-llama"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, write_jsonl
+from tests.support.files import REPO, write_jsonl
 
 CLI = [sys.executable, "-m", "batch_pipeline.entrypoints.cli"]
 # What vLLM, torch, Triton and Python's warnings print: vLLM's "WARNING 12-07 19:58:03 [file.py:1]" prefix, a

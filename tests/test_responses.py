@@ -15,7 +15,7 @@ from batch_pipeline.domain.input_file import InvalidLine, ValidRequest, scan_bat
 from batch_pipeline.domain.intake import IntakeError, model_for_endpoint
 from batch_pipeline.domain.openai_bodies import prepare_requests
 from batch_pipeline.domain.records import RESPONSES_URL
-from tests.conftest import write_jsonl
+from tests.support.files import write_jsonl
 from tests.test_pipeline_e2e import MODEL_NAME, by_id, chat, completion, run
 
 SCHEMA = {"type": "object", "properties": {"label": {"enum": ["yes", "no"]}}, "required": ["label"],

@@ -21,7 +21,8 @@ import httpx
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.files import REPO
+
 API_KEY = "test-key-7f3a9c2e5b1d"  # a constant: this module is imported twice (by pytest and by the tests)
 OTHER_KEY = "test-other-key-4b8e1d0a9c63"  # a second tenant
 ADMIN_KEY = "test-admin-key-9d2c5e7f1a04"  # sees every tenant

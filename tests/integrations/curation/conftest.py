@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-REPO = Path(__file__).resolve().parents[3]
+from tests.support.files import REPO
+
 CACHE = Path(os.environ.get("VBATCH_TEST_CACHE") or Path.home() / ".cache" / "vllm-batch-tests")
 LABEL_STUDIO_BIN = CACHE / "label-studio-venv" / "bin" / "label-studio"
 TEMPLATE = CACHE / "label-studio-data-template"

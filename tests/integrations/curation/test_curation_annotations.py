@@ -6,7 +6,6 @@ import json
 
 import pyarrow.parquet as pq
 
-from tests.conftest import read_jsonl
 from tests.integrations.curation.conftest import (
     chat_item,
     completion_item,
@@ -15,6 +14,7 @@ from tests.integrations.curation.conftest import (
     review_tasks,
     write_batch,
 )
+from tests.support.files import read_jsonl
 
 
 def review(decision: str | None = None, rating: int | None = None, answer: str | None = None) -> list[dict]:

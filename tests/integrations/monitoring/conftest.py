@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support.files import REPO
 
 ALERTS = REPO / "integrations" / "monitoring" / "prometheus" / "alerts.yml"
 

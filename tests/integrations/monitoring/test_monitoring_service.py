@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, write_jsonl
 from tests.integrations.monitoring.conftest import Prometheus, free_port
+from tests.support.files import REPO, write_jsonl
 
 pytestmark = pytest.mark.timeout(600)
 # `python -m` from the repository folder: this checkout's code, whichever one the venv was installed from.

@@ -8,10 +8,10 @@ import hashlib
 from pydantic import SecretStr
 
 from batch_pipeline.entrypoints.local_run import register_local_batch, run_batch_in_process
-from tests.conftest import write_jsonl
 from tests.integrations.result_handlers.test_gcs_handler import gcs_client
 from tests.integrations.result_handlers.test_s3_handler import delivered
 from tests.integrations.webhooks.conftest import SECRET, receiver, receiver_server  # noqa: F401 - fixtures
+from tests.support.files import write_jsonl
 
 MODEL_NAME = "tiny-llama"
 

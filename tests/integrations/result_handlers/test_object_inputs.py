@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[3]
+from tests.support.files import REPO
+
 LINES = "".join(json.dumps({"custom_id": f"c-{i}", "method": "POST", "url": "/v1/completions",
                             "body": {"model": "tiny-llama", "prompt": f"item {i}", "max_tokens": 4}}) + "\n"
                 for i in range(5))

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from pydantic import SecretStr
 
-REPO = Path(__file__).resolve().parents[3]
+from tests.support.files import REPO
 
 
 def add_run(instance, batch_id: str, status, tags: dict | None = None) -> None:

@@ -10,7 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[3]
+from tests.support.files import REPO
+
 DAEMON = Path(sys.executable).parent / "dagster-daemon"
 
 
