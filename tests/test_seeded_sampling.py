@@ -10,23 +10,24 @@ from collections import Counter
 
 from openai.types.chat import ChatCompletion
 
-from tests.test_pipeline_e2e import chat, run
+from tests.support.inprocess import run_batch
+from tests.support.request_lines import chat_line
 
 
 def test_five_hundred_seeded_requests_complete_and_each_seed_reproduces(settings, sqlite_instance, tiny_model,
                                                                          loaded_engine):
-    lines = [chat(f"seeded-{i}", f"Tell me a story about the number {i}, with some detail", temperature=0.7,
+    lines = [chat_line(f"seeded-{i}", f"Tell me a story about the number {i}, with some detail", temperature=0.7,
                   seed=i % 250, max_tokens=12) for i in range(500)]
-    result, outputs, errors = run(settings, sqlite_instance, tiny_model, lines, batch_id="seeded")
+    result, outputs, errors = run_batch(settings, sqlite_instance, tiny_model, lines, batch_id="seeded")
     assert errors == [] and result.summary["completed"] == 500
     text = {o["custom_id"]: o["response"]["body"]["choices"][0]["message"]["content"] for o in outputs}
 
     # Sampling really samples: different seeds on the same prompt give different texts.
-    same_prompt = [chat(f"seed-{s}", "Tell me a story", temperature=0.7, seed=s, max_tokens=12) for s in range(8)]
+    same_prompt = [chat_line(f"seed-{s}", "Tell me a story", temperature=0.7, seed=s, max_tokens=12) for s in range(8)]
     # The same seed and prompt give the same text in another batch, alone or among other requests.
-    again = [chat(f"seeded-{i}", f"Tell me a story about the number {i}, with some detail", temperature=0.7,
+    again = [chat_line(f"seeded-{i}", f"Tell me a story about the number {i}, with some detail", temperature=0.7,
                   seed=i % 250, max_tokens=12) for i in (0, 1, 249, 499)]
-    _, outputs2, errors2 = run(settings, sqlite_instance, tiny_model, again + same_prompt, batch_id="seeded-again")
+    _, outputs2, errors2 = run_batch(settings, sqlite_instance, tiny_model, again + same_prompt, batch_id="seeded-again")
     assert errors2 == []
     text2 = {o["custom_id"]: o["response"]["body"]["choices"][0]["message"]["content"] for o in outputs2}
     assert {k: text2[k] for k in ("seeded-0", "seeded-1", "seeded-249", "seeded-499")} == \

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.conftest import MODEL_NAME, REPO, Stack
+from tests.support.api_stack import Stack
+from tests.support.files import REPO
+from tests.support.request_lines import MODEL_NAME
 
 THREE = REPO / "tests" / "api" / "data" / "three.jsonl"
 

@@ -18,7 +18,8 @@ import httpx
 import openai
 import pytest
 
-from tests.api.conftest import ADMIN_KEY, API_KEY, MAX_UPLOAD_BYTES, MODEL_NAME, OTHER_KEY, Stack
+from tests.support.api_stack import ADMIN_KEY, API_KEY, MAX_UPLOAD_BYTES, OTHER_KEY, Stack
+from tests.support.request_lines import MODEL_NAME
 
 KEYS = (API_KEY, OTHER_KEY, ADMIN_KEY)
 MAX_LINE_BYTES = 16384
