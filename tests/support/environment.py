@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import yaml
+
 from tests.support.files import REPO
 
 # The CPU build of vLLM on the tiny model (see docs/ARCHITECTURE.md).
@@ -35,5 +37,5 @@ def instance_env(root: Path, **extra: str) -> dict[str, str]:
 def models_file(root: Path, models: dict[str, Path | str]) -> Path:
     """root/models.yaml naming each model's folder."""
     path = root / "models.yaml"
-    path.write_text("models:\n" + "".join(f"  {name}:\n    path: {folder}\n" for name, folder in models.items()))
+    path.write_text(yaml.safe_dump({"models": {name: {"path": str(folder)} for name, folder in models.items()}}))
     return path
