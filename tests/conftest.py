@@ -14,8 +14,9 @@ import pytest
 from tests.support.files import REPO, read_jsonl, write_jsonl  # noqa: F401
 from tests.support.postgres import fresh_database
 
-# SeaweedFS (S3) and fake-gcs-server fixtures, for the result handlers and the object-store data root.
-pytest_plugins = ["tests.object_stores"]
+# SeaweedFS (S3) and fake-gcs-server fixtures, for the result handlers and the object-store data root; a webhook
+# receiver, for the webhook and result-handler tests.
+pytest_plugins = ["tests.support.object_stores", "tests.support.webhook_receiver"]
 
 # Settings for the CPU build of vLLM on small CI machines (see docs/ARCHITECTURE.md).
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -1,4 +1,7 @@
-"""A local webhook receiver that verifies every delivery with the official openai client, as a user's would."""
+"""A local webhook receiver that verifies every delivery with the official openai client, as a user's would.
+
+A pytest plugin (tests/conftest.py loads it): the `receiver` fixture, for the webhook and result-handler tests.
+"""
 
 from __future__ import annotations
 
@@ -95,12 +98,3 @@ def receiver(receiver_server) -> Receiver:
     """A fresh receiver (the server is started once per session)."""
     receiver_server["receiver"] = Receiver(url=receiver_server["receiver"].url)
     return receiver_server["receiver"]
-
-
-@pytest.fixture
-def webhook_settings(settings, receiver: Receiver):
-    """Settings with webhooks on, sending to /a and /b of the receiver, quick retries."""
-    return settings.model_copy(update={
-        "enable_webhooks": True, "webhook_url": [f"{receiver.url}/a", f"{receiver.url}/b"],
-        "webhook_secret": __import__("pydantic").SecretStr(SECRET), "webhook_backoff_seconds": 0.05,
-        "webhook_timeout_seconds": 10.0, "webhook_retry_seconds": 30.0})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -15,15 +14,9 @@ from pathlib import Path
 import pytest
 
 from tests.support.files import REPO
+from tests.support.ports import free_port
 
 ALERTS = REPO / "integrations" / "monitoring" / "prometheus" / "alerts.yml"
-
-
-def free_port() -> int:
-    """A free TCP port on the loopback interface."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def need(binary: str) -> str:
