@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.files import REPO, write_jsonl
+from tests.support.request_lines import chat_lines
 
 CLI = [sys.executable, "-m", "batch_pipeline.entrypoints.cli"]
 # What vLLM, torch, Triton and Python's warnings print: vLLM's "WARNING 12-07 19:58:03 [file.py:1]" prefix, a
@@ -43,12 +44,6 @@ def cli_env(home: Path) -> dict[str, str]:
     for name in ("dagster.yaml", "workspace.yaml"):
         (home / name).write_text((REPO / name).read_text())
     return env
-
-
-def chat_lines(count: int) -> list[dict]:
-    return [{"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
-             "body": {"model": "tiny", "max_tokens": 8, "temperature": 0, "ignore_eos": True,
-                      "messages": [{"role": "user", "content": f"Question number {i}?"}]}} for i in range(count)]
 
 
 def test_library_output_of_this_process_and_its_children_goes_to_the_log(tmp_path):
@@ -91,7 +86,7 @@ def runs(tmp_path_factory, tiny_model) -> dict[str, tuple[subprocess.CompletedPr
     results = {}
     for name, extra in (("quiet", []), ("verbose", ["-v"])):
         home = tmp_path_factory.mktemp(name)
-        batch = write_jsonl(home / "in.jsonl", chat_lines(12))
+        batch = write_jsonl(home / "in.jsonl", chat_lines(12, max_tokens=8))
         args = ["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny", "--batch-id", name, *extra]
         results[name] = (run_cli(args, cli_env(home)), home)
     return results
@@ -127,7 +122,7 @@ def test_a_failed_engine_load_says_why_in_one_line_with_the_log(tmp_path):
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text('{"architectures": ["NopeForCausalLM"], "model_type": "nope"}')
-    batch = write_jsonl(tmp_path / "in.jsonl", chat_lines(3))
+    batch = write_jsonl(tmp_path / "in.jsonl", chat_lines(3, max_tokens=8))
     result = run_cli(["run", str(batch), "--model", str(broken), "--model-name", "tiny"], cli_env(tmp_path / "home"))
     assert result.returncode == 1
     lines = (result.stdout + result.stderr).strip().splitlines()

@@ -23,12 +23,6 @@ def cli(env: dict, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def cli_env(tmp_path: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VBATCH_", "DAGSTER_"))}
-    return {**env, "DAGSTER_HOME": str(tmp_path / "dagster"), "VBATCH_HOME": str(REPO),
-            "VBATCH_DATA_DIR": str(tmp_path / "data")}
-
-
 @pytest.mark.parametrize("scheme", ["s3", "gs"])
 def test_submit_takes_an_object_uri_and_downloads_it_once(scheme, cli_env, tmp_path, tiny_model, request):
     if scheme == "s3":
