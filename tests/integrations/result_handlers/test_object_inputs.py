@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.environment import instance_env
 from tests.support.files import REPO
 
 LINES = "".join(json.dumps({"custom_id": f"c-{i}", "method": "POST", "url": "/v1/completions",
@@ -23,6 +24,10 @@ def cli(env: dict, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
+def cli_env(tmp_path: Path) -> dict:
+    return instance_env(tmp_path)
+
+
 @pytest.mark.parametrize("scheme", ["s3", "gs"])
 def test_submit_takes_an_object_uri_and_downloads_it_once(scheme, cli_env, tmp_path, tiny_model, request):
     if scheme == "s3":
