@@ -37,6 +37,7 @@ class Receiver:
     deliveries: list[Delivery] = field(default_factory=list)
     fail_first: dict[str, int] = field(default_factory=dict)  # path -> answer 500 this many times
     hang: dict[str, float] = field(default_factory=dict)  # path -> seconds to sleep before answering
+    hold: dict[str, threading.Event] = field(default_factory=dict)  # path -> answer only once this is set
 
     def at(self, name: str) -> list[Delivery]:
         return [d for d in self.deliveries if d.path == f"/{name}"]
@@ -50,6 +51,8 @@ class Receiver:
         delivery = Delivery(path, headers, body, time.monotonic())
         self.deliveries.append(delivery)
         time.sleep(self.hang.get(path, 0))
+        if path in self.hold:
+            self.hold[path].wait(120)
         try:
             if self.fail_first.get(path, 0) > 0:
                 self.fail_first[path] -= 1
