@@ -16,6 +16,29 @@ from tests.support.inprocess import by_id, run_batch
 from tests.support.request_lines import MODEL_NAME, chat_line, completion_line
 
 
+def starts_a_json_object(text: str) -> bool:
+    """Whether `text` is the start of a JSON object: closing what it left open makes it one."""
+    closers, in_string, escaped = [], False, False
+    for char in text:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (char == "\\", char != '"')
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            closers.append("}" if char == "{" else "]")
+        elif char in "}]" and (not closers or closers.pop() != char):
+            return False
+    body = text + ("n" if escaped else "") + ('"' if in_string else "")
+    for ending in ("", "null", ":null"):  # a value (or a key's colon and value) the text stopped before
+        for start in (body, body.rstrip().removesuffix(",")):
+            try:
+                if isinstance(json.loads(start + ending + "".join(reversed(closers))), dict):
+                    return True
+            except ValueError:
+                continue
+    return False
+
+
 @pytest.mark.parametrize("storage", ["sqlite", "postgres"])
 def test_batch_runs_end_to_end_with_openai_shaped_output(storage, request, settings, tiny_model, loaded_engine):
     instance = request.getfixturevalue(f"{storage}_instance")
@@ -57,6 +80,10 @@ def test_sampling_parameters_are_honoured(settings, sqlite_instance, tiny_model,
              response_format={"type": "json_schema", "json_schema": {"name": "label", "schema": schema, "strict": True}}),
         chat_line("json-object", "Answer in JSON", max_tokens=60, response_format={"type": "json_object"}),
         chat_line("penalties", "Hello", presence_penalty=1.5, frequency_penalty=1.0, top_p=0.5, temperature=0.7, seed=1),
+        # Greedy, with and without penalties: the penalties must reach the sampler and change the text.
+        chat_line("greedy", "Hello", max_tokens=16, ignore_eos=True),
+        chat_line("greedy-penalised", "Hello", max_tokens=16, ignore_eos=True, presence_penalty=2.0,
+                  frequency_penalty=2.0),
         completion_line("cmpl-logprobs", "The quick brown", logprobs=2),
         completion_line("stop", "The quick brown", max_tokens=30),
     ]
@@ -75,9 +102,15 @@ def test_sampling_parameters_are_honoured(settings, sqlite_instance, tiny_model,
     assert out["limit"]["usage"]["completion_tokens"] <= 3
     assert json.loads(out["schema"]["choices"][0]["message"]["content"])["label"] in ("yes", "no")
     json_object = out["json-object"]["choices"][0]
-    assert json_object["message"]["content"].startswith("{")  # constrained from the first token
-    if json_object["finish_reason"] == "stop":
-        assert isinstance(json.loads(json_object["message"]["content"]), dict)
+    content = json_object["message"]["content"]
+    assert starts_a_json_object(content), content  # constrained from the first token to the last
+    assert json_object["finish_reason"] == "length" or isinstance(json.loads(content), dict), json_object
+
+    assert out["penalties"]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert out["penalties"]["usage"]["completion_tokens"] > 0
+    greedy = out["greedy"]["choices"][0]["message"]["content"]
+    penalised = out["greedy-penalised"]["choices"][0]["message"]["content"]
+    assert greedy != penalised, greedy
 
     logprobs = Completion.model_validate(out["cmpl-logprobs"]).choices[0].logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == out["cmpl-logprobs"]["usage"]["completion_tokens"]
@@ -85,12 +118,13 @@ def test_sampling_parameters_are_honoured(settings, sqlite_instance, tiny_model,
 
     # A stop string taken from the unconstrained text cuts the output right before it.
     full = out["stop"]["choices"][0]["text"]
-    stop = full[len(full) // 2:][:3]
-    if stop.strip():
-        _, outputs2, _ = run_batch(settings, sqlite_instance, tiny_model,
-                             [completion_line("stop", "The quick brown", max_tokens=30, stop=[stop])], batch_id="b2")
-        cut = outputs2[0]["response"]["body"]["choices"][0]
-        assert cut["text"] == full[: full.index(stop)] and cut["finish_reason"] == "stop"
+    # Three characters of its second half, not blank, that occur there for the first time.
+    stop = next(full[i:i + 3] for i in range(len(full) // 2, len(full) - 2)
+                if full[i:i + 3].strip() and full.index(full[i:i + 3]) == i)
+    _, outputs2, _ = run_batch(settings, sqlite_instance, tiny_model,
+                               [completion_line("stop", "The quick brown", max_tokens=30, stop=[stop])], batch_id="b2")
+    cut = outputs2[0]["response"]["body"]["choices"][0]
+    assert cut["text"] == full[: full.index(stop)] and cut["finish_reason"] == "stop"
 
 
 def test_completions_take_every_prompt_form_with_openai_choice_order(settings, sqlite_instance, tiny_model,

@@ -17,7 +17,7 @@ from batch_pipeline.domain.openai_bodies import prepare_requests
 from batch_pipeline.domain.records import RESPONSES_URL
 from tests.support.files import write_jsonl
 from tests.support.inprocess import by_id, run_batch
-from tests.support.request_lines import MODEL_NAME, chat_line, completion_line
+from tests.support.request_lines import LONG_PROMPT, MODEL_NAME, chat_line, completion_line
 
 SCHEMA = {"type": "object", "properties": {"label": {"enum": ["yes", "no"]}}, "required": ["label"],
           "additionalProperties": False}
@@ -194,14 +194,20 @@ def test_a_responses_batch_runs_end_to_end(settings, sqlite_instance, tiny_model
         respond("tools", "Hi", tools=[{"type": "function", "name": "lookup", "parameters": {}}]),
         respond("long", "word " * 2000),
         chat_line("chat", "Hello"),  # another endpoint in the same batch still runs: both are generative
+        respond("cached", LONG_PROMPT),
     ]
     _, outputs, errors = run_batch(settings, sqlite_instance, tiny_model, lines, batch_id="responses")
+    # The same long prompt again, on the same engine: vLLM finds its blocks in the prefix cache.
+    _, again, _ = run_batch(settings, sqlite_instance, tiny_model, [respond("cached", LONG_PROMPT)],
+                            batch_id="responses-again")
+    cached = Response.model_validate(again[0]["response"]["body"]).usage
     assert {e["custom_id"]: e["error"]["code"] for e in errors} == {
         "tools": "invalid_body", "long": "context_length_exceeded"}
     bodies = {k: v["response"]["body"] for k, v in by_id(outputs).items()}
     assert bodies.pop("chat")["object"] == "chat.completion"
     out = {k: Response.model_validate(body) for k, body in bodies.items()}
-    assert sorted(out) == ["cut", "messages", "schema", "string"]
+    assert sorted(out) == ["cached", "cut", "messages", "schema", "string"]
+    assert 0 < cached.input_tokens_details.cached_tokens < cached.input_tokens == out["cached"].usage.input_tokens
 
     tokenizer = loaded_engine.tokenizer
     for response in out.values():
@@ -235,10 +241,8 @@ def test_a_responses_batch_runs_end_to_end(settings, sqlite_instance, tiny_model
 
     schema = out["schema"]
     assert schema.text.format.type == "json_schema" and schema.text.format.name == "label"
-    if schema.status == "completed":
-        assert json.loads(schema.output[0].content[0].text)["label"] in ("yes", "no")
-    else:
-        assert schema.output[0].content[0].text.startswith("{")  # constrained from the first token
+    assert schema.status == "completed", schema.output[0].content[0].text  # the grammar closed it within 40 tokens
+    assert json.loads(schema.output[0].content[0].text)["label"] in ("yes", "no")
     for key in ("string", "messages"):
         assert out[key].status == "completed" or out[key].usage.output_tokens == 8
 

@@ -12,11 +12,8 @@ import openai
 import pytest
 
 from tests.support.api_stack import API_KEY, TERMINAL, Stack, chat_text, poll
-from tests.support.request_lines import MODEL_NAME
+from tests.support.request_lines import LONG_PROMPT, MODEL_NAME
 from tests.support.waiting import wait_for
-
-# Long enough to fill several KV-cache blocks, so that requests scheduled after the first find it cached.
-SHARED_PREFIX = "You are a careful assistant. Answer in one short sentence. " * 24
 
 
 def _upload(client: openai.OpenAI, path: Path, lines: list[str], **kwargs):
@@ -34,7 +31,7 @@ def _gone(call) -> bool:
 
 def test_usage_with_cached_tokens_and_output_expiry_reach_the_official_client(stack: Stack, client: openai.OpenAI,
                                                                               tmp_path: Path):
-    lines = [chat_text(f"p-{i}", SHARED_PREFIX + f"Question {i}: what is {i} + {i}?") for i in range(12)]
+    lines = [chat_text(f"p-{i}", LONG_PROMPT + f"Question {i}: what is {i} + {i}?") for i in range(12)]
     lines.append("{not json")  # so that the batch has an error file too
     uploaded = _upload(client, tmp_path / "prefix.jsonl", lines,
                        expires_after={"anchor": "created_at", "seconds": 3600})

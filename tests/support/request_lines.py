@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 MODEL_NAME = "tiny-llama"
+# Several KV-cache blocks long: a request with it again (or after it) finds them in vLLM's prefix cache.
+LONG_PROMPT = "You are a careful assistant. Answer in one short sentence. " * 24
 
 
 def chat_line(custom_id: str, content: str, model: str = MODEL_NAME, **body: object) -> dict:
