@@ -203,11 +203,12 @@ class Services:
 
 
 def service_env(root: Path, params: SoakParams, postgres_url: str, marker: str) -> dict[str, str]:
-    engine = {key: os.environ.get(key, value) for key, value in CPU_ENGINE.items()}  # a GPU machine sets its own
+    # A GPU machine sets its own engine settings; the model is read offline.
+    engine = {key: os.environ.get(key, value) for key, value in CPU_ENGINE.items()} | {"HF_HUB_OFFLINE": "1"}
     return instance_env(root, **engine, **{SOAK_MARKER: marker}, VBATCH_POSTGRES_URL=postgres_url,
                         VBATCH_MODELS_FILE=str(models_file(root, {MODEL_NAME: params.model})), VBATCH_API_KEYS=API_KEY,
                         VBATCH_MAX_UPLOAD_BYTES=str(1 << 30), VBATCH_CHUNK_SIZE=str(params.chunk_size),
-                        VBATCH_MAX_NUM_SEQS=str(params.max_num_seqs), HF_HUB_OFFLINE="1", VLLM_LOGGING_LEVEL="WARNING")
+                        VBATCH_MAX_NUM_SEQS=str(params.max_num_seqs))
 
 
 # ---- the plan -----------------------------------------------------------------------------------
