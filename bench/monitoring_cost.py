@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,11 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.support.ports import free_port  # noqa: E402 - the repository is on the path now
 
 
 def child(args: argparse.Namespace) -> None:
@@ -50,7 +45,7 @@ def child(args: argparse.Namespace) -> None:
     stop = threading.Event()
     exporter = None
     if args.child == "on":
-        os.environ.update(VBATCH_ENABLE_MONITORING="true", VBATCH_METRICS_PORT=str(_free_port()),
+        os.environ.update(VBATCH_ENABLE_MONITORING="true", VBATCH_METRICS_PORT=str(free_port()),
                           VBATCH_METRICS_POLL_SECONDS=str(args.poll_seconds))
     from batch_pipeline.domain.instance import open_instance
     from batch_pipeline.domain.settings import get_settings

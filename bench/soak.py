@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import json
 import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,9 +50,18 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.support.environment import CPU_ENGINE, instance_env, models_file  # noqa: E402 - the repository is on the path now
+from tests.support.ports import free_port  # noqa: E402
+from tests.support.postgres import ThrowawayPostgres  # noqa: E402
+from tests.support.processes import command_line, daemons_of, kill_marked, marked_processes  # noqa: E402
+from tests.support.request_lines import completion_line  # noqa: E402
+from tests.support.services import start_process, stop_processes  # noqa: E402
+from tests.support.waiting import WaitTimeout, wait_for  # noqa: E402
+
 MODEL_NAME = "tiny-llama"
 API_KEY = "soak-" + uuid.uuid4().hex
 TARGETS = ("worker", "daemon", "api")
+SOAK_MARKER = "VBATCH_SOAK_MARKER"  # in the environment of every process the soak starts
 
 
 @dataclass
@@ -114,83 +121,8 @@ class SoakReport:
     api_connection_errors: int = 0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class SkipFault(Exception):
     """A planned fault that can no longer happen (the batch got there first)."""
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.5):
-    """Poll until `predicate` returns something truthy (exceptions count as not yet)."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except SkipFault:
-            raise
-        except Exception as exc:  # a process or the database may be restarting
-            last = exc
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last!r})")
-
-
-# ---- a throwaway PostgreSQL cluster -------------------------------------------------------------
-
-class ThrowawayPostgres:
-    """A PostgreSQL cluster of its own (initdb in a temporary folder, trust auth, loopback, a free port)."""
-
-    def __init__(self) -> None:
-        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
-        if not found and not shutil.which("pg_ctl"):
-            raise RuntimeError("no PostgreSQL server binaries (pg_ctl, initdb) found")
-        self.bin = Path(found[-1]).parent if found else Path(shutil.which("pg_ctl") or "").parent
-        # Its own folder in /tmp: the server runs as `postgres` when this runs as root, and must reach it.
-        self.root = Path(tempfile.mkdtemp(prefix="vbatch-soak-pg-"))
-        self.data = self.root / "pgdata"
-        self.port = free_port()
-        self.restarts = 0
-        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/soak"  # once started
-
-    def _run(self, *argv: str) -> None:
-        # initdb and postgres refuse to run as root: run them as the `postgres` user then.
-        prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        subprocess.run([*prefix, *argv], check=True, capture_output=True, text=True, timeout=120)
-
-    def start(self) -> str:
-        if os.geteuid() == 0:
-            shutil.chown(self.root, "postgres", "postgres")
-        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
-        self._pg_ctl("start")
-        self._run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "soak")
-        return self.url
-
-    def _pg_ctl(self, action: str) -> None:
-        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c max_connections=200"
-        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.root / "pg.log"),
-                  "-w", "-m", "fast", action)
-
-    def restart(self) -> None:
-        self._pg_ctl("restart")
-        self.restarts += 1
-
-    def pause(self) -> None:
-        """Stop the server, keeping its data (`resume` starts it again)."""
-        self._pg_ctl("stop")
-
-    def resume(self) -> None:
-        self._pg_ctl("start")
-
-    def stop(self) -> None:
-        with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
-            self._pg_ctl("stop")
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 # ---- the service under test ---------------------------------------------------------------------
@@ -215,9 +147,8 @@ class Services:
         return f"http://127.0.0.1:{self.api_port}/v1"
 
     def _popen(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = (self.root / f"{name}.log").open("a")
-        return subprocess.Popen([sys.executable, "-m", "batch_pipeline.entrypoints.cli", *args], cwd=REPO, env=self.env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return start_process([sys.executable, "-m", "batch_pipeline.entrypoints.cli", *args], self.env,
+                             self.root / f"{name}.log", append=True)
 
     def start_supervisor(self) -> None:
         self.supervisor = self._popen("supervisor", ["start", "--host", "127.0.0.1", "--port", str(self.web_port)])
@@ -240,8 +171,7 @@ class Services:
 
     def daemons(self) -> list[psutil.Process]:
         assert self.supervisor is not None
-        return [p for p in psutil.Process(self.supervisor.pid).children()
-                if "dagster-daemon" in " ".join(_cmdline(p))]
+        return daemons_of(self.supervisor.pid)
 
     def run_workers(self) -> list[psutil.Process]:
         """Live run worker processes of this soak.
@@ -250,14 +180,14 @@ class Services:
         command line); vLLM's engine core is spawned the same way, but by the worker, not the code server.
         """
         workers = []
-        for process in marked(self.marker):
-            if "spawn_main" not in " ".join(_cmdline(process)):
+        for process in marked_processes(self.marker, SOAK_MARKER):
+            if "spawn_main" not in command_line(process):
                 continue
             try:
                 parent = process.parent()
             except psutil.Error:
                 continue
-            if parent is not None and "spawn_main" not in " ".join(_cmdline(parent)):
+            if parent is not None and "spawn_main" not in command_line(parent):
                 workers.append(process)
         return workers
 
@@ -266,69 +196,19 @@ class Services:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def stop(self) -> None:
-        for process in (self.api, self.supervisor):
-            if process is not None and process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGTERM)
-        for process in (self.api, self.supervisor):
-            if process is None:
-                continue
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(10)
+        stop_processes(self.api, self.supervisor)
         # Anything that left the process groups (an orphaned engine core, a run worker) carries the marker.
-        for leftover in marked(self.marker):
-            with contextlib.suppress(psutil.Error):
-                leftover.kill()
-        wait_for(lambda: not marked(self.marker), 30, "the soak's processes to exit")
-
-
-def _cmdline(process: psutil.Process) -> list[str]:
-    try:
-        return process.cmdline()
-    except psutil.Error:
-        return []
-
-
-def marked(marker: str) -> list[psutil.Process]:
-    """Every live process started for this soak (each carries the marker in its environment)."""
-    found = []
-    for process in psutil.process_iter():
-        if process.pid == os.getpid():
-            continue
-        try:
-            if process.environ().get("VBATCH_SOAK_MARKER") == marker:
-                found.append(process)
-        except psutil.Error:
-            continue
-    return found
+        kill_marked(self.marker, SOAK_MARKER)
+        wait_for(lambda: not marked_processes(self.marker, SOAK_MARKER), 30, "the soak's processes to exit")
 
 
 def service_env(root: Path, params: SoakParams, postgres_url: str, marker: str) -> dict[str, str]:
-    models = root / "models.yaml"
-    models.write_text(yaml.safe_dump({"models": {MODEL_NAME: {"path": params.model}}}))
-    return {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("VBATCH_", "DAGSTER_"))},
-        "VBATCH_SOAK_MARKER": marker,
-        "VBATCH_HOME": str(REPO),
-        "DAGSTER_HOME": str(root / "dagster"),
-        "VBATCH_DATA_DIR": str(root / "data"),
-        "VBATCH_POSTGRES_URL": postgres_url,
-        "VBATCH_MODELS_FILE": str(models),
-        "VBATCH_API_KEYS": API_KEY,
-        "VBATCH_MAX_UPLOAD_BYTES": str(1 << 30),
-        "VBATCH_CHUNK_SIZE": str(params.chunk_size),
-        "VBATCH_MAX_NUM_SEQS": str(params.max_num_seqs),
-        "VBATCH_DTYPE": os.environ.get("VBATCH_DTYPE", "float32"),
-        "VBATCH_ENFORCE_EAGER": os.environ.get("VBATCH_ENFORCE_EAGER", "true"),
-        "VBATCH_MAX_MODEL_LEN": os.environ.get("VBATCH_MAX_MODEL_LEN", "1024"),
-        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-        "HF_HUB_OFFLINE": "1",
-        "VLLM_LOGGING_LEVEL": "WARNING",
-    }
+    # A GPU machine sets its own engine settings; the model is read offline.
+    engine = {key: os.environ.get(key, value) for key, value in CPU_ENGINE.items()} | {"HF_HUB_OFFLINE": "1"}
+    return instance_env(root, **engine, **{SOAK_MARKER: marker}, VBATCH_POSTGRES_URL=postgres_url,
+                        VBATCH_MODELS_FILE=str(models_file(root, {MODEL_NAME: params.model})), VBATCH_API_KEYS=API_KEY,
+                        VBATCH_MAX_UPLOAD_BYTES=str(1 << 30), VBATCH_CHUNK_SIZE=str(params.chunk_size),
+                        VBATCH_MAX_NUM_SEQS=str(params.max_num_seqs))
 
 
 # ---- the plan -----------------------------------------------------------------------------------
@@ -358,9 +238,8 @@ def plan_faults(params: SoakParams) -> list[Fault]:
 
 
 def request_lines(count: int, max_tokens: int) -> list[str]:
-    return [json.dumps({"custom_id": f"soak-{i}", "method": "POST", "url": "/v1/completions",
-                        "body": {"model": MODEL_NAME, "prompt": f"Item {i} is", "max_tokens": max_tokens,
-                                 "temperature": 0, "ignore_eos": True}}) for i in range(count)]
+    return [json.dumps(completion_line(f"soak-{i}", f"Item {i} is", MODEL_NAME, max_tokens=max_tokens, ignore_eos=True))
+            for i in range(count)]
 
 
 # ---- the client side: the official client, retried through restarts ----------------------------
@@ -424,11 +303,9 @@ def inflict(fault: Fault, services: Services, postgres: ThrowawayPostgres | None
             finished: Callable[[], bool], clock: Callable[[], float], chunks: Callable[[], int]) -> None:
     """Carry out one fault now (a worker kill waits for a live worker, unless the chunks are all written)."""
     if fault.target == "worker":
-        def worker() -> list[psutil.Process]:
-            if finished():
-                raise SkipFault("every chunk was written before a worker was there to kill")
-            return services.run_workers()
-        workers = wait_for(worker, 300, "a live run worker", interval=0.2)
+        workers = wait_for(lambda: finished() or services.run_workers(), 300, "a live run worker", interval=0.2)
+        if workers is True:
+            raise SkipFault("every chunk was written before a worker was there to kill")
         fault.pid = workers[0].pid
         workers[0].kill()
     elif fault.target == "daemon":
@@ -472,9 +349,9 @@ def stuck_state(instance, batch_id: str, services: Services, tail: int = 40) -> 
     except Exception as exc:  # noqa: BLE001 - a diagnosis must not hide the timeout
         parts.append(f"runs: unreadable ({exc})")
     processes = []
-    for process in marked(services.marker):
+    for process in marked_processes(services.marker, SOAK_MARKER):
         with contextlib.suppress(psutil.Error):
-            processes.append(f"{process.pid}<{process.ppid()} {process.status()} {' '.join(_cmdline(process))[:160]}")
+            processes.append(f"{process.pid}<{process.ppid()} {process.status()} {command_line(process)[:160]}")
     parts.append("processes:\n  " + "\n  ".join(processes))
     for name in ("supervisor", "api"):
         lines = services.log(name).splitlines()[-tail:]
@@ -565,7 +442,7 @@ def run_soak(params: SoakParams, root: Path, echo: Callable[[str], None] = print
                     echo(f"{fault.inflicted_s:7.1f}s  {fault.target} {'killed' if fault.pid else 'restarted'} "
                          f"at {fault.inflicted_chunks}/{report.chunks_total} chunks (due at {fault.at_chunks}, "
                          f"{fault.at_s}s){recovered}")
-                except (TimeoutError, SkipFault) as exc:
+                except (WaitTimeout, TimeoutError, SkipFault) as exc:
                     fault.note = str(exc)
                     what = "killed, but " if fault.done else "skipped: "
                     echo(f"{fault.at_s:7.1f}s  {fault.target}: {what}{exc}")
@@ -622,13 +499,15 @@ def main() -> None:
     parser.add_argument("--no-postgres-restart", action="store_true")
     parser.add_argument("--allow-exhausting-retries", action="store_true")
     parser.add_argument("--model", default=defaults.model)
+    parser.add_argument("--timeout-s", type=float, default=defaults.timeout_s, help="Give up on the batch after this.")
     parser.add_argument("--keep", action="store_true", help="Keep the work folder (logs, data) for inspection.")
     parser.add_argument("--output", type=Path, help="Report file (default: bench/results/soak-<time>.json).")
     args = parser.parse_args()
     params = SoakParams(requests=args.requests, kills=args.kills, seed=args.seed, chunk_size=args.chunk_size,
                         max_tokens=args.max_tokens, max_num_seqs=args.max_num_seqs,
                         restart_postgres=not args.no_postgres_restart,
-                        allow_exhausting_retries=args.allow_exhausting_retries, model=args.model)
+                        allow_exhausting_retries=args.allow_exhausting_retries, model=args.model,
+                        timeout_s=args.timeout_s)
     root = Path(tempfile.mkdtemp(prefix="vbatch-soak-"))
     try:
         report = run_soak(params, root)

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-# SeaweedFS (S3) and fake-gcs-server fixtures, for the result handlers and the object-store data root.
-pytest_plugins = ["tests.object_stores"]
+# The harness lives in tests/support; these names stay importable from here for tests written before it.
+from tests.support.files import REPO, read_jsonl, write_jsonl  # noqa: F401
+from tests.support.postgres import fresh_database
+
+# SeaweedFS (S3) and fake-gcs-server fixtures, for the result handlers and the object-store data root; a webhook
+# receiver, for the webhook and result-handler tests.
+pytest_plugins = ["tests.support.object_stores", "tests.support.webhook_receiver"]
 
 # Settings for the CPU build of vLLM on small CI machines (see docs/ARCHITECTURE.md).
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -24,7 +26,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if worker := os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(int(worker.removeprefix("gw")) % (os.cpu_count() or 1)))
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 @pytest.fixture(scope="session")
@@ -73,29 +74,6 @@ def sqlite_instance(tmp_path: Path):
         yield instance
 
 
-@contextlib.contextmanager
-def fresh_database(prefix: str = "vllm_batch_test") -> Iterator[str]:
-    """A new, empty database on the local PostgreSQL server, dropped (with its connections) afterwards."""
-    import psycopg2
-
-    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-
-    def admin_execute(sql: str) -> None:
-        # A new connection each time: tests/test_operations.py restarts the server in between.
-        admin = psycopg2.connect(POSTGRES_ADMIN_URL)
-        admin.autocommit = True
-        try:
-            admin.cursor().execute(sql)
-        finally:
-            admin.close()
-
-    admin_execute(f"CREATE DATABASE {name}")
-    try:
-        yield f"{POSTGRES_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
-    finally:
-        admin_execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A fresh database on the local PostgreSQL server for the session's short PostgreSQL tests.
@@ -115,18 +93,6 @@ def postgres_instance(tmp_path: Path, postgres_url: str):
     (tmp_path / "dagster-pg").mkdir(exist_ok=True)
     with instance_for_test(overrides=overrides, temp_dir=str(tmp_path / "dagster-pg")) as instance:
         yield instance
-
-
-def write_jsonl(path: Path, records: list) -> Path:
-    """Write records (dicts as JSON, strings as they are) one per line."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-    return path
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Every line of a JSONL file, parsed."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def xdist_group_of(nodeid: str) -> str:

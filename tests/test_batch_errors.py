@@ -10,6 +10,7 @@ from pathlib import Path
 from dagster import materialize
 
 from assets.batch_input import batch_input
+from batch_pipeline.domain.batches import load_manifest
 from batch_pipeline.domain.inbox import list_inbox, take
 from batch_pipeline.domain.intake import register
 from batch_pipeline.domain.models import ServedModel
@@ -55,13 +56,18 @@ def test_a_file_with_no_valid_line_fails_listing_each_line(settings, sqlite_inst
     assert Batch.model_validate(batch.model_dump()).errors.data[2].line == 4  # the official type reads it
 
 
-def test_a_file_with_one_valid_line_runs_it_and_reports_the_others_per_line(settings, sqlite_instance,
-                                                                            tiny_model, tmp_path):
+def test_a_file_with_one_valid_line_passes_intake_and_keeps_the_others_as_line_errors(settings, sqlite_instance,
+                                                                                      tiny_model, tmp_path):
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(["{not json", json.dumps(_chat("ok")), json.dumps(_chat("ok"))]) + "\n")
     _register(settings, sqlite_instance, tiny_model, path, "mixed")
     result, batch = _describe(settings, sqlite_instance, "mixed")
+    # Not a whole-batch failure: the valid line goes on to the engine (not run here), the two bad ones become
+    # error records of their lines.
     assert result.success and batch.status != "failed" and batch.errors is None
+    manifest = load_manifest(BatchStorage(data_dir=str(settings.resolved_data_dir)).batch("mixed"))
+    assert manifest is not None
+    assert (manifest.valid_requests, manifest.invalid_lines, manifest.num_chunks) == (1, 2, 1)
 
 
 def test_an_empty_file_and_an_inbox_file_naming_two_models_fail_with_their_codes(settings, sqlite_instance,

@@ -6,56 +6,25 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, read_jsonl, write_jsonl
-
-CLI = [sys.executable, "-m", "batch_pipeline.entrypoints.cli"]
-
-
-def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ, VBATCH_HOME=str(REPO), VBATCH_DATA_DIR=str(tmp_path / "data"),
-               DAGSTER_HOME=str(tmp_path / "dagster"), VBATCH_DTYPE="float32", VBATCH_ENFORCE_EAGER="true",
-               VBATCH_MAX_MODEL_LEN="1024", VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1")
-    env.update(extra)
-    return env
-
-
-def chat_lines(count: int, max_tokens: int = 16) -> list[dict]:
-    return [{"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
-             "body": {"model": "tiny", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-                      "messages": [{"role": "user", "content": f"Question number {i}?"}]}} for i in range(count)]
-
-
-def run_cli(args: list[str], env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the CLI in its own process group; on a timeout the whole group (engine included) is killed."""
-    proc = subprocess.Popen(CLI + args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"vllm-batch {args[0]} timed out; stderr ends: {err[-2000:]}") from None
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # anything the CLI left behind
-        except ProcessLookupError:
-            pass
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+from tests.support.cli import run_cli
+from tests.support.environment import instance_env
+from tests.support.files import REPO, read_jsonl, write_jsonl
+from tests.support.request_lines import chat_lines
+from tests.support.services import VLLM_BATCH
 
 
 def test_killed_run_resumes_without_redoing_finished_chunks(tmp_path, tiny_model):
-    env = cli_env(tmp_path, VBATCH_CHUNK_SIZE="20", VBATCH_MAX_NUM_SEQS="128")
+    env = instance_env(tmp_path, VBATCH_CHUNK_SIZE="20", VBATCH_MAX_NUM_SEQS="128")
     batch = write_jsonl(tmp_path / "big.jsonl", chat_lines(600))
     args = ["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny", "--batch-id", "big", "--json"]
     chunks = tmp_path / "data" / "batches" / "big" / "chunks"
 
-    proc = subprocess.Popen(CLI + args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(VLLM_BATCH + args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline and proc.poll() is None:
@@ -87,10 +56,10 @@ def test_killed_run_resumes_without_redoing_finished_chunks(tmp_path, tiny_model
 def test_a_killed_engine_core_is_replaced_and_the_batch_completes(tmp_path, tiny_model, host):
     import psutil
 
-    env = cli_env(tmp_path, VBATCH_CHUNK_SIZE="20", VBATCH_MAX_NUM_SEQS="128", VBATCH_ENGINE_HOST=str(host).lower())
+    env = instance_env(tmp_path, VBATCH_CHUNK_SIZE="20", VBATCH_MAX_NUM_SEQS="128", VBATCH_ENGINE_HOST=str(host).lower())
     batch = write_jsonl(tmp_path / "big.jsonl", chat_lines(400))
     chunks = tmp_path / "data" / "batches" / "dies" / "chunks"
-    proc = subprocess.Popen(CLI + ["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny",
+    proc = subprocess.Popen(VLLM_BATCH + ["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny",
                                    "--batch-id", "dies", "--json"], env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -138,7 +107,7 @@ def test_an_embeddings_batch_loads_exactly_one_engine(tmp_path, tiny_model, host
     batch = write_jsonl(tmp_path / "emb.jsonl", lines)
     try:
         result = run_cli(["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny", "--json"],
-                         cli_env(tmp_path, VBATCH_ENGINE_HOST=str(host).lower()))
+                         instance_env(tmp_path, VBATCH_ENGINE_HOST=str(host).lower()))
     finally:
         if host:
             from resources.engine_host_client import stop_host
@@ -161,7 +130,7 @@ def test_an_embeddings_batch_loads_exactly_one_engine(tmp_path, tiny_model, host
     ("bad-setting", "invalid setting VBATCH_CHUNK_SIZE"),
 ])
 def test_bad_files_models_and_settings_stop_with_one_readable_line(tmp_path, tiny_model, setup, message):
-    env = cli_env(tmp_path)
+    env = instance_env(tmp_path)
     model = str(tiny_model)
     batch = write_jsonl(tmp_path / "in.jsonl", chat_lines(3))
     if setup == "missing":

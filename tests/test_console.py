@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 import time
 
 from batch_pipeline.entrypoints.console import ProgressDisplay, ProgressWatcher, Snapshot
@@ -38,14 +39,33 @@ def test_a_terminal_gets_a_bar_with_counts_rate_and_status():
     assert "progress:" not in text
 
 
+class Progress:
+    """A snapshot source that says how often the watcher has read it."""
+
+    def __init__(self) -> None:
+        self.snapshot: Snapshot | None = None
+        self.reads = 0
+        self.read_again = threading.Condition()
+
+    def __call__(self) -> Snapshot | None:
+        with self.read_again:
+            self.reads += 1
+            self.read_again.notify_all()
+            return self.snapshot
+
+    def set_and_wait_until_shown(self, snapshot: Snapshot) -> None:
+        """Set the snapshot, and return once the watcher has read it and shown it (it read again after that)."""
+        with self.read_again:
+            self.snapshot, shown_after = snapshot, self.reads + 2
+            assert self.read_again.wait_for(lambda: self.reads >= shown_after, timeout=60), "the watcher stopped reading"
+
+
 def test_the_watcher_shows_the_last_state_when_it_stops():
     out = io.StringIO()
-    state = {"now": None}
-    with ProgressWatcher(ProgressDisplay("b", stream=out, tty=False), lambda: state["now"], interval=0.01):
-        time.sleep(0.05)
-        state["now"] = Snapshot(5, 10, 40)
-        time.sleep(0.05)
-        state["now"] = Snapshot(10, 10, 80)  # the work ends; the watcher is stopped right after
+    progress = Progress()
+    with ProgressWatcher(ProgressDisplay("b", stream=out, tty=False), progress, interval=0.01):
+        progress.set_and_wait_until_shown(Snapshot(5, 10, 40))
+        progress.snapshot = Snapshot(10, 10, 80)  # the work ends; the watcher is stopped right after
     assert out.getvalue().splitlines()[0].startswith("progress: 5/10 requests")
     assert out.getvalue().splitlines()[-1].startswith("progress: 10/10 requests")
 

@@ -22,7 +22,7 @@ def test_the_code_location_does_not_import_dagster_postgres_for_it(tmp_path):
 
     code = ("import sys, batch_pipeline.orchestration.definitions; "
             "print('dagster_postgres' in sys.modules)")
-    from tests.conftest import REPO
+    from tests.support.files import REPO
 
     env = {"PATH": "/usr/bin:/bin", "VBATCH_HOME": str(REPO), "VBATCH_DATA_DIR": str(tmp_path / "data")}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, cwd=tmp_path)

@@ -24,7 +24,7 @@ from dagster._core.instance.config import dagster_instance_config
 from dagster_k8s import K8sRunLauncher
 from dagster_k8s.models import k8s_model_from_dict
 
-from tests.conftest import REPO
+from tests.support.files import REPO
 
 DEPLOY = REPO / "deploy" / "k8s"
 HELM_SCHEMA = REPO / "tests" / "data" / "dagster-helm" / "values.schema.json"

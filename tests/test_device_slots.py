@@ -7,13 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from resources.device_slots import SlotConfigError, acquire_slot, engine_slots, slot_holders, try_slot
-from tests.conftest import REPO
+from tests.support.files import REPO
+from tests.support.waiting import wait_for
 
 # A process that takes a slot of two, says which, and holds it until killed (or its stdin closes).
 HOLDER = """
@@ -29,16 +29,6 @@ sys.stdin.read()
 def start_holder(lock_dir: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", HOLDER, str(lock_dir)], cwd=REPO, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
-
-
-def wait_until(predicate, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 def test_slots_group_gpus_by_tensor_parallel_size_and_show_each_engine_only_its_own():
@@ -71,7 +61,8 @@ def test_two_processes_never_hold_one_slot_and_a_killed_holder_frees_its_slot(tm
         assert taken[0]["env"] != taken[1]["env"]
         third = start_holder(tmp_path)  # waits: both slots are held
         slots = engine_slots(2, 1, visible=["0", "1"])
-        assert wait_until(lambda: all(slot_holders(tmp_path, slots).values()))
+        wait_for(lambda: all(slot_holders(tmp_path, slots).values()), 30, "both holders to hold their slots",
+                 interval=0.05)
         assert third.poll() is None
         first.send_signal(signal.SIGKILL)  # the kernel drops its flock
         assert json.loads(third.stdout.readline())["slot"] == taken[0]["slot"]

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import psutil
 
-from tests.conftest import read_jsonl, write_jsonl
-from tests.test_cli_run import chat_lines, cli_env, run_cli
+from tests.support.cli import run_cli
+from tests.support.environment import instance_env
+from tests.support.files import read_jsonl, write_jsonl
+from tests.support.request_lines import chat_lines
 
 
 def test_the_second_batch_attaches_to_the_warm_engine_and_an_idle_host_frees_it(tmp_path, tiny_model):
-    env = cli_env(tmp_path, VBATCH_ENGINE_HOST="true", VBATCH_ENGINE_IDLE_SECONDS="20")
+    env = instance_env(tmp_path, VBATCH_ENGINE_HOST="true", VBATCH_ENGINE_IDLE_SECONDS="20")
     host_record = tmp_path / "data" / "engines" / "host.json"
     summaries = []
     for name in ("first", "second"):
@@ -170,7 +172,7 @@ def test_a_run_attached_to_the_host_answers_exactly_as_one_with_its_own_engine(t
     batch = write_jsonl(tmp_path / "parity.jsonl", PARITY_LINES)
     results = {}
     for host in (False, True):
-        env = cli_env(tmp_path / str(host), VBATCH_ENGINE_HOST=str(host).lower())
+        env = instance_env(tmp_path / str(host), VBATCH_ENGINE_HOST=str(host).lower())
         try:
             result = run_cli(["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny",
                               "--batch-id", "parity", "--json"], env)

@@ -16,9 +16,11 @@ import psutil
 import pytest
 
 from resources.engine_processes import read_records, reap_orphaned_engines, record_engine
-from tests.conftest import REPO, write_jsonl
-from tests.test_cli_run import CLI, chat_lines, cli_env
-from tests.test_supervisor import wait_for
+from tests.support.environment import instance_env
+from tests.support.files import REPO, write_jsonl
+from tests.support.request_lines import chat_lines
+from tests.support.services import VLLM_BATCH
+from tests.support.waiting import wait_for
 
 # A stand-in run worker: it starts a long-lived child (the "engine"), records it, and dies without
 # stopping it, the way a SIGKILLed worker leaves vLLM's EngineCore behind.
@@ -167,11 +169,11 @@ def test_the_watchdog_leaves_when_the_engine_is_shut_down_and_its_owner_lives_on
 
 
 def test_a_sigkilled_vllm_batch_run_takes_its_engine_with_it(tmp_path: Path, tiny_model: Path):
-    env = cli_env(tmp_path, VBATCH_CHUNK_SIZE="10", VBATCH_MAX_NUM_SEQS="8")
+    env = instance_env(tmp_path, VBATCH_CHUNK_SIZE="10", VBATCH_MAX_NUM_SEQS="8")
     batch = write_jsonl(tmp_path / "big.jsonl", chat_lines(300, max_tokens=64))
     chunks = tmp_path / "data" / "batches" / "big" / "chunks"
     with (tmp_path / "run.err").open("w+") as stderr:
-        run = subprocess.Popen(CLI + ["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny",
+        run = subprocess.Popen(VLLM_BATCH + ["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny",
                                       "--batch-id", "big"], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=stderr, start_new_session=True)
         descendants: list[psutil.Process] = []
@@ -232,8 +234,8 @@ def test_a_sigkilled_engine_host_takes_its_engine_with_it(tmp_path: Path, tiny_m
 def test_a_finished_run_leaves_no_engine_process_and_no_watchdog(tmp_path: Path, tiny_model: Path):
     batch = write_jsonl(tmp_path / "small.jsonl", chat_lines(20, max_tokens=8))
     with (tmp_path / "run.err").open("w") as stderr:
-        run = subprocess.Popen(CLI + ["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny"],
-                               env=cli_env(tmp_path), cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr,
+        run = subprocess.Popen(VLLM_BATCH + ["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny"],
+                               env=instance_env(tmp_path), cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr,
                                start_new_session=True)
     seen: dict[int, psutil.Process] = {}
     names: dict[int, str] = {}

@@ -18,7 +18,7 @@ from batch_pipeline.domain.estimate import (
     live_estimate,
     measure_work,
 )
-from tests.conftest import REPO, write_jsonl
+from tests.support.files import REPO, write_jsonl
 
 MODEL_NAME = "tiny-llama"
 HISTORY = ModelHistory(batches=1, tokens_per_second=100.0, fill=0.5, before_step_seconds=4.0,

@@ -12,8 +12,7 @@ import pytest
 from batch_pipeline.domain.input_file import InvalidLine, ValidRequest, scan_batch_file
 from batch_pipeline.domain.intake import survey
 from tests.fuzz_corpus import FuzzLine, build_corpus
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.support.files import REPO
 
 
 @pytest.fixture(scope="module")

@@ -10,53 +10,23 @@ second run.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import REPO, read_jsonl, write_jsonl
+from tests.support.environment import instance_env
+from tests.support.files import read_jsonl, write_jsonl
+from tests.support.ports import free_port
+from tests.support.processes import MARKER, daemons_of, kill_marked
+from tests.support.request_lines import completion_line
+from tests.support.services import VLLM_BATCH, start_process, stop_processes
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(600)
 MODEL = "tiny-llama"
 
-
-def wait_for(condition, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            value = condition()
-            if value:
-                return value
-        except Exception as exc:  # the instance may be busy while the daemon restarts
-            last = exc
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last!r})")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def daemons(supervisor: psutil.Process) -> list[psutil.Process]:
-    found = []
-    for child in supervisor.children():
-        try:
-            if "dagster-daemon" in " ".join(child.cmdline()):
-                found.append(child)
-        except psutil.Error:
-            continue
-    return found
 
 
 def test_a_daemon_killed_between_launching_and_moving_an_inbox_file_runs_it_once(tmp_path: Path, tiny_model: Path):
@@ -67,30 +37,25 @@ def test_a_daemon_killed_between_launching_and_moving_an_inbox_file_runs_it_once
     marker_file = tmp_path / "paused-before-settle"
     marker = uuid.uuid4().hex
     (tmp_path / "models.yaml").write_text(f"models:\n  {MODEL}:\n    path: {tiny_model}\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VBATCH_", "DAGSTER_"))}
-    env.update(VBATCH_HOME=str(REPO), VBATCH_DATA_DIR=str(tmp_path / "data"), DAGSTER_HOME=str(tmp_path / "dagster"),
-               VBATCH_MODELS_FILE=str(tmp_path / "models.yaml"), VBATCH_INBOX_INTERVAL_SECONDS="1",
-               VBATCH_DTYPE="float32", VBATCH_ENFORCE_EAGER="true", VBATCH_MAX_MODEL_LEN="1024",
-               VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", VLLM_LOGGING_LEVEL="WARNING",
-               VBATCH_TEST_FAULT_BEFORE_SETTLE=str(marker_file), VBATCH_TEST_MARKER=marker)
+    env = instance_env(tmp_path, VBATCH_MODELS_FILE=str(tmp_path / "models.yaml"), VBATCH_INBOX_INTERVAL_SECONDS="1",
+                  VBATCH_TEST_FAULT_BEFORE_SETTLE=str(marker_file), **{MARKER: marker})
     log = tmp_path / "service.log"
-    service = subprocess.Popen([sys.executable, "-m", "batch_pipeline.entrypoints.cli", "start", "--port", str(free_port())],
-                               env=env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    service = start_process([*VLLM_BATCH, "start", "--port", str(free_port())], env, log)
     try:
         supervisor = psutil.Process(service.pid)
-        first_daemon = wait_for(lambda: daemons(supervisor), 120, "the daemon")[0]
+        first_daemon = wait_for(lambda: daemons_of(supervisor), 120, "the daemon", watch=[service], log=log)[0]
         inbox = tmp_path / "data" / "inbox"
-        lines = [{"custom_id": f"once-{i}", "method": "POST", "url": "/v1/completions",
-                  "body": {"model": MODEL, "prompt": f"Item {i}", "max_tokens": 4, "temperature": 0}}
-                 for i in range(3)]
+        lines = [completion_line(f"once-{i}", f"Item {i}", MODEL, max_tokens=4) for i in range(3)]
         staged = write_jsonl(inbox / ".once.jsonl.part", lines)
         staged.rename(inbox / "once.jsonl")
 
         # The tick after the launch found the run and stopped right before moving the file: kill the daemon there.
-        wait_for(marker_file.exists, 180, "the sensor to reach the move (the run is launched)")
+        wait_for(marker_file.exists, 180, "the sensor to reach the move (the run is launched)", watch=[service],
+                 log=log)
         assert (inbox / "once.jsonl").exists()
         first_daemon.kill()
-        wait_for(lambda: [d for d in daemons(supervisor) if d.pid != first_daemon.pid], 60, "a restarted daemon")
+        wait_for(lambda: [d for d in daemons_of(supervisor) if d.pid != first_daemon.pid], 60, "a restarted daemon",
+                 watch=[service], log=log)
 
         # The restarted daemon's sensor moves the file without launching anything new.
         wait_for(lambda: not (inbox / "once.jsonl").exists(), 120, "the file to leave the inbox")
@@ -119,16 +84,5 @@ def test_a_daemon_killed_between_launching_and_moving_an_inbox_file_runs_it_once
         outputs = read_jsonl(tmp_path / "data" / "batches" / batch_id / "results" / "output.jsonl")
         assert [o["custom_id"] for o in outputs] == [line["custom_id"] for line in lines]
     finally:
-        if service.poll() is None:
-            os.killpg(service.pid, signal.SIGTERM)
-            try:
-                service.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(service.pid, signal.SIGKILL)
-                service.wait()
-        for process in psutil.process_iter():  # the paused code server of the killed daemon, an engine core
-            try:
-                if process.environ().get("VBATCH_TEST_MARKER") == marker:
-                    process.kill()
-            except psutil.Error:
-                continue
+        stop_processes(service)
+        kill_marked(marker)  # the paused code server of the killed daemon, an engine core

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from batch_pipeline.domain.input_file import BatchFileError, InvalidLine, ValidRequest, scan_batch_file
-from tests.conftest import write_jsonl
+from tests.support.files import write_jsonl
 
 CHAT = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
         "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}}

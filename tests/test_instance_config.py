@@ -9,8 +9,7 @@ from dagster import DagsterInstance
 
 from batch_pipeline.domain.instance import instance_config
 from batch_pipeline.domain.settings import Settings
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.support.files import REPO
 
 
 def test_a_fresh_instance_opens_the_ui_without_dagsters_new_user_dialog(tmp_path: Path):

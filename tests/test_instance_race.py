@@ -6,17 +6,20 @@ stamp alembic: the instance is left with two heads and no process can ever open 
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.api.conftest import API_KEY, MODEL_NAME, Stack, free_port, stack_env, start, stop, wait_for_server
-from tests.conftest import REPO, fresh_database
+from tests.support.api_stack import API_KEY, TERMINAL, Stack, chat_text, stack_env
+from tests.support.files import REPO
+from tests.support.ports import free_port
+from tests.support.postgres import fresh_database
+from tests.support.request_lines import MODEL_NAME
+from tests.support.services import VLLM_BATCH
+from tests.support.waiting import wait_for
 
 # Each process waits for this file after its imports, so they all open the instance in the same instant.
 OPEN_AT_ONCE = """
@@ -69,12 +72,6 @@ def test_processes_opening_a_fresh_instance_at_once_create_it_once(tmp_path: Pat
     assert later.returncode == 0 and later.stdout.strip().endswith("opened"), later.stdout + later.stderr
 
 
-def chat_line(custom_id: str) -> str:
-    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": custom_id}], "max_tokens": 4,
-            "temperature": 0}
-    return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body})
-
-
 def test_start_serve_run_and_submit_launched_together_on_a_fresh_home_then_a_batch_runs(
         tmp_path: Path, tiny_model: Path):
     # On the embedded default, where the race was seen. PostgreSQL's creation race is the test above;
@@ -83,35 +80,31 @@ def test_start_serve_run_and_submit_launched_together_on_a_fresh_home_then_a_bat
 
     live = Stack(tmp_path, fresh_env(tmp_path, tiny_model, None))
     batch_file = tmp_path / "three.jsonl"
-    batch_file.write_text("".join(chat_line(f"req-{i}") + "\n" for i in range(3)))
+    batch_file.write_text("".join(chat_text(f"req-{i}", f"req-{i}", max_tokens=4) + "\n" for i in range(3)))
     port = free_port()
     live.base_url = f"http://127.0.0.1:{port}/v1"
-    cli = [sys.executable, "-m", "batch_pipeline.entrypoints.cli"]
+    cli = VLLM_BATCH
     try:
         # All four at once on a home that does not exist yet, as two terminals or systemd units would.
-        supervisor = start(live, "start", [*cli, "start", "--host", "127.0.0.1", "--port", str(free_port())])
-        server = start(live, "server", [*cli, "serve", "--host", "127.0.0.1", "--port", str(port)])
-        run = start(live, "run", [*cli, "run", str(batch_file), "--model", MODEL_NAME, "--batch-id", "by-run"])
-        submit = start(live, "submit", [*cli, "submit", str(batch_file), "--model", MODEL_NAME,
-                                        "--batch-id", "by-submit"])
+        supervisor = live.start("start", [*cli, "start", "--host", "127.0.0.1", "--port", str(free_port())])
+        server = live.start("server", [*cli, "serve", "--host", "127.0.0.1", "--port", str(port)])
+        run = live.start("run", [*cli, "run", str(batch_file), "--model", MODEL_NAME, "--batch-id", "by-run"])
+        submit = live.start("submit", [*cli, "submit", str(batch_file), "--model", MODEL_NAME,
+                                       "--batch-id", "by-submit"])
         assert submit.wait(300) == 0, live.log("submit")
-        wait_for_server(live, server, timeout=300)
+        live.wait_for_server(server, timeout=300)
         assert run.wait(600) == 0, live.log("run")
 
         with OpenAI(base_url=live.base_url, api_key=API_KEY, max_retries=0, timeout=60) as client:
             uploaded = client.files.create(file=batch_file.open("rb"), purpose="batch")
             batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
                                           completion_window="24h")
-            deadline = time.time() + 600
-            while batch.status not in {"completed", "failed", "expired", "cancelled"}:
-                assert time.time() < deadline, f"API batch still {batch.status}:\n{live.log('start')}"
-                assert supervisor.poll() is None, live.log("start")
-                time.sleep(1)
-                batch = client.batches.retrieve(batch.id)
+            batch = wait_for(lambda: (b := client.batches.retrieve(batch.id)).status in TERMINAL and b, 600,
+                             "the API batch to end", interval=1, watch=[supervisor], log=live.root / "start.log")
             assert batch.status == "completed" and batch.request_counts.completed == 3, batch
         submitted = live.cli("status", "by-submit")
         assert submitted.returncode == 0 and submitted.stdout.startswith("by-submit  "), submitted.stderr
         # The webserver never crash-looped on a broken instance.
         assert "exited with" not in live.log("start"), live.log("start")
     finally:
-        stop(live)
+        live.stop()

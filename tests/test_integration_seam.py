@@ -13,7 +13,7 @@ import pytest
 from batch_pipeline.domain.settings import Settings, adopt_legacy_environment
 from batch_pipeline.orchestration.definitions import build_definitions
 from batch_pipeline.orchestration.enabled_integrations import Integration, IntegrationError, check_integrations
-from tests.conftest import REPO, read_jsonl, write_jsonl
+from tests.support.files import REPO, read_jsonl, write_jsonl
 
 EXAMPLE = "examples.integrations.batch_digest.definitions"
 FAILING = "tests.integration_examples.failing"

@@ -12,15 +12,18 @@ import json
 import os
 import signal
 import subprocess
-import time
 import uuid
 
-import psutil
 import pytest
 
 from resources.device_slots import engine_slots, try_slot
-from tests.conftest import REPO, read_jsonl, write_jsonl
-from tests.test_cli_run import CLI, chat_lines, cli_env, run_cli
+from tests.support.cli import run_cli
+from tests.support.environment import instance_env
+from tests.support.files import REPO, read_jsonl, write_jsonl
+from tests.support.processes import MARKER, marked_processes, process_name
+from tests.support.request_lines import chat_lines
+from tests.support.services import VLLM_BATCH
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -55,7 +58,7 @@ def test_a_batch_split_over_two_engines_writes_each_chunk_once_and_the_same_outp
     batch = write_jsonl(tmp_path / "batch.jsonl", chat_lines(64))
     runs = {}
     for engines in (2, 1):
-        env = cli_env(tmp_path / f"engines-{engines}", VBATCH_GPUS=str(engines), VBATCH_CHUNK_SIZE="8")
+        env = instance_env(tmp_path / f"engines-{engines}", VBATCH_GPUS=str(engines), VBATCH_CHUNK_SIZE="8")
         result = run_cli(["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny", "--batch-id", "split",
                           "--json"], env)
         runs[engines] = (summary_of(result), tmp_path / f"engines-{engines}" / "data" / "batches" / "split")
@@ -78,12 +81,12 @@ def test_a_batch_split_over_two_engines_writes_each_chunk_once_and_the_same_outp
 
 
 def test_two_batches_at_once_run_on_two_slots_with_their_own_cores(tmp_path, tiny_model):
-    env = cli_env(tmp_path, VBATCH_GPUS="2", VBATCH_ENGINES_PER_BATCH="1", VBATCH_CHUNK_SIZE="8")
+    env = instance_env(tmp_path, VBATCH_GPUS="2", VBATCH_ENGINES_PER_BATCH="1", VBATCH_CHUNK_SIZE="8")
     processes = []
     for name in ("left", "right"):
         batch = write_jsonl(tmp_path / f"{name}.jsonl", chat_lines(24))
         processes.append(subprocess.Popen(
-            CLI + ["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny", "--batch-id", name, "--json"],
+            VLLM_BATCH + ["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny", "--batch-id", name, "--json"],
             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True))
     summaries = []
     try:
@@ -103,24 +106,19 @@ def test_two_batches_at_once_run_on_two_slots_with_their_own_cores(tmp_path, tin
 
 def test_a_split_batch_whose_step_is_killed_frees_its_engines_and_slots_and_resumes(tmp_path, tiny_model):
     marker = uuid.uuid4().hex
-    env = cli_env(tmp_path, VBATCH_GPUS="2", VBATCH_CHUNK_SIZE="10", VBATCH_MAX_NUM_SEQS="32", VBATCH_TEST_MARKER=marker)
+    env = instance_env(tmp_path, VBATCH_GPUS="2", VBATCH_CHUNK_SIZE="10", VBATCH_MAX_NUM_SEQS="32", **{MARKER: marker})
     batch = write_jsonl(tmp_path / "batch.jsonl", chat_lines(200, max_tokens=32))
     args = ["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny", "--batch-id", "killed", "--json"]
     chunks = tmp_path / "data" / "batches" / "killed" / "chunks"
-    step = subprocess.Popen(CLI + args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    step = subprocess.Popen(VLLM_BATCH + args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + 400
-        while not (chunks.is_dir() and len(list(chunks.glob("chunk-*.parquet"))) >= 3):
-            assert step.poll() is None and time.monotonic() < deadline, "no chunks were written"
-            time.sleep(0.2)
+        wait_for(lambda: len(list(chunks.glob("chunk-*.parquet"))) >= 3, 400, "three chunks", interval=0.2, watch=[step])
         step.kill()  # the step's process only: its workers and their engines must go by themselves
         step.wait()
         written = {p.name for p in chunks.glob("chunk-*.parquet")}
-        deadline = time.monotonic() + 120
-        while marked(marker):
-            assert time.monotonic() < deadline, [p.name() for p in marked(marker)]
-            time.sleep(0.5)
+        wait_for(lambda: not marked_processes(marker), 120, "the killed step's workers and engines to exit",
+                 explain=lambda: str([process_name(p) for p in marked_processes(marker)]))
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(step.pid, signal.SIGKILL)
@@ -136,18 +134,8 @@ def test_a_split_batch_whose_step_is_killed_frees_its_engines_and_slots_and_resu
     assert [line["custom_id"] for line in output] == [f"q{i}" for i in range(200)]
 
 
-def marked(marker: str) -> list[psutil.Process]:
-    """Every live process started by the test (they inherit the marker in their environment)."""
-    found = []
-    for process in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):
-            if process.environ().get("VBATCH_TEST_MARKER") == marker and process.status() != psutil.STATUS_ZOMBIE:
-                found.append(process)
-    return found
-
-
 def test_gpu_settings_that_do_not_fit_stop_with_one_readable_line(tmp_path, tiny_model):
-    env = cli_env(tmp_path, VBATCH_GPUS="3", VBATCH_TENSOR_PARALLEL_SIZE="2")
+    env = instance_env(tmp_path, VBATCH_GPUS="3", VBATCH_TENSOR_PARALLEL_SIZE="2")
     batch = write_jsonl(tmp_path / "in.jsonl", chat_lines(3))
     result = run_cli(["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny"], env)
     assert result.returncode == 1

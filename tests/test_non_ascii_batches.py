@@ -12,7 +12,7 @@ import unicodedata
 
 from batch_pipeline.domain.batches import valid_batch_id
 from batch_pipeline.entrypoints.local_run import register_local_batch, run_batch_in_process
-from tests.conftest import read_jsonl, write_jsonl
+from tests.support.files import read_jsonl, write_jsonl
 
 MODEL_NAME = "tiny-llama"
 

@@ -9,6 +9,7 @@ read) and redone, as on a local disk.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import uuid
 from collections import Counter
@@ -22,8 +23,11 @@ import pytest
 
 from batch_pipeline.entrypoints.local_run import register_local_batch, run_batch_in_process
 from resources.storage import BatchStorage
-from tests.conftest import write_jsonl
-from tests.object_stores import S3_KEY, S3_SECRET, WEED, free_port, install, stop, wait_for
+from tests.support.files import write_jsonl
+from tests.support.object_stores import S3_KEY, S3_SECRET, WEED, install
+from tests.support.ports import free_port
+from tests.support.services import start_process, stop_processes
+from tests.support.waiting import wait_for
 
 MODEL_NAME = "tiny-llama"
 BATCH = "s3-faults"
@@ -54,17 +58,16 @@ class Seaweed:
                             region_name="us-east-1")
 
     def start(self) -> None:
-        with (self.root / "weed.log").open("a") as log:
-            self.process = subprocess.Popen(
-                [str(WEED), "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                 f"-s3.config={self.config}", *(f"-{name}={port}" for name, port in self.ports.items())],
-                stdout=log, stderr=subprocess.STDOUT)
+        log = self.root / "weed.log"
+        self.process = start_process(
+            [str(WEED), "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             f"-s3.config={self.config}", *(f"-{name}={port}" for name, port in self.ports.items())],
+            dict(os.environ), log, append=True)
         client = self.client()
-        wait_for(lambda: client.list_buckets() is not None, "SeaweedFS S3", self.process)
+        wait_for(lambda: client.list_buckets() is not None, 60, "SeaweedFS S3", watch=[self.process], log=log)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            stop(self.process)
+        stop_processes(self.process, timeout=10)
 
 
 @pytest.fixture

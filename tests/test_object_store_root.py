@@ -24,7 +24,7 @@ import pytest
 from batch_pipeline.domain.queue_tickets import clear_ticket, pending_tickets
 from batch_pipeline.entrypoints.local_run import register_local_batch, run_batch_in_process
 from resources.storage import BatchPaths, BatchStorage, atomic_path, location, read_parquet
-from tests.conftest import REPO, write_jsonl
+from tests.support.files import REPO, write_jsonl
 
 MODEL_NAME = "tiny-llama"
 

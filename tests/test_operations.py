@@ -8,215 +8,43 @@ SIGKILL and a PostgreSQL restart. Runs execute the real CPU vLLM engine on the t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
 
-from bench.soak import ThrowawayPostgres
-from tests.conftest import REPO, read_jsonl, write_jsonl
+from tests.support.files import REPO, read_jsonl
+from tests.support.postgres import ThrowawayPostgres
+from tests.support.processes import daemons_of, process_name
+from tests.support.request_lines import item_line
+from tests.support.service import (
+    MODEL_A,
+    MODEL_B,
+    SLOW_CHUNKS,
+    Service,
+    chunk_mtimes,
+    dead,
+    engine_processes,
+    explain_service,
+    log_time,
+    register,
+    run_status,
+    slow_lines,
+    start_service,
+    step_events,
+    submit,
+    wait_terminal,
+)
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(600)
-VENV_BIN = Path(sys.executable).parent
-MODEL_A, MODEL_B = "tiny-llama", "tiny-llama-b"
-TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
-
-
-@dataclass
-class Service:
-    """The running service and the handles the tests need."""
-
-    process: subprocess.Popen
-    env: dict[str, str]
-    root: Path
-    data_dir: Path
-    inbox: Path
-    port: int
-    instance: object
-    settings: object
-    marker: str
-    log: Path
-
-    def batch_dir(self, batch_id: str) -> Path:
-        return self.data_dir / "batches" / batch_id
-
-    def runs(self, batch_id: str) -> list:
-        """Every run of a batch partition, oldest first."""
-        from dagster import RunsFilter
-
-        records = self.instance.get_run_records(RunsFilter(tags={"dagster/partition": batch_id}))
-        return [r.dagster_run for r in sorted(records, key=lambda r: r.create_timestamp)]
-
-    def dagster(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        """Run the `dagster` CLI against the service's instance and workspace."""
-        return subprocess.run([str(VENV_BIN / "dagster"), *args], env=self.env, cwd=REPO, capture_output=True,
-                              text=True, timeout=timeout)
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 1.0,
-             explain: Callable[[], str] | None = None):
-    """Poll until `predicate` returns something truthy; survives a PostgreSQL restart in between.
-    On a timeout, `explain()` (if given) says what the service was doing."""
-    deadline = time.monotonic() + timeout
-    last_error = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as exc:  # the database may be restarting
-            last_error = exc
-        time.sleep(interval)
-    context = ""
-    if explain is not None:
-        try:
-            context = "\n" + explain()
-        except Exception as exc:  # the explanation must not hide the timeout
-            context = f"\n(could not explain: {exc!r})"
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_error}){context}")
-
-
-def explain_service(service: Service) -> str:
-    """What a stuck service was doing: its runs, its live processes, and the tails of its logs."""
-    from dagster import RunsFilter
-
-    lines = ["runs:"]
-    for record in service.instance.get_run_records(RunsFilter(), limit=30):
-        run = record.dagster_run
-        lines.append(f"  {run.run_id[:8]} {run.tags.get('dagster/partition')} {run.status.value}")
-        if run.status.value in ("STARTING", "STARTED", "CANCELING"):  # what an unfinished run last did
-            for entry in service.instance.all_logs(run.run_id)[-8:]:
-                lines.append(f"    {time.strftime('%H:%M:%S', time.gmtime(entry.timestamp))} "
-                             f"{entry.dagster_event_type or ''} {(entry.user_message or '')[:160]}")
-    lines.append("processes:")
-    for process in marked_processes(service.marker):
-        with contextlib.suppress(psutil.Error):
-            lines.append(f"  {process.pid} {_name(process)} {' '.join(process.cmdline())[:120]}")
-    lines.append(f"load average: {os.getloadavg()}; most CPU time on the machine:")
-    busiest = []
-    for process in psutil.process_iter(["pid", "cpu_times", "cmdline", "create_time"]):
-        with contextlib.suppress(psutil.Error, TypeError):
-            busiest.append((sum(process.info["cpu_times"][:2]), process.info["pid"],
-                            " ".join(process.info["cmdline"] or [])[:100]))
-    lines.extend(f"  {cpu:8.0f}s {pid} {cmdline}" for cpu, pid, cmdline in sorted(busiest, reverse=True)[:8])
-    for log in (service.log, service.data_dir / "engines" / "host.log"):
-        if log.exists():
-            lines.append(f"--- {log.name} (last 40 lines)")
-            lines.extend(log.read_text(errors="replace").splitlines()[-40:])
-    return "\n".join(lines)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def request_line(custom_id: str, model: str, max_tokens: int = 8, **body) -> dict:
-    return {"custom_id": custom_id, "method": "POST", "url": "/v1/completions",
-            "body": {"model": model, "prompt": f"Item {custom_id} is", "max_tokens": max_tokens,
-                     "temperature": 0, "ignore_eos": True, **body}}
-
-
-def marked_processes(marker: str) -> list[psutil.Process]:
-    """Every live process started for this module (they all carry the marker in their environment).
-
-    vLLM's own processes (VLLM::EngineCore, VLLM::Worker) set their process title, which can overwrite
-    the environment as /proc shows it; they count as marked when the process that started them is.
-    """
-    found, vllm = [], []
-    for process in psutil.process_iter():
-        try:
-            if process.environ().get("VBATCH_TEST_MARKER") == marker:
-                found.append(process)
-            elif _name(process).startswith("VLLM::"):
-                vllm.append(process)
-        except psutil.Error:
-            if _name(process).startswith("VLLM::"):
-                vllm.append(process)
-    pids = {p.pid for p in found}
-    for process in vllm:
-        with contextlib.suppress(psutil.Error):
-            if any(parent.pid in pids for parent in process.parents()):
-                found.append(process)
-    return found
-
-
-def engine_processes(service: Service) -> list[psutil.Process]:
-    return [p for p in marked_processes(service.marker) if _name(p).startswith("VLLM::")]
-
-
-def _name(process: psutil.Process) -> str:
-    try:
-        return process.name()
-    except psutil.Error:
-        return ""
-
-
-def run_status(service: Service, run_id: str) -> str:
-    return service.instance.get_run_by_id(run_id).status.value
-
-
-def wait_terminal(service: Service, run_id: str, timeout: float) -> str:
-    return wait_for(lambda: (s := run_status(service, run_id)) in TERMINAL and s, timeout, f"run {run_id} to finish",
-                    explain=lambda: explain_service(service))
-
-
-def step_events(service: Service, run_id: str, step_key: str) -> dict[str, float]:
-    """Timestamps of a step's start and end events in the instance's event log."""
-    from dagster import DagsterEventType, EventRecordsFilter
-
-    found = {}
-    for kind in (DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE):
-        for record in service.instance.get_event_records(EventRecordsFilter(event_type=kind), limit=1000):
-            entry = record.event_log_entry
-            if entry.run_id == run_id and entry.step_key == step_key:
-                found[kind.value] = entry.timestamp
-    return found
-
-
-def log_time(service: Service, run_id: str, text: str) -> float | None:
-    """When a run first logged a message containing `text`."""
-    for entry in service.instance.all_logs(run_id):
-        if text in (entry.user_message or ""):
-            return entry.timestamp
-    return None
-
-
-def chunk_mtimes(batch_dir: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in sorted((batch_dir / "chunks").glob("chunk-*.parquet"))}
-
-
-def register(service: Service, batch_id: str, lines: list[dict], model: str) -> None:
-    """Register a batch partition without launching anything (as a user would before `dagster job launch`)."""
-    from batch_pipeline.entrypoints.local_run import register_local_batch
-
-    path = write_jsonl(service.root / "files" / f"{batch_id}.jsonl", lines)
-    model_dir = service.settings.home / "models" / "tiny-llama" if model == MODEL_A else service.root / MODEL_B
-    register_local_batch(service.settings, service.instance, path, str(model_dir), model, batch_id=batch_id)
-
-
-def submit(service: Service, batch_id: str, lines: list[dict], model: str) -> None:
-    """Register a batch and leave a queue ticket for the `queued_batches` sensor."""
-    from batch_pipeline.domain.batches import load_spec
-    from batch_pipeline.domain.queue_tickets import enqueue
-    from resources.storage import BatchPaths
-
-    register(service, batch_id, lines, model)
-    enqueue(service.data_dir, load_spec(BatchPaths(service.batch_dir(batch_id))))
 
 
 @pytest.fixture(scope="module")
@@ -236,80 +64,6 @@ def postgres_server() -> Iterator[ThrowawayPostgres]:
         yield server
     finally:
         server.stop()
-
-
-@contextlib.contextmanager
-def start_service(root: Path, postgres_url: str, tiny_model: Path, warm_engine: bool = False,
-                  **extra_env: str) -> Iterator[Service]:
-    """`vllm-batch start` in `root` on `postgres_url` (models A and B), stopped with every process it started.
-
-    `warm_engine`: the default engine (the warm host); off, the opt-out (VBATCH_ENGINE_HOST=false).
-    """
-    from dagster import DagsterInstance
-
-    from batch_pipeline.domain.settings import Settings
-
-    shutil.copytree(tiny_model, root / MODEL_B)  # another model directory: loading it is a model swap
-    (root / "models.yaml").write_text(
-        f"models:\n  {MODEL_A}:\n    path: {tiny_model}\n  {MODEL_B}:\n    path: {root / MODEL_B}\n")
-    port, marker = free_port(), uuid.uuid4().hex
-    env = {
-        **os.environ,
-        "VBATCH_TEST_MARKER": marker,
-        "VBATCH_HOME": str(REPO),
-        "DAGSTER_HOME": str(root / "dagster"),
-        "VBATCH_DATA_DIR": str(root / "data"),
-        "VBATCH_POSTGRES_URL": postgres_url,
-        "VBATCH_MODELS_FILE": str(root / "models.yaml"),
-        "VBATCH_CHUNK_SIZE": "4",
-        "VBATCH_DTYPE": "float32",
-        "VBATCH_ENFORCE_EAGER": "true",
-        "VBATCH_MAX_MODEL_LEN": "1024",
-        # Four sequences at a time: a chunk of 4 requests finishes before the next starts, so a
-        # batch's chunks appear one by one and a test can act half-way through.
-        "VBATCH_MAX_NUM_SEQS": "4",
-        "VBATCH_INBOX_INTERVAL_SECONDS": "2",
-        "VBATCH_SCHEDULE_CRON": "* * * * *",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "HF_HUB_OFFLINE": "1",
-        "VLLM_LOGGING_LEVEL": "WARNING",
-        **extra_env,
-    }
-    env.pop("VBATCH_ENGINE_HOST", None)
-    if not warm_engine:  # each run loads its own engine (tests/test_operations_engine_host.py: the default)
-        env["VBATCH_ENGINE_HOST"] = "false"
-    log = root / "service.log"
-    process = subprocess.Popen([str(VENV_BIN / "vllm-batch"), "start", "--host", "127.0.0.1", "--port", str(port)],
-                               env=env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    settings = Settings(home=REPO, data_dir=root / "data", chunk_size=4,
-                        models_file=root / "models.yaml")
-    old_postgres = os.environ.get("VBATCH_POSTGRES_URL")
-    os.environ["VBATCH_POSTGRES_URL"] = postgres_url  # the instance's dagster.yaml reads it from the env
-    try:
-        def up() -> bool:
-            assert process.poll() is None, f"vllm-batch start exited:\n{log.read_text()[-3000:]}"
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5) as response:
-                return response.status == 200
-        wait_for(up, 180, "the Dagster webserver")
-        instance = DagsterInstance.from_config(str(root / "dagster"))
-        wait_for(lambda: instance.get_daemon_heartbeats(), 120, "the daemon's first heartbeat")
-        yield Service(process, env, root, root / "data", root / "data" / "inbox", port, instance, settings,
-                      marker, log)
-        instance.dispose()
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-        for leftover in marked_processes(marker):  # e.g. an engine orphaned by a test's SIGKILL
-            leftover.kill()
-        if old_postgres is None:
-            os.environ.pop("VBATCH_POSTGRES_URL", None)
-        else:
-            os.environ["VBATCH_POSTGRES_URL"] = old_postgres
 
 
 # ---- the UI -------------------------------------------------------------------------------------
@@ -347,7 +101,7 @@ def test_ui_materialises_a_batch_partition_from_the_asset_graph(service: Service
     from selenium.webdriver.common.by import By
 
     batch_id = "ui-batch"
-    lines = [request_line(f"ui-{i}", MODEL_A) for i in range(10)]
+    lines = [item_line(f"ui-{i}", MODEL_A) for i in range(10)]
     register(service, batch_id, lines, MODEL_A)
 
     def find_button(text: str):
@@ -430,13 +184,13 @@ def inbox_drop(service: Service) -> InboxDrop:
     """Three good batches (models A, B, A) and four bad files arrive at once; wait until every run ended."""
     inbox = service.inbox
     inbox.mkdir(parents=True, exist_ok=True)
-    good = {name: (model, [request_line(f"{name[:-6]}-{i}", model) for i in range(12)])
+    good = {name: (model, [item_line(f"{name[:-6]}-{i}", model) for i in range(12)])
             for name, model in (("grown-a.jsonl", MODEL_A), ("b.jsonl", MODEL_B), ("a.jsonl", MODEL_A))}
     bad = {
         "not-json.jsonl": ("hello world\nthis is not JSON\n", "not JSONL"),
         "empty.jsonl": ("\n\n", "empty"),
-        "unknown.jsonl": (json.dumps(request_line("u-1", "no-such-model")) + "\n", "unknown model 'no-such-model'"),
-        "mixed.jsonl": ("".join(json.dumps(request_line(f"m-{i}", m)) + "\n" for i, m in enumerate((MODEL_A, MODEL_B))),
+        "unknown.jsonl": (json.dumps(item_line("u-1", "no-such-model")) + "\n", "unknown model 'no-such-model'"),
+        "mixed.jsonl": ("".join(json.dumps(item_line(f"m-{i}", m)) + "\n" for i, m in enumerate((MODEL_A, MODEL_B))),
                         "mixes models (tiny-llama, tiny-llama-b)"),
     }
 
@@ -521,15 +275,6 @@ def test_batches_queue_with_one_gpu_step_at_a_time_and_models_swap(service: Serv
 
 # ---- dagster job launch, cancel, and the schedule ------------------------------------------------
 
-SLOW_CHUNKS = 14
-
-
-def slow_lines(prefix: str) -> list[dict]:
-    # 512 tokens each, four at a time: a few seconds per chunk of 4 on two CPU cores, so that a cancel
-    # (up to 15 s from CANCELING to CANCELED on a loaded machine) lands well before the last chunk.
-    return [request_line(f"{prefix}-{i}", MODEL_A, max_tokens=512) for i in range(4 * SLOW_CHUNKS)]
-
-
 def test_job_launch_then_terminate_then_the_schedule_finishes_the_rest(service: Service):
     from dagster import DagsterEventType
 
@@ -596,13 +341,6 @@ def live_engine_record(service: Service) -> dict | None:
     return None
 
 
-def dead(process: psutil.Process) -> bool:
-    try:
-        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return True
-
-
 def test_killed_worker_and_daemon_and_postgres_restart_recover_without_a_human(service: Service,
                                                                                postgres_server: ThrowawayPostgres):
     batch_id = "crash"
@@ -615,8 +353,7 @@ def test_killed_worker_and_daemon_and_postgres_restart_recover_without_a_human(s
              explain=lambda: explain_service(service))
     record = wait_for(lambda: live_engine_record(service), 10, "the engine record of the run worker")
     worker = psutil.Process(record["worker"][0])
-    daemon = next(p for p in psutil.Process(service.process.pid).children()
-                  if "dagster-daemon" in " ".join(p.cmdline()))
+    daemon = daemons_of(service.process.pid)[0]
     first_run = service.runs(batch_id)[0]
     # SIGKILL half-way through the batch, while PostgreSQL is down: the worker's code server notices
     # the death at once and fails to report it (its cleanup thread ends on the database error, for
@@ -635,8 +372,8 @@ def test_killed_worker_and_daemon_and_postgres_restart_recover_without_a_human(s
 
     # The restarted daemon's `dead_run_workers` sensor reports the run failed; the run retry resumes it.
     assert wait_terminal(service, first_run.run_id, 180) == "FAILURE"
-    wait_for(lambda: any(p.pid != daemon.pid and "dagster-daemon" in " ".join(p.cmdline())
-                         for p in psutil.Process(service.process.pid).children()), 30, "the daemon to be restarted")
+    wait_for(lambda: [d for d in daemons_of(service.process.pid) if d.pid != daemon.pid], 30,
+             "the daemon to be restarted")
     retry = wait_for(lambda: [r for r in service.runs(batch_id) if r.run_id != first_run.run_id], 120,
                      "the automatic retry", interval=2)[0]
     assert retry.tags.get("dagster/parent_run_id") == first_run.run_id
@@ -644,7 +381,7 @@ def test_killed_worker_and_daemon_and_postgres_restart_recover_without_a_human(s
     # Once the retry has loaded its engine, the killed worker's engine processes are gone.
     wait_for(lambda: (r := live_engine_record(service)) and r["worker"][0] != worker.pid, 300,
              "the retry's engine", interval=0.5)
-    assert not any(psutil.pid_exists(pid) and _name(psutil.Process(pid)).startswith("VLLM") for pid in orphans)
+    assert not any(psutil.pid_exists(pid) and process_name(psutil.Process(pid)).startswith("VLLM") for pid in orphans)
 
     # Restart PostgreSQL while the retry generates.
     count = len(chunk_mtimes(batch_dir))

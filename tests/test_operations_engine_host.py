@@ -20,24 +20,24 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import fresh_database, read_jsonl
-from tests.test_operations import (
+from tests.support.files import read_jsonl
+from tests.support.postgres import fresh_database
+from tests.support.processes import marked_processes, process_name
+from tests.support.request_lines import item_line
+from tests.support.service import (
     MODEL_A,
     MODEL_B,
     Service,
-    _name,
     chunk_mtimes,
     dead,
     explain_service,
     log_time,
-    marked_processes,
-    request_line,
     slow_lines,
     start_service,
     submit,
-    wait_for,
     wait_terminal,
 )
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -70,7 +70,7 @@ class EngineWatch(threading.Thread):
 
     def run(self) -> None:
         while not self.stopping.is_set():
-            cores = [p.pid for p in marked_processes(self.marker) if _name(p).startswith("VLLM::EngineCor")]
+            cores = [p.pid for p in marked_processes(self.marker) if process_name(p).startswith("VLLM::EngineCor")]
             self.most = max(self.most, len(cores))
             self.seen.update(cores)
             time.sleep(0.25)
@@ -93,7 +93,7 @@ def succeeded(service: Service, batch_id: str) -> bool:
 
 def test_batches_of_two_models_queue_share_and_swap_with_one_engine_at_a_time(service: Service, engines):
     batches = {"host-a1": MODEL_A, "host-b": MODEL_B, "host-a2": MODEL_A}
-    lines = {batch_id: [request_line(f"{batch_id}-{i}", model, max_tokens=64) for i in range(16)]
+    lines = {batch_id: [item_line(f"{batch_id}-{i}", model, max_tokens=64) for i in range(16)]
              for batch_id, model in batches.items()}
     for batch_id, model in batches.items():
         submit(service, batch_id, lines[batch_id], model)
@@ -134,7 +134,7 @@ def test_a_cancelled_batch_leaves_the_host_warm_for_the_next(service: Service, e
     assert (still := host_record(service)) is not None and still["pid"] == host["pid"]  # the host stays warm
 
     after = "host-after-cancel"
-    after_lines = [request_line(f"{after}-{i}", MODEL_A) for i in range(8)]
+    after_lines = [item_line(f"{after}-{i}", MODEL_A) for i in range(8)]
     submit(service, after, after_lines, MODEL_A)
     wait_for(lambda: succeeded(service, after), 300, "the next batch to succeed", interval=1,
              explain=lambda: explain_service(service))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,40 +11,40 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
 from batch_pipeline.entrypoints.local_run import register_local_batch, run_batch_in_process
-from tests.conftest import read_jsonl, write_jsonl
-
-MODEL_NAME = "tiny-llama"
-
-
-def chat(custom_id: str, content: str, **params) -> dict:
-    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": content}], "max_tokens": 8,
-            "temperature": 0, **params}
-    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+from tests.support.files import read_jsonl, write_jsonl
+from tests.support.inprocess import by_id, run_batch
+from tests.support.request_lines import MODEL_NAME, chat_line, completion_line
 
 
-def completion(custom_id: str, prompt, **params) -> dict:
-    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 8, "temperature": 0, **params}
-    return {"custom_id": custom_id, "method": "POST", "url": "/v1/completions", "body": body}
-
-
-def run(settings, instance, tiny_model: Path, lines: list, batch_id: str = "b1"):
-    path = write_jsonl(settings.resolved_data_dir.parent / f"{batch_id}.jsonl", lines)
-    spec = register_local_batch(settings, instance, path, str(tiny_model), MODEL_NAME, batch_id=batch_id)
-    result = run_batch_in_process(settings, instance, spec.batch_id)
-    assert result.success, result.error
-    return result, read_jsonl(result.paths.output), read_jsonl(result.paths.errors)
-
-
-def by_id(records: list[dict]) -> dict[str, dict]:
-    return {r["custom_id"]: r for r in records}
+def starts_a_json_object(text: str) -> bool:
+    """Whether `text` is the start of a JSON object: closing what it left open makes it one."""
+    closers, in_string, escaped = [], False, False
+    for char in text:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (char == "\\", char != '"')
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            closers.append("}" if char == "{" else "]")
+        elif char in "}]" and (not closers or closers.pop() != char):
+            return False
+    body = text + ("n" if escaped else "") + ('"' if in_string else "")
+    for ending in ("", "null", ":null"):  # a value (or a key's colon and value) the text stopped before
+        for start in (body, body.rstrip().removesuffix(",")):
+            try:
+                if isinstance(json.loads(start + ending + "".join(reversed(closers))), dict):
+                    return True
+            except ValueError:
+                continue
+    return False
 
 
 @pytest.mark.parametrize("storage", ["sqlite", "postgres"])
 def test_batch_runs_end_to_end_with_openai_shaped_output(storage, request, settings, tiny_model, loaded_engine):
     instance = request.getfixturevalue(f"{storage}_instance")
-    lines = [chat(f"chat-{i}", f"Tell me about item {i}") for i in range(40)]
-    lines += [completion(f"cmpl-{i}", f"Item {i} is") for i in range(10)]
-    result, outputs, errors = run(settings, instance, tiny_model, lines)
+    lines = [chat_line(f"chat-{i}", f"Tell me about item {i}") for i in range(40)]
+    lines += [completion_line(f"cmpl-{i}", f"Item {i} is") for i in range(10)]
+    result, outputs, errors = run_batch(settings, instance, tiny_model, lines)
 
     assert errors == []
     assert [o["custom_id"] for o in outputs] == [line["custom_id"] for line in lines]  # input order, no duplicates
@@ -73,18 +72,22 @@ def test_sampling_parameters_are_honoured(settings, sqlite_instance, tiny_model,
     schema = {"type": "object", "properties": {"label": {"enum": ["yes", "no"]}}, "required": ["label"],
               "additionalProperties": False}
     lines = [
-        chat("n3", "Pick", n=3, temperature=0.9, seed=7),
-        chat("n3-again", "Pick", n=3, temperature=0.9, seed=7),
-        chat("logprobs", "Hello", logprobs=True, top_logprobs=3),
-        chat("limit", "Hello", max_completion_tokens=3, max_tokens=None),
-        chat("schema", "Answer yes or no", max_tokens=40,
+        chat_line("n3", "Pick", n=3, temperature=0.9, seed=7),
+        chat_line("n3-again", "Pick", n=3, temperature=0.9, seed=7),
+        chat_line("logprobs", "Hello", logprobs=True, top_logprobs=3),
+        chat_line("limit", "Hello", max_completion_tokens=3, max_tokens=None),
+        chat_line("schema", "Answer yes or no", max_tokens=40,
              response_format={"type": "json_schema", "json_schema": {"name": "label", "schema": schema, "strict": True}}),
-        chat("json-object", "Answer in JSON", max_tokens=60, response_format={"type": "json_object"}),
-        chat("penalties", "Hello", presence_penalty=1.5, frequency_penalty=1.0, top_p=0.5, temperature=0.7, seed=1),
-        completion("cmpl-logprobs", "The quick brown", logprobs=2),
-        completion("stop", "The quick brown", max_tokens=30),
+        chat_line("json-object", "Answer in JSON", max_tokens=60, response_format={"type": "json_object"}),
+        chat_line("penalties", "Hello", presence_penalty=1.5, frequency_penalty=1.0, top_p=0.5, temperature=0.7, seed=1),
+        # Greedy, with and without penalties: the penalties must reach the sampler and change the text.
+        chat_line("greedy", "Hello", max_tokens=16, ignore_eos=True),
+        chat_line("greedy-penalised", "Hello", max_tokens=16, ignore_eos=True, presence_penalty=2.0,
+                  frequency_penalty=2.0),
+        completion_line("cmpl-logprobs", "The quick brown", logprobs=2),
+        completion_line("stop", "The quick brown", max_tokens=30),
     ]
-    _, outputs, errors = run(settings, sqlite_instance, tiny_model, lines)
+    _, outputs, errors = run_batch(settings, sqlite_instance, tiny_model, lines)
     assert errors == []
     out = {k: v["response"]["body"] for k, v in by_id(outputs).items()}
 
@@ -99,9 +102,15 @@ def test_sampling_parameters_are_honoured(settings, sqlite_instance, tiny_model,
     assert out["limit"]["usage"]["completion_tokens"] <= 3
     assert json.loads(out["schema"]["choices"][0]["message"]["content"])["label"] in ("yes", "no")
     json_object = out["json-object"]["choices"][0]
-    assert json_object["message"]["content"].startswith("{")  # constrained from the first token
-    if json_object["finish_reason"] == "stop":
-        assert isinstance(json.loads(json_object["message"]["content"]), dict)
+    content = json_object["message"]["content"]
+    assert starts_a_json_object(content), content  # constrained from the first token to the last
+    assert json_object["finish_reason"] == "length" or isinstance(json.loads(content), dict), json_object
+
+    assert out["penalties"]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert out["penalties"]["usage"]["completion_tokens"] > 0
+    greedy = out["greedy"]["choices"][0]["message"]["content"]
+    penalised = out["greedy-penalised"]["choices"][0]["message"]["content"]
+    assert greedy != penalised, greedy
 
     logprobs = Completion.model_validate(out["cmpl-logprobs"]).choices[0].logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == out["cmpl-logprobs"]["usage"]["completion_tokens"]
@@ -109,12 +118,13 @@ def test_sampling_parameters_are_honoured(settings, sqlite_instance, tiny_model,
 
     # A stop string taken from the unconstrained text cuts the output right before it.
     full = out["stop"]["choices"][0]["text"]
-    stop = full[len(full) // 2:][:3]
-    if stop.strip():
-        _, outputs2, _ = run(settings, sqlite_instance, tiny_model,
-                             [completion("stop", "The quick brown", max_tokens=30, stop=[stop])], batch_id="b2")
-        cut = outputs2[0]["response"]["body"]["choices"][0]
-        assert cut["text"] == full[: full.index(stop)] and cut["finish_reason"] == "stop"
+    # Three characters of its second half, not blank, that occur there for the first time.
+    stop = next(full[i:i + 3] for i in range(len(full) // 2, len(full) - 2)
+                if full[i:i + 3].strip() and full.index(full[i:i + 3]) == i)
+    _, outputs2, _ = run_batch(settings, sqlite_instance, tiny_model,
+                               [completion_line("stop", "The quick brown", max_tokens=30, stop=[stop])], batch_id="b2")
+    cut = outputs2[0]["response"]["body"]["choices"][0]
+    assert cut["text"] == full[: full.index(stop)] and cut["finish_reason"] == "stop"
 
 
 def test_completions_take_every_prompt_form_with_openai_choice_order(settings, sqlite_instance, tiny_model,
@@ -122,13 +132,13 @@ def test_completions_take_every_prompt_form_with_openai_choice_order(settings, s
     first, second = "Item 1 is", "Item 2 is"
     ids = [list(loaded_engine.tokenizer.encode(text)) for text in (first, second)]
     lines = [
-        completion("first", first), completion("second", second),
-        completion("strings", [first, second]), completion("ids", ids[0]), completion("id-lists", ids),
-        completion("n2-first", first, n=2, temperature=0.9, seed=5),
-        completion("n2-second", second, n=2, temperature=0.9, seed=5),
-        completion("n2-both", [first, second], n=2, temperature=0.9, seed=5),
+        completion_line("first", first), completion_line("second", second),
+        completion_line("strings", [first, second]), completion_line("ids", ids[0]), completion_line("id-lists", ids),
+        completion_line("n2-first", first, n=2, temperature=0.9, seed=5),
+        completion_line("n2-second", second, n=2, temperature=0.9, seed=5),
+        completion_line("n2-both", [first, second], n=2, temperature=0.9, seed=5),
     ]
-    _, outputs, errors = run(settings, sqlite_instance, tiny_model, lines, batch_id="prompts")
+    _, outputs, errors = run_batch(settings, sqlite_instance, tiny_model, lines, batch_id="prompts")
     assert errors == []
     out = {k: Completion.model_validate(v["response"]["body"]) for k, v in by_id(outputs).items()}
 
@@ -145,7 +155,7 @@ def test_completions_take_every_prompt_form_with_openai_choice_order(settings, s
 
 
 def test_bad_lines_become_error_records_and_valid_lines_still_run(settings, sqlite_instance, tiny_model, loaded_engine):
-    good = [chat(f"ok-{i}", "Hello") for i in range(5)]
+    good = [chat_line(f"ok-{i}", "Hello") for i in range(5)]
     lines = [
         good[0],
         "{not json",
@@ -160,7 +170,7 @@ def test_bad_lines_become_error_records_and_valid_lines_still_run(settings, sqli
         {**good[2], "body": {"model": MODEL_NAME, "prompt": "x"}},  # prompt on chat
         {**good[2], "body": {**good[2]["body"], "max_tokens": "ten"}},  # wrong type
         {**good[2], "body": {**good[2]["body"], "model": "another-model"}},
-        chat("too-long", "word " * 2000),
+        chat_line("too-long", "word " * 2000),
         {"custom_id": "embed", "method": "POST", "url": "/v1/embeddings", "body": {"input": "hello"}},
         good[2],
         good[3],
@@ -170,7 +180,7 @@ def test_bad_lines_become_error_records_and_valid_lines_still_run(settings, sqli
     with path.open("ab") as handle:
         handle.write(b'{"custom_id": "latin1", "body": "caf\xe9"}\n')
         handle.write(b'{"custom_id": "huge", "pad": "' + b"x" * (settings.max_line_bytes + 10) + b'"}\n')
-        handle.write(json.dumps(chat("last", "Hello")).encode() + b"\n")
+        handle.write(json.dumps(chat_line("last", "Hello")).encode() + b"\n")
     spec = register_local_batch(settings, sqlite_instance, path, str(tiny_model), MODEL_NAME, batch_id="bad")
     result = run_batch_in_process(settings, sqlite_instance, spec.batch_id)
     assert result.success, result.error
@@ -189,13 +199,13 @@ def test_bad_lines_become_error_records_and_valid_lines_still_run(settings, sqli
 
 
 def test_rerun_after_partial_chunks_only_computes_missing_chunks(settings, sqlite_instance, tiny_model, loaded_engine):
-    lines = [chat(f"r-{i}", f"Item {i}") for i in range(48)]  # 3 chunks of 16
-    first, outputs, _ = run(settings, sqlite_instance, tiny_model, lines, batch_id="resume")
+    lines = [chat_line(f"r-{i}", f"Item {i}") for i in range(48)]  # 3 chunks of 16
+    first, outputs, _ = run_batch(settings, sqlite_instance, tiny_model, lines, batch_id="resume")
     chunk1 = first.paths.chunk(1)
     kept = {i: first.paths.chunk(i).stat().st_mtime_ns for i in (0, 2)}
     chunk1.unlink()  # as if the run had died before chunk 1 was written
 
-    second, outputs_again, _ = run(settings, sqlite_instance, tiny_model, lines, batch_id="resume")
+    second, outputs_again, _ = run_batch(settings, sqlite_instance, tiny_model, lines, batch_id="resume")
     assert second.summary["chunks_resumed"] == 2 and second.summary["chunks_run"] == 1
     assert {i: first.paths.chunk(i).stat().st_mtime_ns for i in (0, 2)} == kept
     assert [o["custom_id"] for o in outputs_again] == [line["custom_id"] for line in lines]
@@ -211,11 +221,11 @@ def test_an_embeddings_batch_runs_on_a_pooling_engine(settings, sqlite_instance,
                 "body": {"model": MODEL_NAME, "input": value}}
 
     lines = [embed("one", "the quick brown fox"), embed("two", ["the quick brown fox", "a lazy dog"]),
-             embed("ids", [5, 6, 7, 8]), chat("chat", "Hello"), embed("long", "word " * 2000),
+             embed("ids", [5, 6, 7, 8]), chat_line("chat", "Hello"), embed("long", "word " * 2000),
              embed("dims", "x") | {"body": {"input": "x", "dimensions": 8}},
              embed("b64", "the quick brown fox") | {"body": {"input": "the quick brown fox",
                                                              "encoding_format": "base64"}}]
-    _, outputs, errors = run(settings, sqlite_instance, tiny_model, lines, batch_id="emb")
+    _, outputs, errors = run_batch(settings, sqlite_instance, tiny_model, lines, batch_id="emb")
     bodies = {o["custom_id"]: o["response"]["body"] for o in outputs}
     # base64 (the official client's default): little-endian float32, which the client decodes the same way.
     encoded = bodies.pop("b64")["data"][0]["embedding"]

@@ -9,7 +9,7 @@ from dagster import build_sensor_context
 
 from batch_pipeline.domain.settings import Settings, get_settings
 from batch_pipeline.entrypoints.api.service import BatchService
-from tests.conftest import REPO, write_jsonl
+from tests.support.files import REPO, write_jsonl
 
 LINES = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
           "body": {"model": "tiny-llama", "prompt": f"p{i}", "max_tokens": 2}} for i in range(3)]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
@@ -12,26 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, write_jsonl
-
-CLI = [sys.executable, "-m", "batch_pipeline.entrypoints.cli"]
-# What vLLM, torch, Triton and Python's warnings print: vLLM's "WARNING 12-07 19:58:03 [file.py:1]" prefix, a
-# FutureWarning or UserWarning line, torch's C++ "[W1207 ..." lines, the Triton, LD_PRELOAD and checkpoint lines.
-LIBRARY_LINE = re.compile(r"(WARNING|INFO) \d\d-\d\d |Warning: |^\[W\d{4}|Triton|LD_PRELOAD|safetensors", re.M)
-
-
-def run_cli(args: list[str], env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
-    """The CLI as a user runs it, in its own process group (killed with what it left behind)."""
-    proc = subprocess.Popen(CLI + args, env=env, cwd=env["VBATCH_HOME"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+from tests.support.cli import LIBRARY_LINE, run_cli
+from tests.support.files import REPO, write_jsonl
+from tests.support.request_lines import chat_lines
 
 
 def cli_env(home: Path) -> dict[str, str]:
@@ -43,12 +25,6 @@ def cli_env(home: Path) -> dict[str, str]:
     for name in ("dagster.yaml", "workspace.yaml"):
         (home / name).write_text((REPO / name).read_text())
     return env
-
-
-def chat_lines(count: int) -> list[dict]:
-    return [{"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
-             "body": {"model": "tiny", "max_tokens": 8, "temperature": 0, "ignore_eos": True,
-                      "messages": [{"role": "user", "content": f"Question number {i}?"}]}} for i in range(count)]
 
 
 def test_library_output_of_this_process_and_its_children_goes_to_the_log(tmp_path):
@@ -89,9 +65,9 @@ def test_library_output_of_this_process_and_its_children_goes_to_the_log(tmp_pat
 def verbose_run(tmp_path_factory, tiny_model) -> tuple[subprocess.CompletedProcess, Path]:
     """One small batch run with -v on the tiny model (the quiet default is `make demo`'s: tests/test_readme.py)."""
     home = tmp_path_factory.mktemp("verbose")
-    batch = write_jsonl(home / "in.jsonl", chat_lines(12))
+    batch = write_jsonl(home / "in.jsonl", chat_lines(12, max_tokens=8))
     args = ["run", str(batch), "--model", str(tiny_model), "--model-name", "tiny", "--batch-id", "verbose", "-v"]
-    return run_cli(args, cli_env(home)), home
+    return run_cli(args, cli_env(home), cwd=home), home
 
 
 def test_verbose_shows_what_vllm_and_torch_print(verbose_run):
@@ -109,8 +85,9 @@ def test_a_failed_engine_load_says_why_in_one_line_with_the_log(tmp_path):
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text('{"architectures": ["NopeForCausalLM"], "model_type": "nope"}')
-    batch = write_jsonl(tmp_path / "in.jsonl", chat_lines(3))
-    result = run_cli(["run", str(batch), "--model", str(broken), "--model-name", "tiny"], cli_env(tmp_path / "home"))
+    batch = write_jsonl(tmp_path / "in.jsonl", chat_lines(3, max_tokens=8))
+    home = tmp_path / "home"
+    result = run_cli(["run", str(batch), "--model", str(broken), "--model-name", "tiny"], cli_env(home), cwd=home)
     assert result.returncode == 1
     lines = (result.stdout + result.stderr).strip().splitlines()
     assert lines[-1].startswith("error: batch ") and "could not load model" in lines[-1]

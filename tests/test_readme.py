@@ -13,14 +13,12 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-from tests.test_quiet_console import LIBRARY_LINE
+from tests.support.cli import LIBRARY_LINE, console_of
+from tests.support.files import REPO
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
 _BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
@@ -66,21 +64,6 @@ def scratch_checkout(folder: Path) -> Path:
     for name in (".venv", "models"):
         (folder / name).symlink_to(REPO / name)
     return folder
-
-
-def console_of(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> tuple[int, str]:
-    """Exit status and console (stdout and stderr as one terminal shows them) of a command, in its own process
-    group (killed with whatever it left behind)."""
-    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return proc.returncode, out
 
 
 def kind(line: str) -> str:

@@ -21,7 +21,7 @@ from batch_pipeline.domain.replay import (
     model_fingerprint,
     public_view,
 )
-from tests.conftest import REPO, read_jsonl, write_jsonl
+from tests.support.files import REPO, read_jsonl, write_jsonl
 
 MODEL_NAME = "tiny-llama"
 

@@ -20,7 +20,7 @@ from batch_pipeline.domain.status import ChunkStats, derive_batch, read_facts
 from batch_pipeline.entrypoints.local_run import run_batch_in_process
 from resources.response_cache import CacheEntry, ResponseCache
 from resources.vllm_engine import VLLMEngine
-from tests.conftest import REPO, read_jsonl, write_jsonl
+from tests.support.files import REPO, read_jsonl, write_jsonl
 
 MODEL_NAME = "tiny-llama"
 

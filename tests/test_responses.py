@@ -15,8 +15,9 @@ from batch_pipeline.domain.input_file import InvalidLine, ValidRequest, scan_bat
 from batch_pipeline.domain.intake import IntakeError, model_for_endpoint
 from batch_pipeline.domain.openai_bodies import prepare_requests
 from batch_pipeline.domain.records import RESPONSES_URL
-from tests.conftest import write_jsonl
-from tests.test_pipeline_e2e import MODEL_NAME, by_id, chat, completion, run
+from tests.support.files import write_jsonl
+from tests.support.inprocess import by_id, run_batch
+from tests.support.request_lines import LONG_PROMPT, MODEL_NAME, chat_line, completion_line
 
 SCHEMA = {"type": "object", "properties": {"label": {"enum": ["yes", "no"]}}, "required": ["label"],
           "additionalProperties": False}
@@ -101,19 +102,19 @@ def test_an_unsupported_feature_is_one_clear_error_for_that_line_only(tmp_path, 
     ("presence_penalty", -2.5), ("frequency_penalty", 3), ("top_k", "5"), ("min_tokens", -1),
     ("repetition_penalty", 0), ("ignore_eos", "yes")])
 def test_a_sampling_field_is_checked_alike_on_every_generative_endpoint(tmp_path, field, value):
-    results = scan(tmp_path, [respond("responses", "Hi", **{field: value}), chat("chat", "Hi", **{field: value}),
-                              completion("completions", "Hi", **{field: value})])
+    results = scan(tmp_path, [respond("responses", "Hi", **{field: value}), chat_line("chat", "Hi", **{field: value}),
+                              completion_line("completions", "Hi", **{field: value})])
     assert all(isinstance(r, InvalidLine) and r.error.code == "invalid_body" for r in results), results
     messages = {r.error.message for r in results}
     assert len(messages) == 1 and f"body: {field}" in messages.pop()
 
 
 def test_five_stop_sequences_are_refused_in_openais_words(tmp_path):
-    [result] = scan(tmp_path, [chat("chat", "Hi", stop=["a", "b", "c", "d", "e"])])
+    [result] = scan(tmp_path, [chat_line("chat", "Hi", stop=["a", "b", "c", "d", "e"])])
     assert result.error.message == ("invalid body: stop: array too long. Expected an array with maximum length 4, "
                                     "but got an array with length 5 instead.")
     assert all(isinstance(r, ValidRequest) for r in scan(tmp_path, [
-        respond("four", "Hi", stop=["a", "b", "c", "d"]), chat("one", "Hi", stop="a"), respond("none", "Hi", stop=None)]))
+        respond("four", "Hi", stop=["a", "b", "c", "d"]), chat_line("one", "Hi", stop="a"), respond("none", "Hi", stop=None)]))
 
 
 def test_a_body_becomes_the_chat_template_tokens_and_vllm_parameters(tmp_path, tokenizer):
@@ -192,15 +193,21 @@ def test_a_responses_batch_runs_end_to_end(settings, sqlite_instance, tiny_model
                 text={"format": {"type": "json_schema", "name": "label", "schema": SCHEMA, "strict": True}}),
         respond("tools", "Hi", tools=[{"type": "function", "name": "lookup", "parameters": {}}]),
         respond("long", "word " * 2000),
-        chat("chat", "Hello"),  # another endpoint in the same batch still runs: both are generative
+        chat_line("chat", "Hello"),  # another endpoint in the same batch still runs: both are generative
+        respond("cached", LONG_PROMPT),
     ]
-    _, outputs, errors = run(settings, sqlite_instance, tiny_model, lines, batch_id="responses")
+    _, outputs, errors = run_batch(settings, sqlite_instance, tiny_model, lines, batch_id="responses")
+    # The same long prompt again, on the same engine: vLLM finds its blocks in the prefix cache.
+    _, again, _ = run_batch(settings, sqlite_instance, tiny_model, [respond("cached", LONG_PROMPT)],
+                            batch_id="responses-again")
+    cached = Response.model_validate(again[0]["response"]["body"]).usage
     assert {e["custom_id"]: e["error"]["code"] for e in errors} == {
         "tools": "invalid_body", "long": "context_length_exceeded"}
     bodies = {k: v["response"]["body"] for k, v in by_id(outputs).items()}
     assert bodies.pop("chat")["object"] == "chat.completion"
     out = {k: Response.model_validate(body) for k, body in bodies.items()}
-    assert sorted(out) == ["cut", "messages", "schema", "string"]
+    assert sorted(out) == ["cached", "cut", "messages", "schema", "string"]
+    assert 0 < cached.input_tokens_details.cached_tokens < cached.input_tokens == out["cached"].usage.input_tokens
 
     tokenizer = loaded_engine.tokenizer
     for response in out.values():
@@ -234,16 +241,14 @@ def test_a_responses_batch_runs_end_to_end(settings, sqlite_instance, tiny_model
 
     schema = out["schema"]
     assert schema.text.format.type == "json_schema" and schema.text.format.name == "label"
-    if schema.status == "completed":
-        assert json.loads(schema.output[0].content[0].text)["label"] in ("yes", "no")
-    else:
-        assert schema.output[0].content[0].text.startswith("{")  # constrained from the first token
+    assert schema.status == "completed", schema.output[0].content[0].text  # the grammar closed it within 40 tokens
+    assert json.loads(schema.output[0].content[0].text)["label"] in ("yes", "no")
     for key in ("string", "messages"):
         assert out[key].status == "completed" or out[key].usage.output_tokens == 8
 
 
 def test_cli_submit_queues_a_responses_batch(tmp_path, tiny_model):
-    from tests.api.conftest import Stack, install_instance, stack_env
+    from tests.support.api_stack import Stack, install_instance, stack_env
 
     offline = Stack(tmp_path, stack_env(tmp_path, tiny_model))  # no daemon: the batch stays queued
     install_instance(offline.env)

@@ -14,15 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from batch_pipeline.entrypoints.local_run import register_local_batch, run_batch_in_process
-from tests.conftest import read_jsonl, write_jsonl
+from tests.support.files import read_jsonl, write_jsonl
+from tests.support.request_lines import completion_line
 
 MODEL_NAME = "tiny-llama"
 BATCH = "reused"
-
-
-def completion(custom_id: str, prompt: str) -> dict:
-    return {"custom_id": custom_id, "method": "POST", "url": "/v1/completions",
-            "body": {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 6, "temperature": 0}}
 
 
 def texts(path: Path) -> dict[str, str]:
@@ -44,7 +40,7 @@ def validate_only(settings, instance) -> None:
 @pytest.mark.parametrize("change", ["input", "model", "chunk_size"])
 def test_a_reused_batch_id_with_another_input_model_or_chunk_size_discards_stale_chunks(
         change, settings, sqlite_instance, tiny_model, loaded_engine, tmp_path):
-    lines = [completion(f"s-{i}", f"Item {i} is") for i in range(40)]  # chunks of 16: 3 chunks
+    lines = [completion_line(f"s-{i}", f"Item {i} is", MODEL_NAME, max_tokens=6) for i in range(40)]  # chunks of 16: 3 chunks
     path = write_jsonl(tmp_path / "in.jsonl", lines)
     register_local_batch(settings, sqlite_instance, path, str(tiny_model), MODEL_NAME, batch_id=BATCH)
     first = run_batch_in_process(settings, sqlite_instance, BATCH)
@@ -54,7 +50,7 @@ def test_a_reused_batch_id_with_another_input_model_or_chunk_size_discards_stale
 
     model, chunk_size = str(tiny_model), None
     if change == "input":  # the same file name and custom_ids, other prompts
-        write_jsonl(path, [completion(f"s-{i}", f"Another thing {i} was") for i in range(40)])
+        write_jsonl(path, [completion_line(f"s-{i}", f"Another thing {i} was", MODEL_NAME, max_tokens=6) for i in range(40)])
     elif change == "model":
         model = str(shutil.copytree(tiny_model, tmp_path / "another-model"))
     else:

@@ -26,7 +26,7 @@ import pytest
 
 from batch_pipeline.entrypoints.local_run import BatchRun, register_local_batch, run_batch_in_process
 from resources.storage import BatchPaths
-from tests.conftest import REPO, read_jsonl, write_jsonl
+from tests.support.files import REPO, read_jsonl, write_jsonl
 
 MODEL_NAME = "tiny-llama"
 BATCH = "faults"

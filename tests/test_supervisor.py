@@ -2,55 +2,31 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 
-from tests.conftest import REPO
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def children_named(process: psutil.Process, word: str) -> list[psutil.Process]:
-    found = []
-    for child in process.children(recursive=True):
-        try:
-            if any(word in part for part in child.cmdline()):
-                found.append(child)
-        except psutil.Error:
-            continue
-    return found
+from tests.support.environment import clean_environ
+from tests.support.files import REPO
+from tests.support.ports import free_port
+from tests.support.processes import children_running
+from tests.support.waiting import wait_for
 
 
 def test_a_killed_supervisor_takes_its_daemon_and_webserver_with_it(tmp_path: Path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VBATCH_", "VLLM_BATCH_", "DAGSTER_"))}
+    env = clean_environ()
     env.update(VBATCH_HOME=str(REPO), VBATCH_DATA_DIR=str(tmp_path / "data"), DAGSTER_HOME=str(tmp_path / "dagster"))
     command = [sys.executable, "-m", "batch_pipeline.entrypoints.cli", "start", "--port", str(free_port())]
     first = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         supervisor = psutil.Process(first.pid)
-        daemon = wait_for(lambda: children_named(supervisor, "dagster-daemon"), 120, "the daemon to start")[0]
-        webserver = wait_for(lambda: children_named(supervisor, "dagster-webserver"), 120, "the webserver")[0]
+        daemon = wait_for(lambda: children_running(supervisor, "dagster-daemon"), 120, "the daemon to start",
+                          watch=[first])[0]
+        webserver = wait_for(lambda: children_running(supervisor, "dagster-webserver"), 120, "the webserver",
+                             watch=[first])[0]
 
         second = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert second.returncode == 1
@@ -65,7 +41,7 @@ def test_a_killed_supervisor_takes_its_daemon_and_webserver_with_it(tmp_path: Pa
         # The kernel released the lock with the dead supervisor: a new one starts.
         third = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
-            wait_for(lambda: children_named(psutil.Process(third.pid), "dagster-daemon"), 120, "a new daemon")
+            wait_for(lambda: children_running(third.pid, "dagster-daemon"), 120, "a new daemon", watch=[third])
         finally:
             third.send_signal(signal.SIGTERM)
             third.wait(120)

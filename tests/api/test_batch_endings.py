@@ -15,8 +15,9 @@ import openai
 import pytest
 import yaml
 
-from tests.api.conftest import MODEL_NAME, REPO, Stack
-from tests.api.test_batches_api import TERMINAL, chat_line, poll
+from tests.support.api_stack import TERMINAL, Stack, chat_text, poll
+from tests.support.files import REPO
+from tests.support.request_lines import MODEL_NAME
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -95,7 +96,7 @@ def test_a_running_batch_whose_window_closes_is_expired_by_the_api_servers_sweep
 
 def test_cancelling_a_completed_batch_is_refused_and_changes_nothing(stack: Stack, client: openai.OpenAI,
                                                                      tmp_path: Path):
-    file_id = upload(client, tmp_path / "small.jsonl", [chat_line(f"done-{i}", "Hi", max_tokens=2) for i in range(2)])
+    file_id = upload(client, tmp_path / "small.jsonl", [chat_text(f"done-{i}", "Hi", max_tokens=2) for i in range(2)])
     batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
     done, _ = poll(client, batch.id, TERMINAL, timeout=300)
     assert done.status == "completed", (done, stack.log("daemon"))
@@ -121,7 +122,7 @@ def test_a_model_that_fails_to_load_fails_the_batch_with_the_reason(stack: Stack
     models["models"]["broken"] = {"path": str(broken)}
     models_file.write_text(yaml.safe_dump(models))
     try:
-        line = chat_line("b-0", "Hi").replace(f'"model": "{MODEL_NAME}"', '"model": "broken"')
+        line = chat_text("b-0", "Hi").replace(f'"model": "{MODEL_NAME}"', '"model": "broken"')
         file_id = upload(client, tmp_path / "broken.jsonl", [line])
         batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
         assert batch.model == "broken"
@@ -144,7 +145,7 @@ def test_a_model_that_fails_to_load_fails_the_batch_with_the_reason(stack: Stack
 def test_a_batch_whose_input_file_was_deleted_before_it_ran_fails_as_invalid_file(stack: Stack,
                                                                                    client: openai.OpenAI,
                                                                                    tmp_path: Path):
-    file_id = upload(client, tmp_path / "gone.jsonl", [chat_line("g-0", "Hi", max_tokens=2)])
+    file_id = upload(client, tmp_path / "gone.jsonl", [chat_text("g-0", "Hi", max_tokens=2)])
     batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
     assert client.files.delete(file_id).deleted  # before the daemon's run reads it (runs take seconds to start)
     failed, _ = poll(client, batch.id, TERMINAL, timeout=300)

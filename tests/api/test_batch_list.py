@@ -25,7 +25,8 @@ from batch_pipeline.domain.settings import Settings
 from batch_pipeline.entrypoints.api.app import create_app
 from batch_pipeline.entrypoints.local_run import register_local_batch, run_batch_in_process
 from resources.storage import BatchStorage
-from tests.api.conftest import MODEL_NAME, REPO
+from tests.support.files import REPO
+from tests.support.request_lines import MODEL_NAME
 
 KEY = "list-test-key-5e1f0a2b"
 ADMIN = "list-test-admin-9c4d7b13"  # sees batches of no tenant too (from the UI)

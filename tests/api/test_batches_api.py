@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -13,35 +12,15 @@ import openai
 import pytest
 from openai.types import Batch, FileObject
 
-from tests.api.conftest import ADMIN_KEY, API_KEY, MAX_UPLOAD_BYTES, MODEL_NAME, REPO, Stack
-
-TERMINAL = {"completed", "failed", "expired", "cancelled"}
-
-
-def chat_line(custom_id: str, content: str, max_tokens: int = 6) -> str:
-    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
-            "temperature": 0}
-    return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body})
-
-
-def poll(client: openai.OpenAI, batch_id: str, until: set[str], timeout: float) -> tuple[Batch, list[str]]:
-    """Poll a batch until its status is in `until`; returns it and every status seen, in order."""
-    seen: list[str] = []
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        batch = client.batches.retrieve(batch_id)
-        if not seen or seen[-1] != batch.status:
-            seen.append(batch.status)
-        if batch.status in until:
-            return batch, seen
-        time.sleep(1)
-    raise AssertionError(f"batch {batch_id} still {seen[-1] if seen else '?'} after {timeout}s (seen {seen})")
+from tests.support.api_stack import ADMIN_KEY, API_KEY, MAX_UPLOAD_BYTES, TERMINAL, Stack, chat_text, poll
+from tests.support.files import REPO
+from tests.support.request_lines import MODEL_NAME
 
 
 def test_official_client_runs_a_batch_end_to_end(stack: Stack, client: openai.OpenAI, tmp_path):
-    lines = [chat_line(f"req-{i}", f"Tell me about item {i}") for i in range(10)]
+    lines = [chat_text(f"req-{i}", f"Tell me about item {i}") for i in range(10)]
     lines.insert(3, "{not json")
-    lines.append(chat_line("req-1", "a duplicate custom_id"))
+    lines.append(chat_text("req-1", "a duplicate custom_id"))
     path = tmp_path / "batch.jsonl"
     path.write_text("\n".join(lines) + "\n")
 
@@ -105,7 +84,7 @@ def test_official_client_runs_a_batch_end_to_end(stack: Stack, client: openai.Op
 def test_cancel_stops_the_running_batch_and_keeps_an_error_per_request(stack: Stack, client: openai.OpenAI, tmp_path,
                                                                        request):
     path = tmp_path / "long.jsonl"
-    path.write_text("\n".join(chat_line(f"long-{i}", f"Item {i}", max_tokens=200) for i in range(40)) + "\n")
+    path.write_text("\n".join(chat_text(f"long-{i}", f"Item {i}", max_tokens=200) for i in range(40)) + "\n")
     hold = Path(stack.env["VBATCH_TEST_HOLD_FILE"])  # the step waits after each chunk until it is cancelled
     hold.touch()
     request.addfinalizer(lambda: hold.unlink(missing_ok=True))
@@ -213,7 +192,7 @@ def test_unknown_ids_answer_404_in_the_openai_error_shape(client: openai.OpenAI)
 def test_uploads_over_the_limit_answer_413_and_keep_nothing(stack: Stack, client: openai.OpenAI, tmp_path):
     before = {f.id for f in client.files.list()}
     big = tmp_path / "big.jsonl"
-    line = chat_line("x", "y" * 1000) + "\n"
+    line = chat_text("x", "y" * 1000) + "\n"
     big.write_text(line * (MAX_UPLOAD_BYTES // len(line) + 2))
     with pytest.raises(openai.APIStatusError) as caught:
         client.files.create(file=big.open("rb"), purpose="batch")
@@ -238,7 +217,7 @@ def test_uploads_over_the_limit_answer_413_and_keep_nothing(stack: Stack, client
 
 def test_bad_requests_answer_400_or_422(stack: Stack, client: openai.OpenAI, tmp_path):
     path = tmp_path / "ok.jsonl"
-    path.write_text(chat_line("a", "b") + "\n")
+    path.write_text(chat_text("a", "b") + "\n")
     file_id = client.files.create(file=path.open("rb"), purpose="batch").id
     with pytest.raises(openai.BadRequestError) as caught:
         client.batches.create(input_file_id=file_id, endpoint="/v1/completions", completion_window="24h")
@@ -251,7 +230,7 @@ def test_bad_requests_answer_400_or_422(stack: Stack, client: openai.OpenAI, tmp
         client.files.create(file=path.open("rb"), purpose="fine-tune")
     assert caught.value.body["param"] == "purpose"
     other = tmp_path / "other.jsonl"
-    other.write_text(chat_line("a", "b").replace(MODEL_NAME, "no-such-model") + "\n")
+    other.write_text(chat_text("a", "b").replace(MODEL_NAME, "no-such-model") + "\n")
     with pytest.raises(openai.BadRequestError) as caught:
         client.batches.create(input_file_id=client.files.create(file=other.open("rb"), purpose="batch").id,
                               endpoint="/v1/chat/completions", completion_window="24h")

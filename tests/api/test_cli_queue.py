@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from tests.api.conftest import MODEL_NAME, REPO, Stack
+from tests.support.api_stack import Stack
+from tests.support.files import REPO
+from tests.support.request_lines import MODEL_NAME
 
 THREE = REPO / "tests" / "api" / "data" / "three.jsonl"
 
@@ -72,10 +74,12 @@ def test_serve_refuses_to_start_without_api_keys(offline: Stack):
     assert result.returncode == 1 and result.stderr.startswith("error: no API keys configured")
 
 
-def test_a_closed_completion_window_expires_the_batch_with_an_error_per_request(offline: Stack, tmp_path: Path):
+def test_a_closed_completion_window_expires_the_batch_with_an_error_per_request(offline: Stack, tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch):
     from dagster import DagsterInstance, materialize
 
     from assets import batch_input
+    from batch_pipeline.domain import stopping
     from batch_pipeline.domain.settings import Settings
     from batch_pipeline.entrypoints.api.service import BatchService
     from resources.storage import BatchStorage
@@ -87,15 +91,16 @@ def test_a_closed_completion_window_expires_the_batch_with_an_error_per_request(
         upload = service.files.upload_path()
         upload.write_bytes(THREE.read_bytes())
         file = service.files.adopt(upload, "three.jsonl", "batch")
-        batch = service.create(file.id, "/v1/completions", "8s")
-        assert batch.expires_at - batch.created_at in (8, 9)
+        batch = service.create(file.id, "/v1/completions", "1h")
+        assert batch.expires_at - batch.created_at in (3600, 3601)
         # Validate it (no engine needed for this stage), as the daemon's run would have started to.
         assert materialize([batch_input], partition_key=batch.id, instance=instance,
                            resources={"storage": BatchStorage(data_dir=str(offline.data_dir))}).success
         assert service.describe(batch.id).status == "validating"
-        time.sleep(max(batch.expires_at - time.time(), 0) + 0.5)
-
+        # The window closes: the expiry check runs an hour and a second later (its clock, not the test's wait).
+        monkeypatch.setattr(stopping, "time", SimpleNamespace(time=lambda: batch.expires_at + 1))
         service.enforce_stops()
+        monkeypatch.undo()
         expired = service.describe(batch.id)
         assert expired.status == "expired" and expired.expired_at >= batch.expires_at
         assert expired.request_counts.model_dump() == {"total": 3, "completed": 0, "failed": 3}

@@ -11,25 +11,14 @@ import httpx
 import openai
 import pytest
 
-from tests.api.conftest import API_KEY, MODEL_NAME, Stack
-from tests.api.test_batches_api import TERMINAL, chat_line, poll
-
-# Long enough to fill several KV-cache blocks, so that requests scheduled after the first find it cached.
-SHARED_PREFIX = "You are a careful assistant. Answer in one short sentence. " * 24
+from tests.support.api_stack import API_KEY, TERMINAL, Stack, chat_text, poll
+from tests.support.request_lines import LONG_PROMPT, MODEL_NAME
+from tests.support.waiting import wait_for
 
 
 def _upload(client: openai.OpenAI, path: Path, lines: list[str], **kwargs):
     path.write_text("\n".join(lines) + "\n")
     return client.files.create(file=path.open("rb"), purpose="batch", **kwargs)
-
-
-def _wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if condition():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{what} did not happen within {timeout}s")
 
 
 def _gone(call) -> bool:
@@ -42,13 +31,13 @@ def _gone(call) -> bool:
 
 def test_usage_with_cached_tokens_and_output_expiry_reach_the_official_client(stack: Stack, client: openai.OpenAI,
                                                                               tmp_path: Path):
-    lines = [chat_line(f"p-{i}", SHARED_PREFIX + f"Question {i}: what is {i} + {i}?") for i in range(12)]
+    lines = [chat_text(f"p-{i}", LONG_PROMPT + f"Question {i}: what is {i} + {i}?") for i in range(12)]
     lines.append("{not json")  # so that the batch has an error file too
     uploaded = _upload(client, tmp_path / "prefix.jsonl", lines,
                        expires_after={"anchor": "created_at", "seconds": 3600})
     assert uploaded.expires_at == uploaded.created_at + 3600
     assert client.files.retrieve(uploaded.id).expires_at == uploaded.expires_at
-    keep = _upload(client, tmp_path / "keep.jsonl", [chat_line("k", "keep me")])
+    keep = _upload(client, tmp_path / "keep.jsonl", [chat_text("k", "keep me")])
     assert keep.expires_at is None
 
     batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
@@ -84,7 +73,7 @@ def test_usage_with_cached_tokens_and_output_expiry_reach_the_official_client(st
         record["file"]["expires_at"] = int(time.time()) - 1
         (files / file_id / "file.json").write_text(json.dumps(record))
     swept = (uploaded.id, done.output_file_id, done.error_file_id)
-    _wait_until(lambda: not any((files / file_id / "file.json").exists() for file_id in swept), 60,
+    wait_for(lambda: not any((files / file_id / "file.json").exists() for file_id in swept), 60,
                 "the expiry sweep")
     for file_id in swept:
         with pytest.raises(openai.NotFoundError) as caught:
@@ -108,9 +97,9 @@ def test_expiry_policies_out_of_range_or_with_another_anchor_answer_400(client: 
     for policy in ({"anchor": "created_at", "seconds": 3599}, {"anchor": "created_at", "seconds": 2592001},
                    {"anchor": "last_active_at", "seconds": 3600}):
         with pytest.raises(openai.BadRequestError) as caught:
-            _upload(client, path, [chat_line("a", "b")], expires_after=policy)  # type: ignore[arg-type]
+            _upload(client, path, [chat_text("a", "b")], expires_after=policy)  # type: ignore[arg-type]
         assert caught.value.body["param"] == "expires_after" and caught.value.body["type"] == "invalid_request_error"
-    file_id = _upload(client, path, [chat_line("a", "b")]).id
+    file_id = _upload(client, path, [chat_text("a", "b")]).id
     for policy in ({"anchor": "created_at", "seconds": 60}, {"anchor": "created_at", "seconds": 2592001},
                    {"anchor": "expires_at", "seconds": 3600}):
         with pytest.raises(openai.BadRequestError) as caught:
@@ -120,10 +109,10 @@ def test_expiry_policies_out_of_range_or_with_another_anchor_answer_400(client: 
 
 
 def test_a_batch_with_no_valid_line_fails_with_each_lines_error(stack: Stack, client: openai.OpenAI, tmp_path: Path):
-    get_line = json.loads(chat_line("g", "hello"))
+    get_line = json.loads(chat_text("g", "hello"))
     get_line["method"] = "GET"
     # The first line is a JSON object: an upload whose first line is not is refused at once (400 invalid_file).
-    lines = [json.dumps(get_line), "{not json", "[1, 2]", chat_line("d", "x").replace('"custom_id": "d"', '"custom_id": ""')]
+    lines = [json.dumps(get_line), "{not json", "[1, 2]", chat_text("d", "x").replace('"custom_id": "d"', '"custom_id": ""')]
     uploaded = _upload(client, tmp_path / "bad.jsonl", lines)
     batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
     failed, _ = poll(client, batch.id, TERMINAL, timeout=180)
@@ -140,7 +129,7 @@ def test_partial_results_of_a_running_batch_are_a_prefix_of_the_final_output(sta
     # Later lines ask for more tokens, so chunks finish one after another while the batch runs.
     lines = []
     for i in range(40):
-        line = json.loads(chat_line(f"r-{i:02d}", f"Count to {i}", max_tokens=24 + 16 * i))
+        line = json.loads(chat_text(f"r-{i:02d}", f"Count to {i}", max_tokens=24 + 16 * i))
         line["body"]["ignore_eos"] = True
         lines.append(json.dumps(line))
     uploaded = _upload(client, tmp_path / "growing.jsonl", lines)

@@ -16,7 +16,7 @@ import pytest
 
 from batch_pipeline.domain.tenancy import key_fingerprint
 from batch_pipeline.entrypoints.api.files import FileStore
-from tests.api.conftest import API_KEY, OTHER_KEY, Stack
+from tests.support.api_stack import API_KEY, OTHER_KEY, Stack
 
 FILES = 23
 PAGE = 5  # FILES is more than four pages of this

@@ -6,7 +6,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from tests.api.conftest import API_KEY, Stack
+from tests.support.api_stack import API_KEY, Stack
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 

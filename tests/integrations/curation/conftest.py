@@ -9,10 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +19,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-REPO = Path(__file__).resolve().parents[3]
+from tests.support.files import REPO
+from tests.support.ports import free_port
+from tests.support.services import start_process, stop_processes
+from tests.support.waiting import wait_for
+
 CACHE = Path(os.environ.get("VBATCH_TEST_CACHE") or Path.home() / ".cache" / "vllm-batch-tests")
 LABEL_STUDIO_BIN = CACHE / "label-studio-venv" / "bin" / "label-studio"
 TEMPLATE = CACHE / "label-studio-data-template"
@@ -40,12 +41,6 @@ class LabelStudioServer:
         from label_studio_sdk import LabelStudio
 
         return LabelStudio(base_url=self.url, api_key=self.token)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _answers(url: str, token: str = TOKEN) -> bool:
@@ -86,32 +81,24 @@ def label_studio_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[La
 def _start(folder: Path) -> tuple[subprocess.Popen, str]:
     """Start Label Studio on a free port with its data in `folder/data`; wait until the API answers."""
     folder.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "LABEL_STUDIO_USERNAME": "reviewer@example.com", "LABEL_STUDIO_PASSWORD": "reviewer-pass-1",
            "LABEL_STUDIO_USER_TOKEN": TOKEN, "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
            "LATEST_VERSION_CHECK": "false"}
-    with (folder / "server.log").open("w") as log:
-        process = subprocess.Popen(
-            [str(LABEL_STUDIO_BIN), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
-             "--data-dir", str(folder / "data")], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = start_process([str(LABEL_STUDIO_BIN), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port",
+                             str(port), "--data-dir", str(folder / "data")], env, folder / "server.log")
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while not _answers(url):
-        if process.poll() is not None or time.monotonic() > deadline:
-            _stop(process)
-            pytest.fail(f"Label Studio did not start; see {folder / 'server.log'}")
-        time.sleep(0.5)
+    try:
+        wait_for(lambda: _answers(url), STARTUP_SECONDS, "Label Studio to answer", watch=[process],
+                 log=folder / "server.log")
+    except AssertionError:
+        _stop(process)
+        raise
     return process, url
 
 
 def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    stop_processes(process, timeout=30)
 
 
 @pytest.fixture
@@ -240,3 +227,15 @@ def review_tasks(server: LabelStudioServer, batch_id: str) -> list:
     projects = [p.id for p in server.client().projects.list(page_size=100)]
     return [task for project in projects
             for task in resource.iter_tasks(project, data_filter(kind="review", batch_id=batch_id), with_annotations=True)]
+
+
+def review(decision: str | None = None, rating: int | None = None, answer: str | None = None) -> list[dict]:
+    """An annotation's result as a reviewer submits it in the review config."""
+    result = []
+    if decision:
+        result.append({"from_name": "decision", "to_name": "prompt", "type": "choices", "value": {"choices": [decision]}})
+    if rating:
+        result.append({"from_name": "rating", "to_name": "prompt", "type": "rating", "value": {"rating": rating}})
+    if answer is not None:
+        result.append({"from_name": "answer", "to_name": "prompt", "type": "textarea", "value": {"text": [answer]}})
+    return result

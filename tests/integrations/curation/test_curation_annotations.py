@@ -6,27 +6,16 @@ import json
 
 import pyarrow.parquet as pq
 
-from tests.conftest import read_jsonl
 from tests.integrations.curation.conftest import (
     chat_item,
     completion_item,
     materialize_curation,
     responses_item,
+    review,
     review_tasks,
     write_batch,
 )
-
-
-def review(decision: str | None = None, rating: int | None = None, answer: str | None = None) -> list[dict]:
-    """An annotation's result as a reviewer submits it in the review config."""
-    result = []
-    if decision:
-        result.append({"from_name": "decision", "to_name": "prompt", "type": "choices", "value": {"choices": [decision]}})
-    if rating:
-        result.append({"from_name": "rating", "to_name": "prompt", "type": "rating", "value": {"rating": rating}})
-    if answer is not None:
-        result.append({"from_name": "answer", "to_name": "prompt", "type": "textarea", "value": {"text": [answer]}})
-    return result
+from tests.support.files import read_jsonl
 
 
 def test_training_file_holds_exactly_the_accepted_and_corrected_answers(

@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.integrations.curation.conftest import REPO, chat_item, materialize_curation, review_tasks, write_batch
-from tests.integrations.curation.test_curation_annotations import review
+from tests.integrations.curation.conftest import REPO, chat_item, materialize_curation, review, review_tasks, write_batch
+from tests.support.ports import free_port
+from tests.support.services import VLLM_BATCH, start_process, stop_processes
+from tests.support.waiting import wait_for
 
 API_KEY = "curation-api-key-4b9e1c"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _env(settings, curation: bool) -> dict[str, str]:
@@ -42,38 +35,21 @@ class Server:
     """`vllm-batch serve` in a subprocess of its own process group."""
 
     def __init__(self, env: dict[str, str], log: Path):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        with log.open("w") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "batch_pipeline.entrypoints.cli", "serve", "--port",
-                                             str(self.port)], cwd=REPO, env=env, stdout=out,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = start_process([*VLLM_BATCH, "serve", "--port", str(self.port)], env, log)
 
     def wait(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        pytest.fail(f"the API server did not start: {self.log.read_text()[-3000:]}")
+        wait_for(lambda: httpx.get(f"{self.url}/health", timeout=2).status_code == 200, timeout,
+                 "the API server to answer /health", watch=[self.process], log=self.log)
 
     def get(self, path: str, key: str | None = API_KEY) -> httpx.Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return httpx.get(f"{self.url}{path}", headers=headers, timeout=30)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        stop_processes(self.process, timeout=20)
 
 
 @pytest.fixture

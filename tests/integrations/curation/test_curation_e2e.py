@@ -6,9 +6,8 @@ from openai.types.responses import Response
 from pydantic import SecretStr
 
 from batch_pipeline.entrypoints.local_run import register_local_batch, run_batch_in_process
-from tests.conftest import read_jsonl, write_jsonl
-from tests.integrations.curation.conftest import materialize_curation, review_tasks
-from tests.integrations.curation.test_curation_annotations import review
+from tests.integrations.curation.conftest import materialize_curation, review, review_tasks
+from tests.support.files import read_jsonl, write_jsonl
 
 
 def test_batch_to_review_to_training_file(settings, sqlite_instance, tiny_model, loaded_engine, label_studio_server,

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import socket
-import subprocess
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -14,16 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support.files import REPO
+from tests.support.ports import free_port
+from tests.support.services import start_process, stop_processes
+from tests.support.waiting import wait_for
 
 ALERTS = REPO / "integrations" / "monitoring" / "prometheus" / "alerts.yml"
-
-
-def free_port() -> int:
-    """A free TCP port on the loopback interface."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def need(binary: str) -> str:
@@ -51,10 +45,9 @@ class Prometheus:
         }
         (root / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
         self.log = root / "prometheus.log"
-        self.process = subprocess.Popen(
+        self.process = start_process(
             [need("prometheus"), f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--web.enable-lifecycle"],
-            stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+             f"--web.listen-address=127.0.0.1:{self.port}", "--web.enable-lifecycle"], os.environ.copy(), self.log)
 
     def scrape(self, *addresses: str) -> None:
         """Scrape these host:port addresses as job vllm-batch (file service discovery, picked up within ~1 s)."""
@@ -78,25 +71,16 @@ class Prometheus:
 
     def wait_ready(self, timeout: float = 60) -> None:
         """Until /-/ready answers."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"prometheus exited:\n{self.log.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError("prometheus did not become ready")
+        def ready() -> bool:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
+                return response.status == 200
+
+        wait_for(ready, timeout, "prometheus to be ready", interval=0.3, watch=[self.process], log=self.log,
+                 retry=(OSError,))
 
     def stop(self) -> None:
         """Terminate the server."""
-        self.process.terminate()
-        try:
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        stop_processes(self.process, timeout=20)
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import REPO
 from tests.integrations.monitoring.conftest import need
+from tests.support.files import REPO
 
 MONITORING = REPO / "integrations" / "monitoring"
 

@@ -22,14 +22,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, write_jsonl
-from tests.integrations.monitoring.conftest import Prometheus, free_port
+from tests.integrations.monitoring.conftest import Prometheus
+from tests.support.files import REPO, write_jsonl
+from tests.support.ports import free_port
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(600)
 # `python -m` from the repository folder: this checkout's code, whichever one the venv was installed from.
 VLLM_BATCH = [sys.executable, "-m", "batch_pipeline.entrypoints.cli"]
 DASHBOARDS = sorted((REPO / "integrations" / "monitoring" / "grafana_dashboards").glob("*.json"))
 GOOD_REQUESTS, BAD_LINES = 240, 2
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 1.0, **options):
+    """`wait_for`, where only an OSError (a server not listening yet) means "not yet"."""
+    return wait_for(predicate, timeout, what, interval=interval, retry=(OSError,), **options)
 
 
 API_KEY = "monitoring-api-key-93c1"
@@ -45,20 +52,6 @@ class Service:
     log: Path
     api_url: str = ""
     api_log: Path | None = None
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
-    """Poll until `predicate` returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except OSError:
-            pass
-        time.sleep(interval)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 def scalar(prometheus: Prometheus, expr: str) -> float | None:
@@ -121,16 +114,16 @@ def service(tmp_path_factory, tiny_model: Path, prometheus: Prometheus) -> Itera
             assert process.poll() is None, f"vllm-batch start exited:\n{log.read_text()[-3000:]}"
             with urllib.request.urlopen(metrics_url, timeout=5) as response:
                 return response.status == 200
-        wait_for(up, 120, "the metrics endpoint")
+        wait_until(up, 120, "the metrics endpoint")
         prometheus.scrape(f"127.0.0.1:{metrics_port}")
-        wait_for(lambda: scalar(prometheus, f'up{{instance="127.0.0.1:{metrics_port}"}}') == 1, 60,
+        wait_until(lambda: scalar(prometheus, f'up{{instance="127.0.0.1:{metrics_port}"}}') == 1, 60,
                  "Prometheus' first scrape")
         for batch_id, model, lines in (("broken", "broken-model", good_lines("broken-model")[:20]),
                                        ("good", "tiny-llama", good_lines("tiny-llama"))):
             path = write_jsonl(root / "files" / f"{batch_id}.jsonl", lines)
             submitted = cli(svc, "submit", str(path), "--model", model, "--batch-id", batch_id, "--json")
             assert submitted.returncode == 0, submitted.stderr
-        wait_for(lambda: scalar(prometheus, "sum(vbatch_batches_total)") == 2, 420, "both batches to end",
+        wait_until(lambda: scalar(prometheus, "sum(vbatch_batches_total)") == 2, 420, "both batches to end",
                  interval=2)
         time.sleep(3)  # a few more scrapes after the end
         yield svc
@@ -237,7 +230,7 @@ def test_every_dashboard_panel_query_returns_data(service: Service, prometheus: 
 
 
 def test_alert_rules_fire_in_prometheus_for_the_failed_batch(service: Service, prometheus: Prometheus):
-    firing = wait_for(lambda: {a["labels"]["alertname"] for a in prometheus.api("alerts")["alerts"]
+    firing = wait_until(lambda: {a["labels"]["alertname"] for a in prometheus.api("alerts")["alerts"]
                                if a["state"] == "firing"} or None, 30, "alerts")
     assert {"VBatchBatchFailed", "VBatchEngineLoadFailed"} <= firing
     assert "VBatchStalled" not in firing and "VBatchExporterDown" not in firing
@@ -261,7 +254,7 @@ def test_the_daemon_materialises_the_integration_asset_after_each_batch(service:
                 asset_key=AssetKey("batch_run_stats"), asset_partitions=["good"]), limit=1).records
             return records[0] if records else None
 
-        record = wait_for(materialised, 180, "batch_run_stats of the good batch", interval=2)
+        record = wait_until(materialised, 180, "batch_run_stats of the good batch", interval=2)
         assert record.asset_materialization.metadata["requests_completed"].value == GOOD_REQUESTS
         # The failed batch has no results, so nothing downstream of them runs for it.
         assert not instance.fetch_materializations(AssetRecordsFilter(
@@ -277,7 +270,7 @@ def api_get(service: Service, path: str, key: str | None = API_KEY):
 def test_the_api_server_serves_its_request_metrics(service: Service):
     from prometheus_client.parser import text_string_to_metric_families
 
-    wait_for(lambda: api_get(service, "/health").status_code == 200, 120, "the API server")
+    wait_until(lambda: api_get(service, "/health").status_code == 200, 120, "the API server")
     assert api_get(service, "/v1/batches/good").status_code == 200
     assert api_get(service, "/v1/batches/good").status_code == 200
     assert api_get(service, "/v1/batches/no-such-batch").status_code == 404
@@ -329,5 +322,5 @@ def test_with_json_logs_every_line_is_a_json_object_with_batch_and_run(service: 
     chunks = {line["chunk"] for line in run_lines if line["batch_id"] == "good" and "chunk" in line}
     assert chunks == set(range(-(-GOOD_REQUESTS // 16)))  # each chunk's observation and its "written" line
     assert any(line["level"] == "error" and line["batch_id"] == "broken" for line in run_lines)
-    wait_for(lambda: service.api_log.stat().st_size > 0, 30, "the API server's first line")
+    wait_until(lambda: service.api_log.stat().st_size > 0, 30, "the API server's first line")
     assert {line["process"] for line in json_lines(service.api_log)} == {"api"}

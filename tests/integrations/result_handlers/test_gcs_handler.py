@@ -7,19 +7,14 @@ import json
 
 import pytest
 
+from tests.integrations.result_handlers.conftest import gcs_client
+
 
 @pytest.fixture
 def gcs_bucket(gcs_server: str, request) -> str:
     name = "vbatch-" + hashlib.sha1(request.node.name.encode()).hexdigest()[:10]
     gcs_client(gcs_server).create_bucket(name)
     return name
-
-
-def gcs_client(endpoint: str):
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import storage
-
-    return storage.Client(project="test", credentials=AnonymousCredentials(), client_options={"api_endpoint": endpoint})
 
 
 def test_batch_lands_in_gcs_with_checksums_and_a_rerun_uploads_nothing(settings, sqlite_instance, finished_batch,

@@ -8,16 +8,15 @@ import hashlib
 from pydantic import SecretStr
 
 from batch_pipeline.entrypoints.local_run import register_local_batch, run_batch_in_process
-from tests.conftest import write_jsonl
-from tests.integrations.result_handlers.test_gcs_handler import gcs_client
-from tests.integrations.result_handlers.test_s3_handler import delivered
-from tests.integrations.webhooks.conftest import SECRET, receiver, receiver_server  # noqa: F401 - fixtures
+from tests.integrations.result_handlers.conftest import delivered, gcs_client
+from tests.support.files import write_jsonl
+from tests.support.webhook_receiver import SECRET
 
 MODEL_NAME = "tiny-llama"
 
 
 def test_a_real_batch_lands_in_s3_and_gcs_and_announces_itself(settings, sqlite_instance, tiny_model, loaded_engine,
-                                                               s3_env, gcs_server, receiver,  # noqa: F811 - fixture
+                                                               s3_env, gcs_server, receiver,
                                                                materialize_handler):
     import boto3
     from openai.types.webhooks import BatchCompletedWebhookEvent

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[3]
+from tests.support.environment import instance_env
+from tests.support.files import REPO
+
 LINES = "".join(json.dumps({"custom_id": f"c-{i}", "method": "POST", "url": "/v1/completions",
                             "body": {"model": "tiny-llama", "prompt": f"item {i}", "max_tokens": 4}}) + "\n"
                 for i in range(5))
@@ -23,9 +25,7 @@ def cli(env: dict, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def cli_env(tmp_path: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VBATCH_", "DAGSTER_"))}
-    return {**env, "DAGSTER_HOME": str(tmp_path / "dagster"), "VBATCH_HOME": str(REPO),
-            "VBATCH_DATA_DIR": str(tmp_path / "data")}
+    return instance_env(tmp_path)
 
 
 @pytest.mark.parametrize("scheme", ["s3", "gs"])

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integrations.result_handlers.conftest import delivered
+
 S3_HANDLER = "integrations.result_handlers.s3_handler.S3Handler"
 
 
@@ -25,11 +27,6 @@ def s3(endpoint: str):
     import boto3
 
     return boto3.client("s3", endpoint_url=endpoint)
-
-
-def delivered(result, asset: str = "deliver_s3") -> dict:
-    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == asset]
-    return {key: value.value for key, value in event.materialization.metadata.items()}
 
 
 def test_large_batch_lands_with_checksums_and_a_rerun_uploads_nothing(settings, sqlite_instance, finished_batch,

