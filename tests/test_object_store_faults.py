@@ -199,5 +199,5 @@ def test_a_batch_root_with_more_chunks_than_one_listing_page_is_seen_whole(setti
     step = generate_batch(engine, storage, BATCH, lambda report, step: None)
     assert step.chunks_resumed == count and step.chunks_run == 0 and engine.engines_loaded() == loads
     assert materialize([batch_results], partition_key=BATCH, instance=sqlite_instance,
-                       resources={"storage": storage}).success
+                       resources={"storage": storage, "engine": engine}).success
     assert output_ids(paths.output.read_text()) == Counter(f"req-{i}" for i in range(count))

@@ -95,7 +95,8 @@ def test_a_batch_on_s3_gives_the_local_run_s_results_and_a_lost_chunk_is_redone(
     assert {key.removeprefix(prefix) for key in keys} == {
         "batch.json", "input/source.jsonl", "input/requests.parquet", "input/invalid.jsonl", "input/manifest.json",
         "chunks/chunk-000000.parquet", "chunks/chunk-000001.parquet", "chunks/chunk-000002.parquet",
-        "results/output.jsonl", "results/errors.jsonl", "results/results.parquet", "results/summary.json"}
+        "results/output.jsonl", "results/errors.jsonl", "results/results.parquet", "results/summary.json",
+        "results/replay.json"}
     assert (sorted(local_batches.rglob("*")) if local_batches.exists() else []) == before
     assert str(with_s3.paths.output).startswith("s3://")
     assert with_s3.summary["output_file"] == f"{s3_root}/batches/b1/results/output.jsonl"

@@ -192,7 +192,11 @@ def test_a_full_disk_mid_batch_is_one_clear_error_and_the_rerun_finishes_with_ev
     assert paths.manifest.read_bytes() == manifest and pq.read_metadata(paths.requests).num_rows == 40
 
     # The merge alone on the full disk: no output file, no summary, nothing half written.
-    resources = {"storage": BatchStorage(data_dir=str(small_disk))}
+    from resources.vllm_engine import VLLMEngine
+
+    # The merge reads the engine's settings for the replay record (it loads nothing).
+    resources = {"storage": BatchStorage(data_dir=str(small_disk)),
+                 "engine": VLLMEngine(dtype="float32", max_model_len=1024, enforce_eager=True)}
     merge = materialize([batch_results], partition_key=BATCH, instance=sqlite_instance, resources=resources,
                         raise_on_error=False)
     assert not merge.success
