@@ -164,7 +164,7 @@ class EngineCount:
     def _poll(self) -> None:
         import psutil
 
-        while not self.stop.wait(0.5):
+        while not self.stop.wait(1.0):  # an engine core lives for seconds at the least
             for process in psutil.process_iter(["pid", "create_time", "cmdline"]):
                 cmdline = process.info["cmdline"] or []
                 key = (process.info["pid"], process.info["create_time"])

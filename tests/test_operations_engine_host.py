@@ -31,8 +31,8 @@ from tests.support.service import (
     chunk_mtimes,
     dead,
     explain_service,
+    held_lines,
     log_time,
-    slow_lines,
     start_service,
     submit,
     wait_terminal,
@@ -47,6 +47,13 @@ def service(tmp_path_factory, tiny_model: Path) -> Iterator[Service]:
     with fresh_database() as url, start_service(tmp_path_factory.mktemp("operations-host"), url, tiny_model,
                                                 warm_engine=True, VBATCH_ENGINE_HOST_CLIENTS="2") as running:
         yield running
+
+
+@pytest.fixture(autouse=True)
+def released(service: Service) -> Iterator[None]:
+    """No test leaves the service's runs held (`Service.hold`)."""
+    yield
+    service.release()
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +130,9 @@ def test_batches_of_two_models_queue_share_and_swap_with_one_engine_at_a_time(se
 
 def test_a_cancelled_batch_leaves_the_host_warm_for_the_next(service: Service, engines):
     batch_id = "host-cancel"
-    submit(service, batch_id, slow_lines(batch_id), MODEL_A)
-    wait_for(lambda: len(chunk_mtimes(service.batch_dir(batch_id))) >= 3, 300, "three finished chunks", interval=0.2)
+    service.hold()
+    submit(service, batch_id, held_lines(batch_id), MODEL_A)
+    wait_for(lambda: chunk_mtimes(service.batch_dir(batch_id)), 300, "a finished chunk", interval=0.2)
     host = host_record(service)
     assert host is not None and Path(host["model"]).name == MODEL_A
     loads = host_loads(service)
@@ -132,6 +140,7 @@ def test_a_cancelled_batch_leaves_the_host_warm_for_the_next(service: Service, e
     service.instance.run_coordinator.cancel_run(run.run_id)
     assert wait_terminal(service, run.run_id, 120) == "CANCELED"
     assert (still := host_record(service)) is not None and still["pid"] == host["pid"]  # the host stays warm
+    service.release()
 
     after = "host-after-cancel"
     after_lines = [item_line(f"{after}-{i}", MODEL_A) for i in range(8)]
@@ -149,10 +158,11 @@ def test_a_killed_worker_leaves_the_host_and_its_retry_attaches_to_it(service: S
     from batch_pipeline.orchestration.run_workers import worker_pid
 
     batch_id = "host-crash"
-    lines = slow_lines(batch_id)
+    lines = held_lines(batch_id)
+    service.hold()
     submit(service, batch_id, lines, MODEL_A)
     batch_dir = service.batch_dir(batch_id)
-    wait_for(lambda: len(chunk_mtimes(batch_dir)) >= 3, 300, "three finished chunks", interval=0.2)
+    wait_for(lambda: chunk_mtimes(batch_dir), 300, "a finished chunk", interval=0.2)
     first_run = service.runs(batch_id)[0]
     host = host_record(service)
     assert host is not None
@@ -162,6 +172,7 @@ def test_a_killed_worker_leaves_the_host_and_its_retry_attaches_to_it(service: S
     worker.kill()
     before_kill = chunk_mtimes(batch_dir)
     wait_for(lambda: dead(worker), 10, "the worker to die")
+    service.release()
 
     assert wait_terminal(service, first_run.run_id, 120) == "FAILURE"
     wait_for(lambda: succeeded(service, batch_id), 600, "the retry to finish the batch", interval=2,

@@ -45,18 +45,21 @@ def test_a_running_batch_whose_window_closes_is_expired_by_the_api_servers_sweep
     from batch_pipeline.domain.batches import load_submission, save_submission
     from resources.storage import BatchStorage
 
-    # Long enough that it cannot finish between the window closing and the sweep acting (up to 10 s).
-    total = 1000
+    # Held after each chunk (the test-only hook) until the sweep acts: it cannot finish before the window closes,
+    # on any hardware.
+    total = 40
     lines = [json.dumps({"custom_id": f"exp-{i}", "method": "POST", "url": "/v1/completions",
-                         "body": {"model": MODEL_NAME, "prompt": f"Item {i}", "max_tokens": 512, "temperature": 0,
+                         "body": {"model": MODEL_NAME, "prompt": f"Item {i}", "max_tokens": 8, "temperature": 0,
                                   "ignore_eos": True}}) for i in range(total)]
     file_id = upload(client, tmp_path / "long.jsonl", lines)
+    hold = Path(stack.env["VBATCH_TEST_HOLD_FILE"])
+    hold.touch()
     # The daemon's batch_stops sensor enforces windows too; with it stopped, only the API server's sweep can.
     dagster(stack, "sensor", "stop", "batch_stops")
     try:
         batch = client.batches.create(input_file_id=file_id, endpoint="/v1/completions", completion_window="1h")
         deadline = time.time() + 300
-        while len(chunk_mtimes(stack, batch.id)) < 2:  # at least two chunks (of 4) finished
+        while not chunk_mtimes(stack, batch.id):  # a chunk (of 4) finished; the step holds after it
             assert time.time() < deadline, stack.log("daemon")
             assert client.batches.retrieve(batch.id).status not in TERMINAL
             time.sleep(0.5)
@@ -68,6 +71,7 @@ def test_a_running_batch_whose_window_closes_is_expired_by_the_api_servers_sweep
 
         expired, seen = poll(client, batch.id, TERMINAL, timeout=120)
     finally:
+        hold.unlink(missing_ok=True)
         dagster(stack, "sensor", "start", "batch_stops")
 
     assert expired.status == "expired", (expired, seen)

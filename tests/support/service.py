@@ -49,6 +49,14 @@ class Service:
     def batch_dir(self, batch_id: str) -> Path:
         return self.data_dir / "batches" / batch_id
 
+    def hold(self) -> None:
+        """From now on every run's generation step waits after each chunk it writes (the test-only
+        VBATCH_TEST_HOLD_FILE hook) until `release()` (the test modules release after each test)."""
+        (self.root / "hold").touch()
+
+    def release(self) -> None:
+        (self.root / "hold").unlink(missing_ok=True)
+
     def runs(self, batch_id: str) -> list:
         """Every run of a batch partition, oldest first."""
         from dagster import RunsFilter
@@ -169,7 +177,8 @@ def start_service(root: Path, postgres_url: str, tiny_model: Path, warm_engine: 
         root, **{MARKER: marker}, VBATCH_POSTGRES_URL=postgres_url, VBATCH_MODELS_FILE=str(models), VBATCH_CHUNK_SIZE="4",
         # Four sequences at a time: a chunk of 4 requests finishes before the next starts, so a
         # batch's chunks appear one by one and a test can act half-way through.
-        VBATCH_MAX_NUM_SEQS="4", VBATCH_INBOX_INTERVAL_SECONDS="2", VBATCH_SCHEDULE_CRON="* * * * *", **extra_env)
+        VBATCH_MAX_NUM_SEQS="4", VBATCH_INBOX_INTERVAL_SECONDS="2", VBATCH_SCHEDULE_CRON="* * * * *",
+        VBATCH_TEST_HOLD_FILE=str(root / "hold"), **extra_env)
     if not warm_engine:  # each run loads its own engine (tests/test_operations_engine_host.py: the default)
         env["VBATCH_ENGINE_HOST"] = "false"
     log = root / "service.log"
@@ -198,14 +207,13 @@ def start_service(root: Path, postgres_url: str, tiny_model: Path, warm_engine: 
             os.environ["VBATCH_POSTGRES_URL"] = old_postgres
 
 
-SLOW_CHUNKS = 14
+HELD_CHUNKS = 14
 
 
-def slow_lines(prefix: str) -> list[dict]:
-    """Requests of 512 tokens for SLOW_CHUNKS chunks of model A."""
-    # 512 tokens each, four at a time: a few seconds per chunk of 4 on two CPU cores, so that a cancel
-    # (up to 15 s from CANCELING to CANCELED on a loaded machine) lands well before the last chunk.
-    return [item_line(f"{prefix}-{i}", MODEL_A, max_tokens=512) for i in range(4 * SLOW_CHUNKS)]
+def held_lines(prefix: str) -> list[dict]:
+    """Short requests of model A for HELD_CHUNKS chunks: a test stops the batch half-way by holding it
+    (`Service.held`), not by making it slow, so the same test holds on any hardware."""
+    return [item_line(f"{prefix}-{i}", MODEL_A, max_tokens=8) for i in range(4 * HELD_CHUNKS)]
 
 
 def dead(process: psutil.Process) -> bool:
