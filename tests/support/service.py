@@ -212,7 +212,7 @@ HELD_CHUNKS = 14
 
 def held_lines(prefix: str) -> list[dict]:
     """Short requests of model A for HELD_CHUNKS chunks: a test stops the batch half-way by holding it
-    (`Service.held`), not by making it slow, so the same test holds on any hardware."""
+    (`Service.hold`), not by making it slow, so the same test holds on any hardware."""
     return [item_line(f"{prefix}-{i}", MODEL_A, max_tokens=8) for i in range(4 * HELD_CHUNKS)]
 
 
